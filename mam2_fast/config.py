@@ -1,0 +1,347 @@
+"""Typed run configuration, loaded from YAML (configs/) with command-line overrides.
+
+A config file is a nested mapping whose sections mirror :class:`Config`. Unknown keys,
+wrong types and out-of-range values raise :class:`ConfigError` naming the offending key
+before anything is built. Overrides use dotted keys: ``model.depth=4 optim.base_lr=3e-4``.
+A file may start from another with ``base: other.yaml`` (path relative to the file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from mam2_fast.data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    preset: str = "base"                 # tiny | small | base | large (ViT width/depth/heads)
+    img_size: int = 224
+    num_frames: int = 16
+    patch_size: int = 16                 # 1 x P x P patches (tubelet 1)
+    in_chans: int = 3
+    embed_dim: Optional[int] = None      # None: from preset
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: float = 4.0
+    # regressor / decoders (Table 1a, 1c)
+    decoder_dim: Optional[int] = None    # None: encoder width; otherwise projection after encoder
+    decoder_heads: Optional[int] = None  # None: decoder_dim // 64
+    regressor_depth: int = 4
+    appearance_depth: int = 4
+    motion_depth: int = 2
+    # ablation switches (Table 2)
+    use_regressor: bool = True
+    use_alignment: bool = True
+    use_appearance: bool = True
+    use_motion: bool = True
+    coupled_decoder: bool = False        # MAM^2-c: one decoder (appearance_depth blocks), two heads
+    align_weight: float = 2.0            # alpha in Eq. 4
+    motion_target: str = "rgb_diff"      # Table 1f: rgb_diff
+    drop_path: float = 0.0
+    layer_scale_init: float = 0.0        # 0 disables layer scale (regressor, CAE uses 0.1)
+    kernels: str = "reference"           # reference | fused | auto
+
+
+@dataclass
+class MaskConfig:
+    kind: str = "tube"                   # tube | random | cube | frame (Table 1d)
+    ratio: float = 0.75
+    cube_min_block: int = 16             # block-wise (BEiT) masking: min patches per block
+    cube_max_aspect: float = 3.0
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "kmeans"                 # kmeans | vqgan | dalle
+    vocab_size: int = 64                 # kmeans codes; VQGAN/DALL-E read theirs from the model
+    kmeans_pool: int = 4
+    kmeans_fit_clips: int = 32           # clips sampled from the training data to fit k-means
+    checkpoint: Optional[str] = None
+    checkpoint_config: Optional[str] = None
+    preset: Optional[str] = None
+    dtype: str = "bfloat16"
+    chunk_frames: int = 64
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4              # lr = base_lr * effective_batch / 256
+    lr: Optional[float] = None           # absolute lr; overrides the scaling rule
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_epochs: float = 20.0
+    clip_grad: float = 0.0               # max grad norm; 0 disables
+    fused: str = "auto"                  # torch fused AdamW: auto | true | false
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 800
+    batch_size: int = 32                 # per process
+    accum_steps: int = 1
+    max_steps: Optional[int] = None      # stop early (demo, smoke tests)
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda
+    precision: str = "auto"              # auto (bf16 where supported) | bf16 | fp32
+    output_dir: str = "runs/mam2"
+    log_every: int = 10
+    save_every: int = 500                # optimizer steps between checkpoints
+    keep_last: int = 2
+    progress: bool = True
+    tensorboard: bool = True
+    threads: int = 0                     # torch CPU threads; 0 keeps torch's default
+
+
+@dataclass
+class Config:
+    name: str = "mam2"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+    def validate(self) -> "Config":
+        validate(self)
+        return self
+
+
+# ----------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a YAML value to the annotated type ``tp``; raise ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is tuple or origin is tuple or tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return tuple(value) if (tp is tuple or origin is tuple) else list(value)
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}' (known in this section: {', '.join(names)})")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a config file, following ``base:`` chains."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _deep_merge(read_yaml(path.parent / base), data)
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["model.depth=4", "mask.kind=random"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    data = read_yaml(path) if path else {}
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    cfg = _build(Config, data)
+    return cfg.validate()
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data).validate()
+
+
+# ----------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _one_of(value: Any, key: str, choices: tuple) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def validate(cfg: Config) -> None:
+    from mam2_fast.models.mam2 import PRESETS  # local import: models import config types
+
+    m = cfg.model
+    _one_of(m.preset, "model.preset", tuple(PRESETS))
+    _check(m.img_size > 0 and m.img_size % m.patch_size == 0, "model.img_size",
+           f"{m.img_size} must be a positive multiple of model.patch_size ({m.patch_size})")
+    _check(m.num_frames >= 1, "model.num_frames", f"must be >= 1, got {m.num_frames}")
+    _check(m.patch_size > 0, "model.patch_size", f"must be > 0, got {m.patch_size}")
+    for name in ("embed_dim", "depth", "num_heads", "decoder_dim", "decoder_heads"):
+        v = getattr(m, name)
+        _check(v is None or v > 0, f"model.{name}", f"must be > 0, got {v}")
+    for name in ("regressor_depth", "appearance_depth", "motion_depth"):
+        _check(getattr(m, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
+    _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
+    _check(m.align_weight >= 0, "model.align_weight", f"must be >= 0, got {m.align_weight}")
+    _one_of(m.motion_target, "model.motion_target", ("rgb_diff",))
+    _one_of(m.kernels, "model.kernels", ("reference", "fused", "auto"))
+    _check(m.use_appearance or m.use_motion, "model.use_appearance",
+           "at least one of use_appearance / use_motion must be true")
+    if m.use_regressor:
+        _check(m.regressor_depth >= 1, "model.regressor_depth", "must be >= 1 when use_regressor is true")
+    if m.use_appearance or m.coupled_decoder:
+        _check(m.appearance_depth >= 1, "model.appearance_depth", "must be >= 1 when the appearance decoder is used")
+    if m.use_motion and not m.coupled_decoder:
+        _check(m.motion_depth >= 1, "model.motion_depth", "must be >= 1 when the motion decoder is used")
+
+    k = cfg.mask
+    _one_of(k.kind, "mask.kind", ("tube", "random", "cube", "frame"))
+    _check(0.0 < k.ratio < 1.0, "mask.ratio", f"must be in (0, 1), got {k.ratio}")
+    _check(k.cube_min_block >= 1, "mask.cube_min_block", f"must be >= 1, got {k.cube_min_block}")
+    _check(k.cube_max_aspect >= 1.0, "mask.cube_max_aspect", f"must be >= 1, got {k.cube_max_aspect}")
+
+    t = cfg.tokenizer
+    _one_of(t.kind, "tokenizer.kind", ("kmeans", "vqgan", "dalle"))
+    _check(t.vocab_size >= 2, "tokenizer.vocab_size", f"must be >= 2, got {t.vocab_size}")
+    _check(t.kmeans_fit_clips >= 1, "tokenizer.kmeans_fit_clips", f"must be >= 1, got {t.kmeans_fit_clips}")
+    _one_of(t.dtype, "tokenizer.dtype", ("bfloat16", "float16", "float32"))
+
+    o = cfg.optim
+    _check(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
+    _check(o.lr is None or o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _check(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
+    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+           f"must be two numbers in [0, 1), got {o.betas}")
+    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
+    _check(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0, got {o.clip_grad}")
+    _one_of(str(o.fused).lower(), "optim.fused", ("auto", "true", "false"))
+
+    r = cfg.train
+    _check(r.epochs >= 1, "train.epochs", f"must be >= 1, got {r.epochs}")
+    _check(r.batch_size >= 1, "train.batch_size", f"must be >= 1, got {r.batch_size}")
+    _check(r.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {r.accum_steps}")
+    _check(r.max_steps is None or r.max_steps >= 1, "train.max_steps", f"must be >= 1, got {r.max_steps}")
+    _one_of(r.device, "train.device", ("auto", "cpu", "cuda"))
+    _one_of(r.precision, "train.precision", ("auto", "bf16", "fp32"))
+    _check(r.log_every >= 1, "train.log_every", f"must be >= 1, got {r.log_every}")
+    _check(r.save_every >= 1, "train.save_every", f"must be >= 1, got {r.save_every}")
+    _check(r.keep_last >= 1, "train.keep_last", f"must be >= 1, got {r.keep_last}")
+
+    d = cfg.data
+    _one_of(d.format, "data.format", ("video", "frames"))
+    _check(d.num_frames == m.num_frames, "data.num_frames",
+           f"{d.num_frames} must equal model.num_frames ({m.num_frames})")
+    _check(d.input_size == m.img_size, "data.input_size",
+           f"{d.input_size} must equal model.img_size ({m.img_size})")
+    _check(d.sampling_stride >= 1, "data.sampling_stride", f"must be >= 1, got {d.sampling_stride}")
+    _check(d.num_sample >= 1, "data.num_sample", f"must be >= 1, got {d.num_sample}")
+    _check(len(d.mean) == m.in_chans and len(d.std) == m.in_chans, "data.mean",
+           f"mean/std need {m.in_chans} values")
+    _check(all(s > 0 for s in d.std), "data.std", f"must be > 0, got {d.std}")
+    _check(d.demo or d.list_file is not None, "data.list_file",
+           "is required unless data.demo is true")

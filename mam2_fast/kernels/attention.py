@@ -1,0 +1,432 @@
+"""Fused factorized (divided) space-time attention, flash-attention style.
+
+Reads q/k/v by strides straight from the qkv projection output ``[B, T, S, 3, H, dh]``
+(usually a view of a ``[B, T, S, 3*H*dh]`` Linear output; any strides work) and writes
+``[B, T, S, H*dh]`` directly: no permute / contiguous copies in forward or backward. The
+gradient is returned in the qkv layout ``[B, T, S, 3, H, dh]`` (contiguous), so the
+backward of the ``view`` onto the Linear output is free.
+
+Both modes are the same kernel with a different stride mapping. Per (batch b, group g,
+head h) the kernel sees one attention problem over a sequence of length L:
+
+* ``temporal``: L = T (sequence over frames), g = slot s (G = S)
+* ``spatial``:  L = S (sequence over slots),  g = frame t (G = T)
+
+Forward: online softmax in fp32 (base-2 exponentials), saves the per-row logsumexp
+(``lse [B*G*H, L]`` fp32, log2 domain). Backward: FlashAttention-2 recompute scheme, one
+kernel for dK/dV (loop over query blocks) and one for dQ (loop over key blocks), no atomics.
+
+``valid [B, T, S]`` (optional, bool) has the reference semantics: invalid slots are not
+keys, rows without any valid key output zeros, and outputs at invalid slots are zero (so
+their incoming gradient is ignored).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mam2_fast.kernels._common import check_device, check_float, interpreting, next_pow2
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DH_MAX = 256
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _attn_fwd_kernel(
+    QKV, O, LSE, VALID,
+    s_qb, s_qg, s_ql, s_q3, s_qh, s_qd,  # qkv strides mapped to (b, g, l, which, h, d)
+    s_ob, s_og, s_ol, s_oh, s_od,        # out strides (b, g, l, h, d)
+    s_vb, s_vg, s_vl,                    # valid strides (b, g, l)
+    G, H, L, DH, qk_scale,               # qk_scale = softmax scale * log2(e)
+    HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)  # over B * G * H
+    h = pid % H
+    bg = pid // H
+    g = bg % G
+    b = bg // G
+    base = b.to(tl.int64) * s_qb + g.to(tl.int64) * s_qg + h.to(tl.int64) * s_qh
+    q_ptr = QKV + base
+    k_ptr = QKV + base + s_q3
+    v_ptr = QKV + base + 2 * s_q3
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows   [M]
+    offs_n = tl.arange(0, BLOCK_N)                    # key columns  [N]
+    offs_d = tl.arange(0, BLOCK_D)                    # head dim     [D]
+    m_in = offs_m < L
+    d_in = offs_d < DH
+
+    q = tl.load(q_ptr + offs_m[:, None] * s_ql + offs_d[None, :] * s_qd,
+                mask=m_in[:, None] & d_in[None, :], other=0.0)  # [M, D]
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: all-masked rows stay NaN-free
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        n_in = cols < L
+        if HAS_VALID:
+            kv_ok = tl.load(VALID + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vg + cols * s_vl,
+                            mask=n_in, other=0) != 0
+            n_in = n_in & kv_ok
+        kd_mask = n_in[:, None] & d_in[None, :]
+        k = tl.load(k_ptr + cols[:, None] * s_ql + offs_d[None, :] * s_qd, mask=kd_mask, other=0.0)
+        v = tl.load(v_ptr + cols[:, None] * s_ql + offs_d[None, :] * s_qd, mask=kd_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] fp32
+        s = tl.where(n_in[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    lse = tl.where(has_key, m_i + tl.log2(tl.where(has_key, l_i, 1.0)), 1.0e30)
+    if HAS_VALID:
+        q_ok = tl.load(VALID + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vg + offs_m * s_vl,
+                       mask=m_in, other=0) != 0
+        out = tl.where(q_ok[:, None], out, 0.0)
+    o_base = O + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_og + h.to(tl.int64) * s_oh
+    tl.store(o_base + offs_m[:, None] * s_ol + offs_d[None, :] * s_od,
+             out.to(O.dtype.element_ty), mask=m_in[:, None] & d_in[None, :])
+    tl.store(LSE + pid.to(tl.int64) * L + offs_m, lse, mask=m_in)
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DELTA, VALID,
+    s_ob, s_og, s_ol, s_oh, s_od,
+    s_db, s_dg, s_dl, s_dh, s_dd,
+    s_vb, s_vg, s_vl,
+    G, H, L, DH,
+    HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[row] = sum_d dO[row, d] * O[row, d]  (rows of invalid queries -> 0)."""
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    h = pid % H
+    bg = pid // H
+    g = bg % G
+    b = bg // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_in = offs_m < L
+    md = m_in[:, None] & (offs_d < DH)[None, :]
+    o = tl.load(O + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_og + h.to(tl.int64) * s_oh
+                + offs_m[:, None] * s_ol + offs_d[None, :] * s_od, mask=md, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * s_db + g.to(tl.int64) * s_dg + h.to(tl.int64) * s_dh
+                 + offs_m[:, None] * s_dl + offs_d[None, :] * s_dd, mask=md, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if HAS_VALID:
+        q_ok = tl.load(VALID + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vg + offs_m * s_vl,
+                       mask=m_in, other=0) != 0
+        delta = tl.where(q_ok, delta, 0.0)
+    tl.store(DELTA + pid.to(tl.int64) * L + offs_m, delta, mask=m_in)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    QKV, DO, LSE, DELTA, VALID, DQKV,
+    s_qb, s_qg, s_ql, s_q3, s_qh, s_qd,
+    s_db, s_dg, s_dl, s_dh, s_dd,        # dO strides
+    s_gb, s_gg, s_gl, s_g3, s_gh, s_gd,  # dqkv strides
+    s_vb, s_vg, s_vl,
+    G, H, L, DH, qk_scale, sm_scale,
+    HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid = tl.program_id(1)
+    h = pid % H
+    bg = pid // H
+    g = bg % G
+    b = bg // G
+    base = b.to(tl.int64) * s_qb + g.to(tl.int64) * s_qg + h.to(tl.int64) * s_qh
+    do_base = DO + b.to(tl.int64) * s_db + g.to(tl.int64) * s_dg + h.to(tl.int64) * s_dh
+    v_base = VALID + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vg
+    row_base = pid.to(tl.int64) * L
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < DH
+    n_in = offs_n < L
+    if HAS_VALID:
+        n_in = n_in & (tl.load(v_base + offs_n * s_vl, mask=offs_n < L, other=0) != 0)
+    nd = n_in[:, None] & d_in[None, :]
+    k = tl.load(QKV + base + s_q3 + offs_n[:, None] * s_ql + offs_d[None, :] * s_qd, mask=nd, other=0.0)
+    v = tl.load(QKV + base + 2 * s_q3 + offs_n[:, None] * s_ql + offs_d[None, :] * s_qd, mask=nd, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, L, BLOCK_M):
+        rows = start_m + offs_m
+        m_in = rows < L
+        if HAS_VALID:
+            m_in = m_in & (tl.load(v_base + rows * s_vl, mask=rows < L, other=0) != 0)
+        md = m_in[:, None] & d_in[None, :]
+        q = tl.load(QKV + base + rows[:, None] * s_ql + offs_d[None, :] * s_qd, mask=md, other=0.0)
+        do = tl.load(do_base + rows[:, None] * s_dl + offs_d[None, :] * s_dd, mask=md, other=0.0)
+        lse = tl.load(LSE + row_base + rows, mask=rows < L, other=1.0e30)
+        delta = tl.load(DELTA + row_base + rows, mask=rows < L, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N]
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(m_in[:, None] & n_in[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [M, N]
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk = dk * sm_scale
+
+    g_base = DQKV + b.to(tl.int64) * s_gb + g.to(tl.int64) * s_gg + h.to(tl.int64) * s_gh
+    st_mask = (offs_n < L)[:, None] & d_in[None, :]  # invalid keys get explicit zeros
+    tl.store(g_base + s_g3 + offs_n[:, None] * s_gl + offs_d[None, :] * s_gd,
+             dk.to(DQKV.dtype.element_ty), mask=st_mask)
+    tl.store(g_base + 2 * s_g3 + offs_n[:, None] * s_gl + offs_d[None, :] * s_gd,
+             dv.to(DQKV.dtype.element_ty), mask=st_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    QKV, DO, LSE, DELTA, VALID, DQKV,
+    s_qb, s_qg, s_ql, s_q3, s_qh, s_qd,
+    s_db, s_dg, s_dl, s_dh, s_dd,
+    s_gb, s_gg, s_gl, s_g3, s_gh, s_gd,
+    s_vb, s_vg, s_vl,
+    G, H, L, DH, qk_scale, sm_scale,
+    HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    h = pid % H
+    bg = pid // H
+    g = bg % G
+    b = bg // G
+    base = b.to(tl.int64) * s_qb + g.to(tl.int64) * s_qg + h.to(tl.int64) * s_qh
+    v_base = VALID + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vg
+    row_base = pid.to(tl.int64) * L
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < DH
+    m_in = offs_m < L
+    if HAS_VALID:
+        m_in = m_in & (tl.load(v_base + offs_m * s_vl, mask=offs_m < L, other=0) != 0)
+    md = m_in[:, None] & d_in[None, :]
+    q = tl.load(QKV + base + offs_m[:, None] * s_ql + offs_d[None, :] * s_qd, mask=md, other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * s_db + g.to(tl.int64) * s_dg + h.to(tl.int64) * s_dh
+                 + offs_m[:, None] * s_dl + offs_d[None, :] * s_dd, mask=md, other=0.0)
+    lse = tl.load(LSE + row_base + offs_m, mask=offs_m < L, other=1.0e30)
+    delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < L, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        n_in = cols < L
+        if HAS_VALID:
+            n_in = n_in & (tl.load(v_base + cols * s_vl, mask=cols < L, other=0) != 0)
+        nd = n_in[:, None] & d_in[None, :]
+        k = tl.load(QKV + base + s_q3 + cols[:, None] * s_ql + offs_d[None, :] * s_qd, mask=nd, other=0.0)
+        v = tl.load(QKV + base + 2 * s_q3 + cols[:, None] * s_ql + offs_d[None, :] * s_qd, mask=nd, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(m_in[:, None] & n_in[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * sm_scale
+    g_base = DQKV + b.to(tl.int64) * s_gb + g.to(tl.int64) * s_gg + h.to(tl.int64) * s_gh
+    tl.store(g_base + offs_m[:, None] * s_gl + offs_d[None, :] * s_gd,
+             dq.to(DQKV.dtype.element_ty), mask=(offs_m < L)[:, None] & d_in[None, :])
+
+
+# ----------------------------------------------------------------------------------------
+# launch helpers
+# ----------------------------------------------------------------------------------------
+def _map6(strides, mode: str):
+    """[B, T, S, 3, H, dh] strides -> (b, g, l, which, h, d) for the mode."""
+    sb, st, ss, s3, sh, sd = strides
+    return (sb, ss, st, s3, sh, sd) if mode == "temporal" else (sb, st, ss, s3, sh, sd)
+
+
+def _map5(strides, mode: str):
+    """[B, T, S, H, dh] strides -> (b, g, l, h, d)."""
+    sb, st, ss, sh, sd = strides
+    return (sb, ss, st, sh, sd) if mode == "temporal" else (sb, st, ss, sh, sd)
+
+
+def _map3(valid: Optional[Tensor], mode: str):
+    if valid is None:
+        return (0, 0, 0)
+    sb, st, ss = valid.stride()
+    return (sb, ss, st) if mode == "temporal" else (sb, st, ss)
+
+
+def _dims(qkv: Tensor, mode: str):
+    B, T, S, _, H, dh = qkv.shape
+    G, L = (S, T) if mode == "temporal" else (T, S)
+    return B, T, S, H, dh, G, L
+
+
+def _blocks(L: int, dh: int):
+    block_d = max(16, next_pow2(dh))
+    if interpreting():
+        blk = 16 if L <= 16 else 32
+        return blk, blk, block_d, 1
+    # short sequences (temporal, T<=32): one block covers the sequence
+    if L <= 32:
+        blk = max(16, next_pow2(L))
+        return blk, blk, block_d, 4
+    if block_d >= 128:
+        return 64, 64, block_d, 4  # dh 80/128: stay within registers
+    return 64, 64, block_d, 4
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (the reference / test path); half types use tensor cores
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _valid_arg(valid: Optional[Tensor], like: Tensor) -> Tensor:
+    if valid is None:
+        return like  # dummy pointer, never read (HAS_VALID=False)
+    return valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+
+
+def _fwd(qkv: Tensor, valid: Optional[Tensor], mode: str, scale: float) -> Tuple[Tensor, Tensor]:
+    B, T, S, H, dh, G, L = _dims(qkv, mode)
+    out = torch.empty(B, T, S, H * dh, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(B * G * H, L, device=qkv.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    o5 = out.view(B, T, S, H, dh)
+    BM, BN, BD, warps = _blocks(L, dh)
+    grid = (triton.cdiv(L, BM), B * G * H)
+    _attn_fwd_kernel[grid](
+        qkv, o5, lse, _valid_arg(valid, qkv),
+        *_map6(qkv.stride(), mode), *_map5(o5.stride(), mode), *_map3(valid, mode),
+        G, H, L, dh, scale * _LOG2E,
+        HAS_VALID=valid is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        PRECISION=_precision(qkv.dtype), num_warps=warps,
+    )
+    return out, lse
+
+
+def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, valid: Optional[Tensor],
+         mode: str, scale: float) -> Tensor:
+    B, T, S, H, dh, G, L = _dims(qkv, mode)
+    dqkv = torch.empty(B, T, S, 3, H, dh, device=qkv.device, dtype=qkv.dtype)
+    if dqkv.numel() == 0:
+        return dqkv
+    if grad_out.dtype != qkv.dtype:
+        grad_out = grad_out.to(qkv.dtype)
+    do5 = grad_out.view(B, T, S, H, dh) if grad_out.stride(-1) == 1 else \
+        grad_out.as_strided((B, T, S, H, dh), (*grad_out.stride()[:3], dh * grad_out.stride(3),
+                                               grad_out.stride(3)))
+    o5 = out.view(B, T, S, H, dh)
+    delta = torch.empty_like(lse)
+    BM, BN, BD, warps = _blocks(L, dh)
+    va = _valid_arg(valid, qkv)
+    vs = _map3(valid, mode)
+    has_valid = valid is not None
+    qs, ds, gs = _map6(qkv.stride(), mode), _map5(do5.stride(), mode), _map6(dqkv.stride(), mode)
+    _attn_bwd_preprocess[(triton.cdiv(L, BM), B * G * H)](
+        o5, do5, delta, va, *_map5(o5.stride(), mode), *ds, *vs, G, H, L, dh,
+        HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps)
+    common = dict(HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+                  PRECISION=_precision(qkv.dtype), num_warps=warps)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(L, BN), B * G * H)](
+        qkv, do5, lse, delta, va, dqkv, *qs, *ds, *gs, *vs, G, H, L, dh,
+        scale * _LOG2E, scale, **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(L, BM), B * G * H)](
+        qkv, do5, lse, delta, va, dqkv, *qs, *ds, *gs, *vs, G, H, L, dh,
+        scale * _LOG2E, scale, **common)
+    return dqkv
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile: no graph break, no tracing of Triton)
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("mam2_fast::factorized_attention_fwd", mutates_args=())
+def _fwd_op(qkv: Tensor, valid: Optional[Tensor], mode: str, scale: float) -> Tuple[Tensor, Tensor]:
+    return _fwd(qkv, valid, mode, scale)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(qkv, valid, mode, scale):
+    B, T, S, H, dh, G, L = _dims(qkv, mode)
+    return (qkv.new_empty(B, T, S, H * dh),
+            qkv.new_empty(B * G * H, L, dtype=torch.float32))
+
+
+@torch.library.custom_op("mam2_fast::factorized_attention_bwd", mutates_args=())
+def _bwd_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, valid: Optional[Tensor],
+            mode: str, scale: float) -> Tensor:
+    return _bwd(grad_out, qkv, out, lse, valid, mode, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, qkv, out, lse, valid, mode, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, valid, mode, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, valid)
+    ctx.mode, ctx.scale = mode, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    qkv, out, lse, valid = ctx.saved_tensors
+    return _bwd_op(grad_out, qkv, out, lse, valid, ctx.mode, ctx.scale), None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# public function
+# ----------------------------------------------------------------------------------------
+def factorized_attention_fused(qkv: Tensor, mode: str, valid: Optional[Tensor] = None,
+                               scale: Optional[float] = None) -> Tensor:
+    """Fused equivalent of :func:`reference.factorized_attention_ref`.
+
+    qkv ``[B, T, S, 3, H, dh]`` (any strides), valid ``[B, T, S]`` bool or None
+    -> ``[B, T, S, H*dh]`` contiguous, same dtype as qkv.
+    """
+    name = "factorized_attention"
+    if qkv.dim() != 6 or qkv.shape[3] != 3:
+        raise ValueError(f"{name}: qkv must be [B, T, S, 3, H, dh], got {tuple(qkv.shape)}")
+    if mode not in ("temporal", "spatial"):
+        raise ValueError(f"{name}: mode must be 'temporal' or 'spatial', got {mode!r}")
+    check_float(name, "qkv", qkv)
+    dh = qkv.shape[-1]
+    if dh > _SUPPORTED_DH_MAX:
+        raise ValueError(f"{name}: head dim {dh} > {_SUPPORTED_DH_MAX} is not supported")
+    if valid is not None:
+        if valid.shape != qkv.shape[:3]:
+            raise ValueError(f"{name}: valid must be [B, T, S] = {tuple(qkv.shape[:3])}, "
+                             f"got {tuple(valid.shape)}")
+        if valid.dtype != torch.bool:
+            raise TypeError(f"{name}: valid must be bool, got {valid.dtype}")
+        if valid.device != qkv.device:
+            raise ValueError(f"{name}: valid is on {valid.device}, qkv on {qkv.device}")
+    check_device(name, qkv)
+    scale = float(dh ** -0.5 if scale is None else scale)
+    out, _ = _fwd_op(qkv, valid, mode, scale)
+    return out

@@ -1,0 +1,200 @@
+"""Fused linear + cross-entropy (the appearance head, K = 8192 / 16384 classes).
+
+``loss = F.cross_entropy(x @ W.T + b, y, ignore_index=-100)`` (mean over non-ignored rows)
+without ever holding the full ``[M, K]`` logits. Design (Liger-Kernel style):
+
+* rows are processed in chunks of ``C`` tokens; per chunk the logits ``[C, K]`` come from one
+  cuBLAS GEMM (``addmm``, input dtype, like the reference's ``F.linear``);
+* a Triton kernel, one program per row, streams the row in ``BLOCK_K`` tiles with an online
+  max / sum-exp (fp32), writes the row loss and then overwrites the logits **in place** with
+  ``d loss / d logits = (softmax - onehot(y)) / n_valid`` (zero for ignored rows);
+* the chunk's gradients follow from two more GEMMs: ``dx = dlogits @ W`` and
+  ``dW += dlogits.T @ x`` (fp32 accumulators), ``db += dlogits.sum(0)``.
+
+So gradients are computed during the forward (the loss is a scalar; backward only scales
+them by the incoming grad). When no input requires grad the gradient GEMMs are skipped.
+Peak extra memory: one ``[C, K]`` chunk plus fp32 ``dW``/``db``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mam2_fast.kernels._common import check_device, check_float, interpreting, next_pow2
+
+
+@triton.jit
+def _ce_rows_kernel(
+    LOGITS, s_lm,          # [C, K] chunk (row stride s_lm, unit column stride), overwritten
+    TARGET, LOSS,          # [C] int64, [C] fp32 row losses
+    K, ignore_index, INV_N,  # INV_N: pointer to 1 / n_valid (fp32 scalar, whole batch)
+    COMPUTE_GRAD: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    ptr = LOGITS + row.to(tl.int64) * s_lm
+    y = tl.load(TARGET + row)
+    offs = tl.arange(0, BLOCK_K)
+
+    # pass 1: online max / sum-exp over the row (fp32)
+    m = tl.full([BLOCK_K], -1.0e30, dtype=tl.float32)  # finite start: no inf - inf
+    s = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + offs
+        z = tl.load(ptr + cols, mask=cols < K, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, z)
+        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)  # padding lanes: exp(-inf) = 0
+        m = m_new
+    row_max = tl.max(m, axis=0)
+    total = tl.sum(s * tl.exp(m - row_max), axis=0)
+    lse = row_max + tl.log(total)
+
+    ignored = y == ignore_index
+    y_safe = tl.where(ignored, 0, y)
+    z_y = tl.load(ptr + y_safe).to(tl.float32)
+    tl.store(LOSS + row, tl.where(ignored, 0.0, lse - z_y))
+
+    if COMPUTE_GRAD:
+        # pass 2: dlogits = (softmax - onehot) / n_valid, in place
+        scale = tl.where(ignored, 0.0, tl.load(INV_N))
+        for start in range(0, K, BLOCK_K):
+            cols = start + offs
+            cm = cols < K
+            z = tl.load(ptr + cols, mask=cm, other=0.0).to(tl.float32)
+            g = tl.exp(z - lse)
+            g = tl.where(cols == y, g - 1.0, g) * scale
+            tl.store(ptr + cols, g.to(LOGITS.dtype.element_ty), mask=cm)
+
+
+def _chunk_rows(M: int, K: int, chunk_size: Optional[int]) -> int:
+    if chunk_size is not None:
+        return max(1, int(chunk_size))
+    if interpreting():
+        return 64
+    # ~2^26 logits (128 MiB bf16) per chunk, but at least 256 rows
+    return max(256, min(M, (1 << 26) // K))
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+             ignore_index: int, compute_grad: bool, chunk_size: Optional[int]):
+    """-> loss (fp32 scalar), grad_x [M, D], grad_w [K, D], grad_b [K] (empty when unused)."""
+    M, D = x.shape
+    K = weight.shape[0]
+    dev = x.device
+    n_valid = (target != ignore_index).sum().to(torch.float32)  # on device: no host sync
+    inv_n = (1.0 / n_valid).reshape(1)  # inf when every row is ignored -> loss nan like F.cross_entropy
+    row_loss = torch.empty(M, device=dev, dtype=torch.float32)
+    empty = x.new_empty(0)
+    grad_x = grad_w = grad_b = empty
+    C = _chunk_rows(M, K, chunk_size)
+    n_chunks = triton.cdiv(M, C) if M else 0
+    if compute_grad:
+        grad_x = torch.empty_like(x)
+        acc_w = None
+        grad_b_acc = torch.zeros(K, device=dev, dtype=torch.float32) if bias is not None else None
+    BLOCK_K = min(next_pow2(K), 1024 if interpreting() else 4096)
+    for start in range(0, M, C):
+        end = min(M, start + C)
+        xc = x[start:end]  # [c, D]
+        logits = torch.addmm(bias, xc, weight.t()) if bias is not None else xc @ weight.t()  # [c, K]
+        _ce_rows_kernel[(end - start,)](
+            logits, logits.stride(0), target[start:end], row_loss[start:end],
+            K, ignore_index, inv_n,
+            COMPUTE_GRAD=compute_grad, BLOCK_K=BLOCK_K, num_warps=8 if BLOCK_K >= 2048 else 4)
+        if compute_grad:  # logits now hold dlogits [c, K]
+            torch.mm(logits, weight, out=grad_x[start:end])  # [c, D]
+            gw = torch.mm(logits.t(), xc)                     # [K, D] input dtype
+            if n_chunks == 1:
+                acc_w = gw
+            else:
+                acc_w = gw.float() if acc_w is None else acc_w.add_(gw)
+            if bias is not None:
+                grad_b_acc.add_(logits.sum(0, dtype=torch.float32))
+    loss = row_loss.sum() * inv_n[0]
+    if compute_grad:
+        grad_w = torch.zeros_like(weight) if acc_w is None else acc_w.to(weight.dtype)
+        if bias is not None:
+            grad_b = grad_b_acc.to(bias.dtype)
+    return loss, grad_x, grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------------------
+# custom op (gradients are produced by the forward; backward scales them)
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("mam2_fast::linear_cross_entropy", mutates_args=())
+def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, ignore_index: int,
+            compute_grad: bool, chunk_size: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    with torch.autocast(x.device.type, enabled=False):
+        return _forward(x, weight, bias, target, ignore_index, compute_grad,
+                        chunk_size if chunk_size > 0 else None)
+
+
+@_lce_op.register_fake
+def _lce_fake(x, weight, bias, target, ignore_index, compute_grad, chunk_size):
+    loss = x.new_empty((), dtype=torch.float32)
+    if not compute_grad:
+        e = x.new_empty(0)
+        return loss, e, e, e
+    gb = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
+    return loss, x.new_empty(x.shape), weight.new_empty(weight.shape), gb
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, target, ignore_index, compute_grad, chunk_size = inputs
+    loss, gx, gw, gb = output
+    ctx.has_bias = bias is not None
+    ctx.compute_grad = compute_grad
+    ctx.save_for_backward(gx, gw, gb)
+
+
+def _backward(ctx, g_loss, _gx, _gw, _gb):
+    if not ctx.compute_grad:
+        raise RuntimeError("linear_cross_entropy: backward called although no input required "
+                           "grad at forward time")
+    gx, gw, gb = ctx.saved_tensors
+    g = g_loss.to(torch.float32)
+    dx = (gx * g).to(gx.dtype)
+    dw = (gw * g).to(gw.dtype)
+    db = (gb * g).to(gb.dtype) if ctx.has_bias else None
+    return dx, dw, db, None, None, None, None
+
+
+_lce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def linear_cross_entropy_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                               ignore_index: int = -100, chunk_size: Optional[int] = None) -> Tensor:
+    """Fused equivalent of :func:`reference.linear_cross_entropy_ref`.
+
+    x ``[M, D]``, weight ``[K, D]``, bias ``[K]`` or None, target ``[M]`` int
+    -> fp32 scalar loss (mean over rows whose target != ignore_index; nan if none).
+    """
+    name = "linear_cross_entropy"
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"{name}: need x [M, D] and weight [K, D], got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if target.shape != (x.shape[0],):
+        raise ValueError(f"{name}: target must be [M] = [{x.shape[0]}], got {tuple(target.shape)}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{name}: bias must be [K] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: target must be int64/int32, got {target.dtype}")
+    if torch.is_autocast_enabled(x.device.type):  # mimic F.linear under autocast
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+    check_float(name, "x", x)
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"{name}: x, weight and bias must share a dtype (got {x.dtype}, "
+                        f"{weight.dtype}, {None if bias is None else bias.dtype}); cast first "
+                        "or run under autocast with the cast done by the caller")
+    check_device(name, x, weight, bias, target)
+    needs = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                         (bias is not None and bias.requires_grad))
+    loss, _, _, _ = _lce_op(x.contiguous(), weight.contiguous(),
+                            None if bias is None else bias.contiguous(), target.contiguous(),
+                            int(ignore_index), bool(needs), int(chunk_size or 0))
+    return loss

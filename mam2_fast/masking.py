@@ -1,0 +1,137 @@
+"""Mask generators for masked video modeling (Table 1d, Appendix E).
+
+All strategies draw exact counts from a seedable ``torch.Generator`` and return a
+:class:`MaskInfo`. ``mask`` is always ``[B, T, N]`` bool with True = masked (hidden from the
+encoder). Strategies that mask the same spatial set in every frame (``tube``, ``cube``)
+also give sorted per-sample index lists so the model can work on compact
+``[B, T, Nv, D]`` tensors; the others (``random``, ``frame``) leave ``vis_idx`` None and the
+model keeps the full grid with validity masks.
+
+* tube  - VideoMAE: one 2-D uniform random mask of ``round(ratio*N)`` patches, broadcast
+  over time.
+* cube  - BEiT/BEVT block-wise 2-D mask (random rectangles of at least ``min_block``
+  patches, aspect in [1/max_aspect, max_aspect]) broadcast over time, trimmed or
+  topped up at random to exactly ``round(ratio*N)`` patches.
+* random - MAE-ST: ``round(ratio*T*N)`` patches uniformly over space-time; per-frame
+  counts differ.
+* frame - ``round(ratio*T)`` whole frames masked.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+MASK_KINDS = ("tube", "cube", "random", "frame")
+
+
+@dataclass
+class MaskInfo:
+    mask: Tensor                       # [B, T, N] bool, True = masked
+    vis_idx: Optional[Tensor] = None   # [B, Nv] long, sorted (tube-like masks only)
+    mask_idx: Optional[Tensor] = None  # [B, Nm] long, sorted (tube-like masks only)
+
+    @property
+    def is_tube(self) -> bool:
+        return self.vis_idx is not None
+
+    def to(self, device: torch.device) -> "MaskInfo":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MaskInfo(mv(self.mask), mv(self.vis_idx), mv(self.mask_idx))
+
+    @staticmethod
+    def from_spatial(mask2d: Tensor, num_frames: int) -> "MaskInfo":
+        """Build a tube-like MaskInfo from ``[B, N]`` bool masks with equal counts per row."""
+        B, N = mask2d.shape
+        counts = mask2d.sum(dim=1)
+        if not bool((counts == counts[0]).all()):
+            raise ValueError(f"tube masks need equal masked counts per sample, got {counts.tolist()}")
+        order = torch.argsort(mask2d.to(torch.int8), dim=1, stable=True)  # visible first, ascending index
+        nm = int(counts[0])
+        vis_idx = order[:, : N - nm].sort(dim=1).values
+        mask_idx = order[:, N - nm:].sort(dim=1).values
+        mask = mask2d[:, None, :].expand(B, num_frames, N).contiguous()
+        return MaskInfo(mask, vis_idx, mask_idx)
+
+
+def num_masked(ratio: float, total: int) -> int:
+    """Exact masked count: round(ratio * total), kept within [1, total - 1] when total > 1."""
+    n = int(math.floor(ratio * total + 0.5))
+    if total > 1:
+        n = min(max(n, 1), total - 1)
+    return n
+
+
+class MaskGenerator:
+    def __init__(self, kind: str, ratio: float, num_frames: int, grid: tuple[int, int],
+                 min_block: int = 16, max_aspect: float = 3.0):
+        if kind not in MASK_KINDS:
+            raise ValueError(f"mask.kind: unknown strategy {kind!r} (choose from {MASK_KINDS})")
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f"mask.ratio must be in (0, 1), got {ratio}")
+        self.kind, self.ratio = kind, ratio
+        self.T, (self.h, self.w) = num_frames, grid
+        self.N = self.h * self.w
+        self.min_block, self.max_aspect = min_block, max_aspect
+
+    def __call__(self, batch_size: int, generator: Optional[torch.Generator] = None) -> MaskInfo:
+        g = generator
+        B, T, N = batch_size, self.T, self.N
+        if self.kind == "tube":
+            nm = num_masked(self.ratio, N)
+            scores = torch.rand(B, N, generator=g)
+            idx = scores.argsort(dim=1)[:, :nm]
+            mask2d = torch.zeros(B, N, dtype=torch.bool).scatter_(1, idx, True)
+            return MaskInfo.from_spatial(mask2d, T)
+        if self.kind == "cube":
+            mask2d = torch.stack([self._block_mask(g) for _ in range(B)])
+            return MaskInfo.from_spatial(mask2d, T)
+        if self.kind == "random":
+            nm = num_masked(self.ratio, T * N)
+            idx = torch.rand(B, T * N, generator=g).argsort(dim=1)[:, :nm]
+            mask = torch.zeros(B, T * N, dtype=torch.bool).scatter_(1, idx, True)
+            return MaskInfo(mask.view(B, T, N))
+        # frame
+        nm = num_masked(self.ratio, T) if T > 1 else 0
+        if T == 1:
+            raise ValueError("frame masking needs num_frames > 1")
+        idx = torch.rand(B, T, generator=g).argsort(dim=1)[:, :nm]
+        frames = torch.zeros(B, T, dtype=torch.bool).scatter_(1, idx, True)
+        return MaskInfo(frames[:, :, None].expand(B, T, N).contiguous())
+
+    def _block_mask(self, g: Optional[torch.Generator]) -> Tensor:
+        """BEiT block-wise masking on the h x w grid with an exact final count."""
+        h, w, N = self.h, self.w, self.N
+        target = num_masked(self.ratio, N)
+        mask = torch.zeros(h, w, dtype=torch.bool)
+        log_aspect = (math.log(1.0 / self.max_aspect), math.log(self.max_aspect))
+        count, attempts = 0, 0
+        while count < target and attempts < 100 * N:
+            attempts += 1
+            max_patches = target - count
+            lo = min(self.min_block, max_patches)
+            area = lo + float(torch.rand(1, generator=g)) * (max_patches - lo)
+            aspect = math.exp(log_aspect[0] + float(torch.rand(1, generator=g)) * (log_aspect[1] - log_aspect[0]))
+            bh = int(round(math.sqrt(area * aspect)))
+            bw = int(round(math.sqrt(area / aspect)))
+            if bh < 1 or bw < 1 or bh > h or bw > w:
+                continue
+            top = int(torch.randint(0, h - bh + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - bw + 1, (1,), generator=g))
+            block = mask[top: top + bh, left: left + bw]
+            new = int((~block).sum())
+            if 0 < new <= max_patches:
+                block.fill_(True)
+                count += new
+        flat = mask.flatten()
+        diff = target - int(flat.sum())
+        if diff > 0:  # top up at random among unmasked
+            free = (~flat).nonzero().squeeze(1)
+            flat[free[torch.randperm(free.numel(), generator=g)[:diff]]] = True
+        elif diff < 0:
+            taken = flat.nonzero().squeeze(1)
+            flat[taken[torch.randperm(taken.numel(), generator=g)[:-diff]]] = False
+        return flat

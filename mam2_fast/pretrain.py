@@ -1,0 +1,328 @@
+"""MAM^2 pre-training: ``python -m mam2_fast.pretrain [--config FILE] [key=value ...]``.
+
+With no arguments it runs the CPU demo: builds a small procedural video dataset (real video
+files + a VideoMAE list file) in a cache folder, fits the k-means demo tokenizer, trains the
+tiny model for a few minutes and prints where the checkpoint and metrics are.
+
+The loop reads top to bottom: config -> device -> data -> tokenizer -> model -> optimizer ->
+(resume) -> steps (mask, targets, forward, backward, step, log, checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mam2_fast.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, _deep_merge
+from mam2_fast.masking import MaskGenerator
+from mam2_fast.models.mam2 import build_model
+from mam2_fast.targets.tokenizer import build_tokenizer
+from mam2_fast.train.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mam2_fast.train.metrics import MetricsLogger, Progress
+from mam2_fast.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
+
+LOSS_KEYS = ("loss", "loss_app", "loss_motion", "loss_align", "app_acc")
+
+DEMO_YAML = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def demo_config_dict() -> dict:
+    """The no-argument demo (kept equal to configs/demo.yaml by a test)."""
+    return {
+        "name": "demo",
+        "model": {"preset": "tiny", "img_size": 96, "num_frames": 8, "patch_size": 16,
+                  "regressor_depth": 2, "appearance_depth": 2, "motion_depth": 1},
+        "mask": {"kind": "tube", "ratio": 0.75},
+        "tokenizer": {"kind": "kmeans", "vocab_size": 64, "kmeans_fit_clips": 48},
+        "data": {"demo": True, "demo_num_videos": 64, "num_frames": 8, "sampling_stride": 2,
+                 "input_size": 96, "num_sample": 2, "num_workers": 1},
+        "optim": {"base_lr": 1.5e-4, "lr": 1e-3, "warmup_epochs": 2, "clip_grad": 1.0},
+        "train": {"epochs": 25, "batch_size": 16, "output_dir": "runs/demo", "log_every": 10,
+                  "save_every": 50, "device": "cpu", "precision": "fp32"},
+    }
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mam2_fast.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", "-c", help="YAML config (configs/*.yaml); omitted: the CPU demo")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a checkpoint file, or (no value) the latest in train.output_dir")
+    p.add_argument("--output-dir", help="shorthand for train.output_dir=...")
+    p.add_argument("--max-steps", type=int, help="shorthand for train.max_steps=...")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.depth=4 mask.ratio=0.9")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.config:
+        return load_config(args.config, overrides)
+    data = _deep_merge(demo_config_dict(), parse_overrides(overrides))
+    return config_from_dict(data)
+
+
+# ----------------------------------------------------------------------------------------
+# device and precision
+# ----------------------------------------------------------------------------------------
+def select_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(want)
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()  # CPU: fp32 unless bf16 is asked for
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """Mask RNG derived from (seed, step, micro-batch, rank): a resumed run redraws the same masks."""
+    h = hashlib.blake2b(f"{seed}/{step}/{micro}/{rank}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+
+
+# ----------------------------------------------------------------------------------------
+# tokenizer
+# ----------------------------------------------------------------------------------------
+def denormalize(clip: torch.Tensor, mean, std) -> torch.Tensor:
+    """normalized ``[B, T, 3, H, W]`` -> pixels in [0, 1]."""
+    m = torch.tensor(mean, device=clip.device, dtype=clip.dtype).view(1, 1, -1, 1, 1)
+    s = torch.tensor(std, device=clip.device, dtype=clip.dtype).view(1, 1, -1, 1, 1)
+    return (clip * s + m).clamp_(0, 1)
+
+
+def prepare_tokenizer(cfg: Config, data, device: torch.device, log) -> torch.nn.Module:
+    tok = build_tokenizer(cfg.tokenizer, cfg.model.patch_size)
+    if cfg.tokenizer.kind == "kmeans" and cfg.model.use_appearance:
+        frames, n = [], 0
+        for _, batch in data.iter_epoch(0):
+            frames.append(denormalize(batch["clip"].float().cpu(), cfg.data.mean, cfg.data.std))
+            n += frames[-1].shape[0]
+            if n >= cfg.tokenizer.kmeans_fit_clips:
+                break
+        t0 = time.time()
+        tok.fit(torch.cat(frames)[: cfg.tokenizer.kmeans_fit_clips], seed=cfg.train.seed)
+        log(f"fitted k-means tokenizer ({tok.vocab_size} codes) on {min(n, cfg.tokenizer.kmeans_fit_clips)} clips "
+            f"in {time.time() - t0:.1f}s")
+    return tok.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------
+def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> dict:
+    """Run pre-training; returns a summary dict (paths, first/last losses, steps)."""
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    device = select_device(cfg)
+    run_dir = Path(cfg.train.output_dir).expanduser()
+    rank, world = 0, 1
+
+    # -- resume: find the checkpoint first (its tokenizer replaces fitting) -----------------
+    ckpt = None
+    if resume:
+        path = find_latest(run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            log(f"--resume: no checkpoint in {run_dir}, starting fresh")
+        else:
+            ckpt = load_checkpoint(path)
+            log(f"resuming from {path} (step {ckpt['step']})")
+
+    # -- data --------------------------------------------------------------------------------
+    if data is None:
+        from mam2_fast.data import build_pretrain_data, make_demo_dataset
+
+        if cfg.data.demo and cfg.data.list_file is None:
+            root = Path(os.path.expanduser(cfg.data.demo_dir))
+            list_file = make_demo_dataset(root, num_videos=cfg.data.demo_num_videos, seed=0)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, list_file=str(list_file)))
+            log(f"demo dataset: {list_file}")
+        data = build_pretrain_data(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+                                   rank=rank, world_size=world, device=device)
+
+    # -- tokenizer and model ---------------------------------------------------------------
+    if ckpt is not None and ckpt.get("tokenizer") is not None:
+        tokenizer = build_tokenizer(cfg.tokenizer, cfg.model.patch_size)
+        tokenizer.load_state_dict(ckpt["tokenizer"])
+        tokenizer = tokenizer.to(device).eval()
+    elif cfg.model.use_appearance:
+        tokenizer = prepare_tokenizer(cfg, data, device, log)
+    else:
+        tokenizer = None
+    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size if tokenizer is not None else None).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {cfg.model.preset} encoder, {n_params / 1e6:.2f}M parameters, device {device}")
+    masker = MaskGenerator(cfg.mask.kind, cfg.mask.ratio, cfg.model.num_frames, model.grid,
+                           cfg.mask.cube_min_block, cfg.mask.cube_max_aspect)
+
+    # -- optimizer and schedule --------------------------------------------------------------
+    accum = cfg.train.accum_steps
+    effective_batch = cfg.train.batch_size * accum * world
+    peak_lr = scaled_lr(cfg.optim, effective_batch)
+    steps_per_epoch = max(1, data.steps_per_epoch // accum)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
+    optimizer = build_optimizer(model, cfg.optim, peak_lr, device)
+    step, epoch, micro_pos = 0, 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, micro_pos = ckpt["step"], ckpt["epoch"], ckpt["micro_in_epoch"]
+        set_rng_state(ckpt["rng"])
+    if tokenizer is not None and ckpt is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(tokenizer.state_dict(), run_dir / "tokenizer.pt")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
+    progress = Progress(last_step, start=step, enabled=cfg.train.progress)
+    log(f"training {last_step - step} steps ({steps_per_epoch}/epoch, effective batch {effective_batch}, "
+        f"peak lr {peak_lr:.2e}) -> {run_dir}")
+
+    def state_dict_for_save() -> dict:
+        # a finished epoch is stored as the start of the next one
+        ep, pos = (epoch + 1, 0) if micro_pos >= data.steps_per_epoch else (epoch, micro_pos)
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "tokenizer": tokenizer.state_dict() if tokenizer is not None else None,
+                "step": step, "epoch": ep, "micro_in_epoch": pos, "rng": rng_state(),
+                "config": cfg.to_dict(), "schedule": {"peak_lr": peak_lr, "total_steps": total_steps,
+                                                       "warmup_steps": warmup_steps}}
+
+    sums: dict = {}
+    count, clips, t_log = 0, 0, time.time()
+    first_record: Optional[dict] = None
+    last_record: Optional[dict] = None
+    nonfinite = 0
+    last_ckpt: Optional[Path] = None
+    model.train()
+    amp = autocast_for(device, cfg.train.precision)
+    mean, std = cfg.data.mean, cfg.data.std
+
+    while step < last_step:
+        micro = micro_pos % accum
+        for pos, batch in data.iter_epoch(epoch, start_step=micro_pos):
+            clip = batch["clip"].to(device, non_blocking=True)           # [B, T, C, H, W]
+            info = masker(clip.shape[0], step_generator(cfg.train.seed, step, micro, rank)).to(device)
+            codes = None
+            if tokenizer is not None:
+                with torch.inference_mode():
+                    codes = tokenizer.tokenize(denormalize(clip.float(), mean, std))  # [B, T, h, w]
+                codes = codes.flatten(2).clone()                          # [B, T, N]
+            with amp:
+                out = model(clip, info, codes)
+            (out["loss"] / accum).backward()
+            for k in LOSS_KEYS:
+                if k in out:
+                    sums[k] = sums.get(k, 0.0) + out[k].detach().float()
+            count += 1
+            clips += clip.shape[0]
+            micro_pos = pos + 1
+            micro += 1
+            if micro < accum:
+                continue
+            micro = 0
+
+            # -- optimizer step --------------------------------------------------------------
+            lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
+            set_lr(optimizer, lr)
+            if cfg.optim.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            if torch.isfinite(out["loss"]).item():
+                optimizer.step()
+                nonfinite = 0
+            else:
+                nonfinite += 1
+                log(f"step {step}: non-finite loss, update skipped ({nonfinite} in a row)")
+                if nonfinite >= 5:
+                    raise FloatingPointError(f"{nonfinite} non-finite losses in a row at step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if step % cfg.train.log_every == 0 or step == last_step:
+                dt = time.time() - t_log
+                rec = {"step": step, "epoch": epoch, "lr": lr,
+                       **{k: float(v) / max(count, 1) for k, v in sums.items()},
+                       "clips_per_s": clips / max(dt, 1e-9), **{f"data_{k}": v for k, v in data.stats().items()}}
+                metrics.log(rec)
+                first_record = first_record or rec
+                last_record = rec
+                text = " ".join(f"{k.replace('loss_', '')} {rec[k]:.4f}" for k in LOSS_KEYS if k in rec)
+                progress.update(step, text, rec["clips_per_s"])
+                sums, count, clips, t_log = {}, 0, 0, time.time()
+            if step % cfg.train.save_every == 0 or step == last_step:
+                last_ckpt = save_checkpoint(run_dir, step, state_dict_for_save(), cfg.train.keep_last)
+            if step >= last_step:
+                break
+        else:
+            epoch += 1
+            micro_pos = 0
+            continue
+        break
+
+    progress.close()
+    metrics.close()
+    summary = {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
+               "metrics": str(metrics.jsonl_path), "steps": step,
+               "first": first_record, "last": last_record, "data_stats": data.stats()}
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"done: {summary['steps']} steps"]
+    first, last = summary.get("first"), summary.get("last")
+    if first and last:
+        lines.append(f"{'term':<12}{'first':>10}{'last':>10}")
+        for k in LOSS_KEYS:
+            if k in first:
+                lines.append(f"{k:<12}{first[k]:>10.4f}{last[k]:>10.4f}")
+    lines.append(f"checkpoint: {summary['checkpoint']}")
+    lines.append(f"metrics:    {summary['metrics']} (CSV beside it, TensorBoard in tb/)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    if args.resume and args.config is None and not args.overrides and args.resume != "auto":
+        pass
+    summary = train(cfg, resume=args.resume, log=lambda s: print(f"[mam2_fast] {s}", flush=True))
+    print(format_summary(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
