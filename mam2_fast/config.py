@@ -95,6 +95,7 @@ class TrainConfig:
     epochs: int = 800
     batch_size: int = 32                 # per process
     accum_steps: int = 1
+    global_batch: Optional[int] = None   # if set: accum_steps = global_batch / (batch_size * world)
     max_steps: Optional[int] = None      # stop early (demo, smoke tests)
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda
@@ -324,6 +325,8 @@ def validate(cfg: Config) -> None:
     r = cfg.train
     _check(r.epochs >= 1, "train.epochs", f"must be >= 1, got {r.epochs}")
     _check(r.batch_size >= 1, "train.batch_size", f"must be >= 1, got {r.batch_size}")
+    _check(r.global_batch is None or (r.global_batch >= r.batch_size and r.global_batch % r.batch_size == 0),
+           "train.global_batch", f"{r.global_batch} must be a multiple of train.batch_size ({r.batch_size})")
     _check(r.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {r.accum_steps}")
     _check(r.max_steps is None or r.max_steps >= 1, "train.max_steps", f"must be >= 1, got {r.max_steps}")
     _one_of(r.device, "train.device", ("auto", "cpu", "cuda"))

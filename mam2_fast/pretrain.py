@@ -182,6 +182,12 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
 
     # -- optimizer and schedule --------------------------------------------------------------
     accum = cfg.train.accum_steps
+    if cfg.train.global_batch is not None:
+        per_step = cfg.train.batch_size * world
+        if cfg.train.global_batch % per_step:
+            raise ConfigError(f"train.global_batch {cfg.train.global_batch} is not a multiple of "
+                              f"batch_size x world_size = {per_step}")
+        accum = cfg.train.global_batch // per_step
     effective_batch = cfg.train.batch_size * accum * world
     peak_lr = scaled_lr(cfg.optim, effective_batch)
     steps_per_epoch = max(1, data.steps_per_epoch // accum)

@@ -16,7 +16,7 @@ class SyntheticData:
     def clip(self, index: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(1000 + index)
         T, S = self.T, self.size
-        x = torch.rand(T, 3, S, S, generator=g) * 0.2
+        x = (torch.rand(1, 3, S, S, generator=g) * 0.2).repeat(T, 1, 1, 1)  # static background
         side = S // 4
         y0, x0 = torch.randint(0, S - side, (2,), generator=g).tolist()
         dy, dx = torch.randint(-3, 4, (2,), generator=g).tolist()

@@ -36,7 +36,7 @@ class DataConfig:
     num_workers: int = 2                # decode processes; 0 decodes in a background thread
     prefetch: int = 4                   # videos queued per worker
     decode_threads: int = 0             # codec threads per worker; 0: cpu_count // workers
-    mp_context: str = "forkserver"      # worker start method: forkserver | spawn | fork
+    mp_context: str = "fork"            # worker start method: fork | forkserver | spawn
     decode_timeout_s: float = 60.0
     max_bad_fraction: float = 0.5       # stop if more than this fraction of a pass is unreadable
     max_worker_restarts: int = 8        # worker deaths tolerated per run before failing

@@ -1,42 +1,113 @@
-"""Kernel dispatch: each op has a plain PyTorch reference (``reference.py``) and, where
-available, a fused Triton/CUDA implementation. ``backend`` is ``"reference"``, ``"fused"``
-or ``"auto"`` (fused when the inputs live on a GPU and Triton is importable)."""
+"""Kernel dispatch: each op has a plain PyTorch reference (``reference.py``) and a fused
+Triton implementation (``attention.py``, ``gather.py``, ``rgb_diff_loss.py``,
+``linear_ce.py``). ``backend`` is
+
+* ``"reference"``: always the PyTorch reference;
+* ``"fused"``: the Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``
+  was set before triton was imported (slow, for tests). Anything else raises;
+* ``"auto"``: fused when the inputs live on a CUDA device and Triton is importable,
+  else the reference.
+
+The fused modules are imported lazily (first fused call), so importing this package never
+imports triton and never fixes the interpreter mode.
+"""
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 from torch import Tensor
 
 from mam2_fast.kernels import reference as ref
+from mam2_fast.kernels._common import interpreting
 
 BACKENDS = ("reference", "fused", "auto")
 
+# find_spec does not import triton (importing it would fix the interpreter mode too early)
+_TRITON_OK: bool = importlib.util.find_spec("triton") is not None
 
-def _use_fused(backend: str, *tensors: Tensor) -> bool:
+
+def triton_available() -> bool:
+    return _TRITON_OK
+
+
+def _use_fused(backend: str, *tensors: Optional[Tensor]) -> bool:
     if backend == "reference":
         return False
     if backend not in BACKENDS:
         raise ValueError(f"kernels: unknown backend {backend!r} (choose from {BACKENDS})")
-    if backend == "fused":
-        return True
-    return False  # "auto": no fused kernels registered yet
+    ts = [t for t in tensors if t is not None]
+    if backend == "auto":
+        return all(t.is_cuda for t in ts) and triton_available()
+    if not triton_available():
+        raise RuntimeError("kernels: backend='fused' needs triton, which is not importable")
+    for t in ts:
+        if t.device.type == "cpu" and not interpreting():
+            raise RuntimeError("kernels: backend='fused' got CPU tensors; fused kernels run on "
+                               "CUDA, or on CPU only under TRITON_INTERPRET=1 (set before "
+                               "triton is imported). Use backend='auto' or 'reference'.")
+        if t.device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"kernels: backend='fused' does not support device {t.device}")
+    return True
+
+
+# Lazy imports via plain import statements (torch.compile traces these without a graph
+# break, unlike importlib.import_module).
+def _attention():
+    from mam2_fast.kernels import attention
+    return attention
+
+
+def _gather():
+    from mam2_fast.kernels import gather
+    return gather
+
+
+def _rgb_diff():
+    from mam2_fast.kernels import rgb_diff_loss
+    return rgb_diff_loss
+
+
+def _linear_ce():
+    from mam2_fast.kernels import linear_ce
+    return linear_ce
 
 
 def factorized_attention(qkv: Tensor, mode: str, valid: Optional[Tensor] = None,
                          scale: Optional[float] = None, backend: str = "reference") -> Tensor:
+    """qkv ``[B, T, S, 3, H, dh]`` -> ``[B, T, S, H*dh]``; see ``reference.factorized_attention_ref``."""
+    if _use_fused(backend, qkv, valid):
+        return _attention().factorized_attention_fused(qkv, mode, valid, scale)
     return ref.factorized_attention_ref(qkv, mode, valid, scale)
 
 
 def gather_visible_add_pos(x: Tensor, pos_t: Tensor, pos_s: Tensor, idx: Tensor,
                            backend: str = "reference") -> Tensor:
+    """x ``[B, T, N, D]`` + pos_t ``[T, D]`` + pos_s ``[N, D]`` at idx ``[B, Nv]`` -> ``[B, T, Nv, D]``."""
+    if _use_fused(backend, x, pos_t, pos_s, idx):
+        return _gather().gather_visible_add_pos_fused(x, pos_t, pos_s, idx)
     return ref.gather_visible_add_pos_ref(x, pos_t, pos_s, idx)
+
+
+def gather_tokens(x: Tensor, idx: Tensor, backend: str = "reference") -> Tensor:
+    """x ``[B, T, N, D]`` at idx ``[B, K]`` (distinct per row) -> ``[B, T, K, D]``."""
+    if _use_fused(backend, x, idx):
+        return _gather().gather_tokens_fused(x, idx)
+    return ref.gather_tokens_ref(x, idx)
 
 
 def rgb_diff_mse_tube(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int,
                       backend: str = "reference") -> Tensor:
+    """Eq. 3 for tube masks; the clip is a constant (fused path: no clip gradient)."""
+    if _use_fused(backend, clip, pred, mask_idx):
+        return _rgb_diff().rgb_diff_mse_tube_fused(clip, pred, mask_idx, patch)
     return ref.rgb_diff_mse_tube_ref(clip, pred, mask_idx, patch)
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                         backend: str = "reference") -> Tensor:
-    return ref.linear_cross_entropy_ref(x, weight, bias, target)
+                         backend: str = "reference", *, ignore_index: int = -100) -> Tensor:
+    """``F.cross_entropy(x @ W.T + b, target, ignore_index)``; the fused path never holds the
+    full ``[M, K]`` logits."""
+    if _use_fused(backend, x, weight, bias, target):
+        return _linear_ce().linear_cross_entropy_fused(x, weight, bias, target, ignore_index)
+    return ref.linear_cross_entropy_ref(x, weight, bias, target, ignore_index)

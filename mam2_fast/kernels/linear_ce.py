@@ -87,8 +87,8 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
     n_valid = (target != ignore_index).sum().to(torch.float32)  # on device: no host sync
     inv_n = (1.0 / n_valid).reshape(1)  # inf when every row is ignored -> loss nan like F.cross_entropy
     row_loss = torch.empty(M, device=dev, dtype=torch.float32)
-    empty = x.new_empty(0)
-    grad_x = grad_w = grad_b = empty
+    # distinct empty placeholders (custom-op outputs may not alias each other)
+    grad_x, grad_w, grad_b = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     C = _chunk_rows(M, K, chunk_size)
     n_chunks = triton.cdiv(M, C) if M else 0
     if compute_grad:
@@ -136,8 +136,7 @@ def _lce_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor, i
 def _lce_fake(x, weight, bias, target, ignore_index, compute_grad, chunk_size):
     loss = x.new_empty((), dtype=torch.float32)
     if not compute_grad:
-        e = x.new_empty(0)
-        return loss, e, e, e
+        return loss, x.new_empty(0), x.new_empty(0), x.new_empty(0)
     gb = bias.new_empty(bias.shape) if bias is not None else x.new_empty(0)
     return loss, x.new_empty(x.shape), weight.new_empty(weight.shape), gb
 

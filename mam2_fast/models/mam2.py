@@ -113,6 +113,8 @@ class DividedBlock(nn.Module):
         self.temporal_norm = nn.LayerNorm(dim, eps=1e-6)
         self.temporal_attn = FactorizedAttention(dim, num_heads, "temporal")
         self.temporal_fc = nn.Linear(dim, dim)
+        nn.init.zeros_(self.temporal_fc.weight)  # TimeSformer: temporal branch starts as identity
+        nn.init.zeros_(self.temporal_fc.bias)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = FactorizedAttention(dim, num_heads, "spatial")
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)

@@ -107,7 +107,33 @@ class KMeansTokenizer(nn.Module):
 
 
 def build_tokenizer(cfg, patch_size: int) -> nn.Module:
-    """Build the appearance tokenizer named by ``cfg.kind`` (a TokenizerConfig)."""
-    if cfg.kind == "kmeans":
+    """Build the appearance target named by ``cfg.kind`` (a TokenizerConfig).
+
+    ``kmeans`` (default, no download), ``vqgan`` (taming-transformers ``.ckpt`` in
+    ``cfg.checkpoint``; architecture from ``cfg.checkpoint_config`` YAML, else ``cfg.preset``,
+    else inferred from the checkpoint), ``dalle`` (OpenAI ``encoder.pkl`` in
+    ``cfg.checkpoint``) -- all follow the :class:`Tokenizer` protocol with a token grid equal
+    to the ``patch_size`` grid -- and ``pixel``, which returns a
+    :class:`~mam2_fast.targets.pixel.PixelTarget` (a regression target: ``forward(clip)``
+    gives per-patch normalized pixels, there is no ``tokenize``/``vocab_size``).
+    Optional fields (read with defaults): ``resize_mode`` ("lanczos"), ``dtype``
+    ("bfloat16"), ``chunk_frames`` (0 = all frames at once), ``pixel_norm`` (True),
+    ``pixel_norm_mode`` ("videomae").
+    """
+    kind = getattr(cfg, "kind", "kmeans")
+    if kind == "kmeans":
         return KMeansTokenizer(vocab_size=cfg.vocab_size, patch_size=patch_size, pool=cfg.kmeans_pool)
-    raise ValueError(f"tokenizer.kind: unknown tokenizer {cfg.kind!r} (known: 'kmeans')")
+    if kind == "vqgan":
+        from mam2_fast.targets.vqgan import build_vqgan_tokenizer
+
+        return build_vqgan_tokenizer(cfg, patch_size)
+    if kind == "dalle":
+        from mam2_fast.targets.dalle import build_dalle_tokenizer
+
+        return build_dalle_tokenizer(cfg, patch_size)
+    if kind == "pixel":
+        from mam2_fast.targets.pixel import PixelTarget
+
+        return PixelTarget(patch_size, normalize=bool(getattr(cfg, "pixel_norm", True)),
+                           norm_mode=getattr(cfg, "pixel_norm_mode", "videomae"))
+    raise ValueError(f"tokenizer.kind: unknown tokenizer {kind!r} (known: 'kmeans', 'vqgan', 'dalle', 'pixel')")

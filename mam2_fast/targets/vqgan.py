@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
 import types
 import warnings
 from collections import OrderedDict
@@ -82,9 +83,10 @@ def resize_frames(x: Tensor, size: Tuple[int, int], mode: str = "lanczos") -> Te
         if key_w not in _LANCZOS_CACHE:
             _LANCZOS_CACHE[key_w] = _lanczos_matrix(W, w, device=x.device)
         mh, mw = _LANCZOS_CACHE[key_h], _LANCZOS_CACHE[key_w]
-        y = torch.matmul(mh, x.float())  # [N, C, h, W]
-        y = torch.matmul(y, mw.t())  # [N, C, h, w]
-        return y.clamp_(0.0, 1.0).to(x.dtype)
+        # horizontal pass first, clamped like PIL's 8-bit intermediate, then vertical
+        y = torch.matmul(x.float(), mw.t()).clamp_(0.0, 1.0)  # [N, C, H, w]
+        y = torch.matmul(mh, y).clamp_(0.0, 1.0)  # [N, C, h, w]
+        return y.to(x.dtype)
     if mode in ("bilinear", "bicubic"):
         y = F.interpolate(x, size=(h, w), mode=mode, align_corners=False, antialias=True)
         return y.clamp_(0.0, 1.0) if mode == "bicubic" else y
@@ -207,17 +209,21 @@ def safe_torch_load(path: str, what: str = "checkpoint") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        note = (f"{what}: {os.path.basename(path)} holds non-tensor pickled objects "
-                f"(weights_only load refused: {first[:160]}); re-reading it with a restricted "
-                f"unpickler that replaces unknown classes by inert stand-ins")
-    except Exception as exc:  # corrupt / not a torch file
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        refused = exc
+    except Exception as exc:  # not a zip / pickle at all
         raise ValueError(f"{what}: could not read {path!r} as a torch checkpoint: {exc}") from exc
-    warnings.warn(note, stacklevel=3)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
+        obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
     except Exception as exc:
-        raise ValueError(f"{what}: could not read {path!r} with the restricted unpickler: {exc}") from exc
+        last = str(refused).strip().splitlines()[-1] if str(refused).strip() else ""
+        raise ValueError(f"{what}: could not read {path!r} as a torch checkpoint ({exc}; weights_only "
+                         f"load: {last[:200]})") from exc
+    found = f"it pickles {m.group(1)}" if m else "weights_only load refused"
+    warnings.warn(f"{what}: {os.path.basename(path)} holds non-tensor pickled objects ({found}); read it with "
+                  f"a restricted unpickler that keeps the tensors and replaces unknown classes by inert "
+                  f"stand-ins (no code from the file runs)", stacklevel=3)
+    return obj
 
 
 def module_tensors(obj: Any, prefix: str = "") -> "OrderedDict[str, Tensor]":
@@ -657,6 +663,8 @@ class VQGANTokenizer(FrozenCodeTokenizer):
         """Load a taming ``.ckpt`` unchanged. Architecture from ``config`` (YAML path), else
         ``preset``, else inferred from the checkpoint's tensors. Only ``encoder.*``,
         ``quant_conv.*`` and ``quantize.*`` are used; any mismatch raises naming the keys."""
+        if preset and not config and preset not in VQGAN_PRESETS:
+            raise ValueError(f"vqgan: unknown preset {preset!r} (known: {', '.join(VQGAN_PRESETS)})")
         sd = extract_state_dict(safe_torch_load(checkpoint, "vqgan"), checkpoint, "vqgan")
         if config:
             spec = parse_vqgan_config(config)

@@ -1,0 +1,168 @@
+"""A procedural action dataset of real video files, for demos and tests.
+
+Each video shows one textured shape (circle, square, triangle) moving in one direction
+(left, right, up, down) over a random low-frequency textured background:
+``label = shape_id * 4 + direction_id`` (12 classes). 48 frames of 128x128 at 25 fps,
+encoded as mp4 (H.264 if the encoder exists, else MPEG-4 Part 2) with PyAV.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Tuple
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = ("left", "right", "up", "down")
+_VERSION = 1
+_DIR_VEC = {0: (-1, 0), 1: (1, 0), 2: (0, -1), 3: (0, 1)}  # (dx, dy) in pixels
+
+
+def _codec() -> str:
+    import av
+
+    for name in ("libx264", "h264", "mpeg4"):
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except Exception:
+            continue
+    raise RuntimeError("demo: PyAV has neither an H.264 nor an MPEG-4 encoder")
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Low-frequency colour texture [size, size, 3] in [0, 1]: bilinear upsampled coarse noise."""
+    coarse = rng.random((cells + 1, cells + 1, 3))
+    t = np.linspace(0, cells, size)
+    i0 = np.minimum(t.astype(int), cells - 1)
+    f = (t - i0)[:, None]
+    rows = coarse[i0] * (1 - f[..., None]) + coarse[i0 + 1] * f[..., None]          # [S, C+1, 3]
+    cols = rows[:, i0] * (1 - f.T[..., None]) + rows[:, i0 + 1] * f.T[..., None]     # [S, S, 3]
+    return cols
+
+
+def _shape_mask(shape: int, yy: np.ndarray, xx: np.ndarray, r: float) -> np.ndarray:
+    if shape == 0:
+        return xx ** 2 + yy ** 2 <= r ** 2
+    if shape == 1:
+        return (np.abs(xx) <= r) & (np.abs(yy) <= r)
+    # upward triangle inscribed in the radius-r circle
+    return (yy <= r / 2) & (np.abs(xx) <= 0.866 * (yy + r) / 1.5)
+
+
+def render_video(rng: np.random.Generator, label: int, size: int = 128,
+                 num_frames: int = 48) -> np.ndarray:
+    """uint8 [num_frames, size, size, 3] for ``label``."""
+    shape, direction = divmod(label, 4)
+    bg = 0.25 + 0.5 * _smooth_noise(rng, size, int(rng.integers(3, 7)))
+    r = float(rng.uniform(10, 18))
+    speed = float(rng.uniform(0.8, 1.6))
+    color = rng.uniform(0.0, 1.0, 3)
+    color[rng.integers(3)] = 1.0 if color.mean() < 0.5 else 0.0  # stand out from the background
+    stripes = float(rng.uniform(0.25, 0.6))
+    dx, dy = _DIR_VEC[direction]
+    travel = speed * (num_frames - 1)
+    margin = r + 2
+    # start so that the whole path stays inside the frame
+    lo_x = margin + (travel if dx < 0 else 0)
+    hi_x = size - margin - (travel if dx > 0 else 0)
+    lo_y = margin + (travel if dy < 0 else 0)
+    hi_y = size - margin - (travel if dy > 0 else 0)
+    x0, y0 = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    for t in range(num_frames):
+        cx, cy = x0 + dx * speed * t, y0 + dy * speed * t
+        ly, lx = yy - cy, xx - cx
+        mask = _shape_mask(shape, ly, lx, r)
+        texture = 1.0 - 0.35 * (np.sin((lx + ly) * stripes) > 0)  # stripes move with the shape
+        frame = bg.copy()
+        frame[mask] = color * texture[mask][:, None]
+        out[t] = (frame * 255).astype(np.uint8)
+    return out
+
+
+def write_video(path: str, frames: np.ndarray, fps: int = 25, codec: str = None) -> None:
+    """Encode uint8 [T, H, W, 3] frames to ``path`` with PyAV."""
+    import av
+
+    codec = codec or _codec()
+    with av.open(path, "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "crf": "18", "g": "16"}
+        else:
+            stream.bit_rate = 2_000_000
+            stream.gop_size = 16
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _manifest(num_videos: int, seed: int, size: int, num_frames: int) -> dict:
+    return {"version": _VERSION, "num_videos": num_videos, "seed": seed, "size": size,
+            "num_frames": num_frames}
+
+
+def make_demo_dataset(root: str, num_videos: int = 64, seed: int = 0, size: int = 128,
+                      num_frames: int = 48) -> str:
+    """Write the demo videos under ``root`` and return the path of their list file.
+
+    Idempotent: a complete cache made with the same arguments is reused as is.
+    Writes ``videos/*.mp4``, ``train.txt`` (``path label``, absolute paths) and
+    ``labels.json`` (the label encoding).
+    """
+    root = os.path.abspath(os.path.expanduser(root))
+    list_file = os.path.join(root, "train.txt")
+    manifest_file = os.path.join(root, "manifest.json")
+    want = _manifest(num_videos, seed, size, num_frames)
+    if os.path.isfile(manifest_file) and os.path.isfile(list_file):
+        try:
+            with open(manifest_file) as f:
+                same = json.load(f) == want
+            with open(list_file) as f:
+                paths = [line.rsplit(" ", 1)[0] for line in f if line.strip()]
+            if same and len(paths) == num_videos and all(os.path.getsize(p) > 0 for p in paths):
+                return list_file
+        except (OSError, ValueError):
+            pass
+    # build in a private folder, then move into place (safe against concurrent builders)
+    os.makedirs(root, exist_ok=True)
+    tmp = os.path.join(root, f".build-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "videos"))
+    codec = _codec()
+    rng = np.random.default_rng(seed)
+    labels = np.arange(num_videos) % (len(SHAPES) * len(DIRECTIONS))
+    rng.shuffle(labels)
+    lines = []
+    for i, label in enumerate(labels):
+        frames = render_video(np.random.default_rng([seed, i]), int(label), size, num_frames)
+        name = f"videos/{i:05d}_{SHAPES[label // 4]}_{DIRECTIONS[label % 4]}.mp4"
+        write_video(os.path.join(tmp, name), frames, codec=codec)
+        lines.append((name, int(label)))
+    videos_dir = os.path.join(root, "videos")
+    shutil.rmtree(videos_dir, ignore_errors=True)
+    os.replace(os.path.join(tmp, "videos"), videos_dir)
+    with open(os.path.join(tmp, "labels.json"), "w") as f:
+        json.dump({"num_classes": len(SHAPES) * len(DIRECTIONS), "label": "shape_id * 4 + direction_id",
+                   "shapes": list(SHAPES), "directions": list(DIRECTIONS), "codec": codec,
+                   "names": [f"{s} {d}" for s in SHAPES for d in DIRECTIONS]}, f, indent=1)
+    with open(os.path.join(tmp, "train.txt"), "w") as f:
+        f.writelines(f"{os.path.join(root, name)} {label}\n" for name, label in lines)
+    with open(os.path.join(tmp, "manifest.json"), "w") as f:
+        json.dump(want, f)
+    for name in ("labels.json", "train.txt", "manifest.json"):  # manifest last: marks complete
+        os.replace(os.path.join(tmp, name), os.path.join(root, name))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return list_file
+
+
+def demo_label_names() -> Tuple[str, ...]:
+    return tuple(f"{s} {d}" for s in SHAPES for d in DIRECTIONS)

@@ -1,0 +1,164 @@
+"""Fused RGB-difference target + masked MSE for tube masks (Eq. 3 of the paper).
+
+``loss == rgb_diff_mse_tube_ref(clip, pred, mask_idx, patch)`` without materializing the
+patchified clip or the target: each program handles one predicted patch
+(b, t >= 1, masked slot m), reads the two source patches of frames t and t-1 straight from
+``clip [B, T, C, H, W]`` (any strides) and ``pred [B, T, Nm, P*P*C]`` in (ph, pw, c) order.
+
+* forward: per-patch fp32 sums of squared error -> one deterministic ``sum`` -> mean over
+  ``B * (T-1) * Nm * P*P*C`` values.
+* backward: recomputes the error, ``dpred = 2 * (pred - target) * g / count`` (frame 0 and
+  therefore its rows get zero gradient). The incoming grad ``g`` is read on device (no sync).
+
+``clip`` is a constant (the data): it gets no gradient. Passing a clip that requires grad
+raises, rather than silently dropping that gradient. The difference is computed in fp32
+(the reference computes it in the clip's dtype: identical for fp32 clips).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mam2_fast.kernels._common import check_device, check_float, next_pow2
+
+
+@triton.jit
+def _rgb_diff_kernel(
+    CLIP, PRED, IDX, OUT, SCALE,
+    s_cb, s_ct, s_cc, s_ch, s_cw,    # clip strides
+    s_pb, s_pt, s_pm, s_pj,          # pred strides
+    s_ib, s_im,                      # mask_idx strides
+    T, NM, W_PATCHES, C, P, PPC,
+    BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)  # forward: over B*(T-1)*Nm (t >= 1); backward: over B*T*Nm
+    m = row % NM
+    bt = row // NM
+    if BACKWARD:
+        t = bt % T
+        b = bt // T
+    else:
+        t = bt % (T - 1) + 1
+        b = bt // (T - 1)
+    j = tl.arange(0, BLOCK)
+    jm = j < PPC
+    p_off = b.to(tl.int64) * s_pb + t.to(tl.int64) * s_pt + m.to(tl.int64) * s_pm + j * s_pj
+    ld = jm & ((j * 0 + t) > 0)  # backward rows of frame 0 read nothing and get zero gradient
+    n = tl.load(IDX + b.to(tl.int64) * s_ib + m * s_im).to(tl.int32)
+    hh = n // W_PATCHES
+    ww = n % W_PATCHES
+    ph = j // (P * C)   # (ph, pw, c) flattening of the patch
+    pw = (j // C) % P
+    c = j % C
+    c_off = b.to(tl.int64) * s_cb + c * s_cc + (hh * P + ph).to(tl.int64) * s_ch + \
+        (ww * P + pw).to(tl.int64) * s_cw
+    cur = tl.load(CLIP + c_off + t.to(tl.int64) * s_ct, mask=ld, other=0.0).to(tl.float32)
+    prev = tl.load(CLIP + c_off + (t - 1).to(tl.int64) * s_ct, mask=ld, other=0.0).to(tl.float32)
+    pred = tl.load(PRED + p_off, mask=ld, other=0.0).to(tl.float32)
+    err = pred - (cur - prev)
+    if BACKWARD:
+        g = err * tl.load(SCALE)  # SCALE = 2 * grad_out / count
+        # OUT has pred's strides by construction (see _rgb_bwd_op)
+        tl.store(OUT + p_off, g.to(OUT.dtype.element_ty), mask=jm)
+    else:
+        tl.store(OUT + row, tl.sum(err * err, axis=0))
+
+
+def _check(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int):
+    name = "rgb_diff_mse_tube"
+    if clip.dim() != 5 or pred.dim() != 4 or mask_idx.dim() != 2:
+        raise ValueError(f"{name}: need clip [B,T,C,H,W], pred [B,T,Nm,P*P*C], mask_idx [B,Nm]; "
+                         f"got {tuple(clip.shape)}, {tuple(pred.shape)}, {tuple(mask_idx.shape)}")
+    B, T, C, H, W = clip.shape
+    if H % patch or W % patch:
+        raise ValueError(f"{name}: clip size {H}x{W} is not divisible by patch {patch}")
+    Nm = mask_idx.shape[1]
+    if tuple(pred.shape) != (B, T, Nm, patch * patch * C):
+        raise ValueError(f"{name}: pred must be {(B, T, Nm, patch * patch * C)}, got {tuple(pred.shape)}")
+    if mask_idx.shape[0] != B or mask_idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: mask_idx must be int64/int32 [B={B}, Nm], got "
+                         f"{mask_idx.dtype} {tuple(mask_idx.shape)}")
+    check_float(name, "clip", clip)
+    check_float(name, "pred", pred)
+    check_device(name, clip, pred, mask_idx)
+
+
+def _launch(clip, pred, mask_idx, patch, out, scale, backward: bool):
+    B, T, C, H, W = clip.shape
+    Nm = mask_idx.shape[1]
+    PPC = patch * patch * C
+    rows = B * T * Nm if backward else B * (T - 1) * Nm
+    if rows == 0:
+        return
+    BLOCK = max(16, next_pow2(PPC))
+    _rgb_diff_kernel[(rows,)](
+        clip, pred, mask_idx, out, scale,
+        *clip.stride(), *pred.stride(), *mask_idx.stride(),
+        T, Nm, W // patch, C, patch, PPC,
+        BACKWARD=backward, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8)
+
+
+@torch.library.custom_op("mam2_fast::rgb_diff_mse_tube", mutates_args=())
+def _rgb_op(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int) -> Tensor:
+    B, T, C, _, _ = clip.shape
+    Nm = mask_idx.shape[1]
+    partial = torch.empty(B * (T - 1) * Nm, device=pred.device, dtype=torch.float32)
+    _launch(clip, pred, mask_idx, patch, partial, partial, backward=False)
+    return partial.sum() / float(B * (T - 1) * Nm * patch * patch * C)
+
+
+@_rgb_op.register_fake
+def _rgb_fake(clip, pred, mask_idx, patch):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("mam2_fast::rgb_diff_mse_tube_bwd", mutates_args=())
+def _rgb_bwd_op(grad: Tensor, clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int) -> Tensor:
+    B, T, C, _, _ = clip.shape
+    Nm = mask_idx.shape[1]
+    count = B * (T - 1) * Nm * patch * patch * C
+    scale = (grad.to(torch.float32) * (2.0 / count)).reshape(1)
+    dpred = torch.empty_like(pred)
+    if dpred.stride() != pred.stride():  # non-dense pred: kernel writes with pred's strides
+        pred = pred.contiguous()
+        dpred = torch.empty_like(pred)
+    _launch(clip, pred, mask_idx, patch, dpred, scale, backward=True)
+    return dpred
+
+
+@_rgb_bwd_op.register_fake
+def _rgb_bwd_fake(grad, clip, pred, mask_idx, patch):
+    return torch.empty_like(pred)
+
+
+def _setup_context(ctx, inputs, output):
+    clip, pred, mask_idx, patch = inputs
+    ctx.save_for_backward(clip, pred, mask_idx)
+    ctx.patch = patch
+
+
+def _backward(ctx, grad):
+    clip, pred, mask_idx = ctx.saved_tensors
+    return None, _rgb_bwd_op(grad, clip, pred, mask_idx, ctx.patch), None, None
+
+
+_rgb_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rgb_diff_mse_tube_fused(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int) -> Tensor:
+    """Fused equivalent of :func:`reference.rgb_diff_mse_tube_ref` (fp32 0-dim loss).
+
+    clip ``[B, T, C, H, W]`` (constant, no grad), pred ``[B, T, Nm, P*P*C]``,
+    mask_idx ``[B, Nm]`` spatial indices (row-major over the ``H/P x W/P`` patch grid).
+    """
+    _check(clip, pred, mask_idx, patch)
+    if clip.requires_grad and torch.is_grad_enabled():
+        raise ValueError("rgb_diff_mse_tube (fused): clip is treated as a constant and gets no "
+                         "gradient; pass clip.detach() (or use backend='reference')")
+    B, T = pred.shape[:2]
+    Nm = mask_idx.shape[1]
+    if T < 2 or Nm == 0:
+        return pred.sum() * 0.0
+    return _rgb_op(clip, pred, mask_idx, int(patch))
