@@ -50,6 +50,8 @@ class ModelConfig:
     use_motion: bool = True
     coupled_decoder: bool = False        # MAM^2-c: one decoder (appearance_depth blocks), two heads
     align_weight: float = 2.0            # alpha in Eq. 4
+    align_reduction: str = "sum"         # Eq. 1: squared L2 summed over channels ("sum") or
+                                         # averaged over channels ("mean", = CAE's MSELoss)
     motion_target: str = "rgb_diff"      # Table 1f: rgb_diff
     drop_path: float = 0.0
     layer_scale_init: float = 0.0        # 0 disables layer scale (regressor, CAE uses 0.1)
@@ -73,8 +75,9 @@ class TokenizerConfig:
     checkpoint: Optional[str] = None
     checkpoint_config: Optional[str] = None
     preset: Optional[str] = None
-    dtype: str = "bfloat16"
-    chunk_frames: int = 64
+    dtype: str = "bfloat16"              # tokenizer compute dtype on CUDA (float32 on CPU)
+    chunk_frames: int = 64               # frames per tokenizer call (bounds memory)
+    resize_mode: str = "lanczos"         # resize when the tokenizer stride != patch size (BEiT)
 
 
 @dataclass
@@ -288,6 +291,7 @@ def validate(cfg: Config) -> None:
         _check(getattr(m, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
     _check(m.align_weight >= 0, "model.align_weight", f"must be >= 0, got {m.align_weight}")
+    _one_of(m.align_reduction, "model.align_reduction", ("sum", "mean"))
     _one_of(m.motion_target, "model.motion_target", ("rgb_diff",))
     _one_of(m.kernels, "model.kernels", ("reference", "fused", "auto"))
     _check(m.use_appearance or m.use_motion, "model.use_appearance",
@@ -310,6 +314,8 @@ def validate(cfg: Config) -> None:
     _check(t.vocab_size >= 2, "tokenizer.vocab_size", f"must be >= 2, got {t.vocab_size}")
     _check(t.kmeans_fit_clips >= 1, "tokenizer.kmeans_fit_clips", f"must be >= 1, got {t.kmeans_fit_clips}")
     _one_of(t.dtype, "tokenizer.dtype", ("bfloat16", "float16", "float32"))
+    _one_of(t.resize_mode, "tokenizer.resize_mode", ("lanczos", "bilinear", "bicubic", "area", "nearest"))
+    _check(t.chunk_frames >= 1, "tokenizer.chunk_frames", f"must be >= 1, got {t.chunk_frames}")
 
     o = cfg.optim
     _check(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")

@@ -41,13 +41,14 @@ def demo_config_dict() -> dict:
     return {
         "name": "demo",
         "model": {"preset": "tiny", "img_size": 96, "num_frames": 8, "patch_size": 16,
+                  "embed_dim": 128, "depth": 3, "num_heads": 4,
                   "regressor_depth": 2, "appearance_depth": 2, "motion_depth": 1},
         "mask": {"kind": "tube", "ratio": 0.75},
         "tokenizer": {"kind": "kmeans", "vocab_size": 64, "kmeans_fit_clips": 48},
         "data": {"demo": True, "demo_num_videos": 64, "num_frames": 8, "sampling_stride": 2,
                  "input_size": 96, "num_sample": 2, "num_workers": 1},
-        "optim": {"base_lr": 1.5e-4, "lr": 1e-3, "warmup_epochs": 2, "clip_grad": 1.0},
-        "train": {"epochs": 25, "batch_size": 16, "output_dir": "runs/demo", "log_every": 10,
+        "optim": {"base_lr": 1.5e-4, "lr": 5e-4, "warmup_epochs": 4, "clip_grad": 1.0},
+        "train": {"epochs": 40, "batch_size": 8, "output_dir": "runs/demo", "log_every": 10,
                   "save_every": 50, "device": "cpu", "precision": "fp32"},
     }
 

@@ -180,14 +180,15 @@ class RegressorBlock(nn.Module):
 # ----------------------------------------------------------------------------------------
 # token-set helpers
 # ----------------------------------------------------------------------------------------
-def select_tokens(x: Tensor, info: MaskInfo, masked: bool) -> tuple[Tensor, Optional[Tensor]]:
+def select_tokens(x: Tensor, info: MaskInfo, masked: bool,
+                  backend: str = "reference") -> tuple[Tensor, Optional[Tensor]]:
     """Pick the visible (masked=False) or masked (masked=True) tokens of ``x [B, T, N, D]``.
 
     Tube-like masks: ``[B, T, K, D]`` and ``None``; otherwise the full grid with the other
     set zeroed and its validity mask ``[B, T, N]``.
     """
     if info.is_tube:
-        return ref.gather_tokens_ref(x, info.mask_idx if masked else info.vis_idx), None
+        return kernels.gather_tokens(x, info.mask_idx if masked else info.vis_idx, backend=backend), None
     valid = info.mask if masked else ~info.mask
     return x * valid.unsqueeze(-1).to(x.dtype), valid
 
@@ -422,7 +423,7 @@ class MAM2(nn.Module):
             # decoder output on the full grid -> the masked token set
             if take is None:
                 return x
-            return ref.gather_tokens_ref(x, info.mask_idx) if info.is_tube else x
+            return kernels.gather_tokens(x, info.mask_idx, backend=self.kernel_backend) if info.is_tube else x
 
         app_feat = motion_feat = first_block = None
         if self.appearance_decoder is not None:
@@ -441,7 +442,8 @@ class MAM2(nn.Module):
         if cfg.use_alignment:
             # regressed latents of masked tokens; without a regressor: first decoder block's
             r = pred_latent if pred_latent is not None else masked_view(first_block)
-            err = ((r.float() - align_target.float()) ** 2).sum(dim=-1)   # [B, T, Nm|N]
+            sq = (r.float() - align_target.float()) ** 2
+            err = sq.sum(dim=-1) if cfg.align_reduction == "sum" else sq.mean(dim=-1)  # [B, T, Nm|N]
             loss_align = err.mean() if info.is_tube else (err * info.mask).sum() / info.mask.sum().clamp(min=1)
             out["loss_align"] = loss_align
             loss = loss + cfg.align_weight * loss_align

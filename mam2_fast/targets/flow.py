@@ -106,9 +106,16 @@ class FlowTarget(nn.Module):
             out = out[-1]
         return out
 
-    @torch.inference_mode()
     def forward(self, frames: Tensor) -> Tensor:
-        """frames ``[B, T, 3, H, W]`` in [0, 1] -> ``[B, T, N, P*P*2]`` (float32, frame 0 zero)."""
+        """frames ``[B, T, 3, H, W]`` in [0, 1] -> ``[B, T, N, P*P*2]`` (float32, frame 0 zero).
+        RAFT runs under ``inference_mode``; the result is a normal tensor (usable as an MSE
+        target in autograd-tracked code)."""
+        with torch.inference_mode():
+            out = self._forward(frames)
+        with torch.no_grad():
+            return out.clone()
+
+    def _forward(self, frames: Tensor) -> Tensor:
         if frames.dim() != 5 or frames.shape[2] != 3:
             raise ValueError(f"flow target expects frames [B, T, 3, H, W], got {tuple(frames.shape)}")
         B, T, C, H, W = frames.shape

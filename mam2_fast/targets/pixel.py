@@ -56,7 +56,11 @@ def pixel_target(clip: Tensor, patch: int, normalize: bool = True, norm_mode: st
 
 
 class PixelTarget(nn.Module):
-    """Module wrapper of :func:`pixel_target` (no parameters)."""
+    """Module wrapper of :func:`pixel_target` (no parameters). A regression target, not a
+    :class:`~mam2_fast.targets.tokenizer.Tokenizer`: ``forward(clip)`` returns
+    ``[B, T, N, out_dim(C)]`` floats (``is_regression_target = True``, no ``vocab_size``)."""
+
+    is_regression_target = True
 
     def __init__(self, patch: int, normalize: bool = True, norm_mode: str = "videomae",
                  mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None):
@@ -70,6 +74,9 @@ class PixelTarget(nn.Module):
     @torch.no_grad()
     def forward(self, clip: Tensor) -> Tensor:
         return pixel_target(clip, self.patch, self.normalize, self.norm_mode, self.mean, self.std)
+
+    def out_dim(self, channels: int = 3) -> int:
+        return self.patch * self.patch * channels
 
     def extra_repr(self) -> str:
         return f"patch={self.patch}, normalize={self.normalize}, norm_mode={self.norm_mode!r}"

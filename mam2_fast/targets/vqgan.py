@@ -330,8 +330,19 @@ class FrozenCodeTokenizer(nn.Module):
             return None  # CPU: float32 (bf16 convs are slow there)
         return torch.bfloat16 if self.dtype_name == "bfloat16" else torch.float16
 
-    @torch.inference_mode()
     def tokenize(self, frames: Tensor) -> Tensor:
+        """frames ``[B, T, 3, H, W]`` in [0, 1] -> ids ``[B, T, h, w]`` (long). The encoder runs
+        under ``inference_mode``; the ids are returned as a normal tensor (a clone of the
+        small id grid) so they can serve as loss targets in autograd-tracked code."""
+        if self.channels_last and frames.is_cuda and not getattr(self, "_channels_last_done", False):
+            self.to(memory_format=torch.channels_last)  # conv weights NHWC once, outside inference mode
+            self._channels_last_done = True
+        with torch.inference_mode():
+            ids = self._tokenize(frames)
+        with torch.no_grad():
+            return ids.clone()
+
+    def _tokenize(self, frames: Tensor) -> Tensor:
         if frames.dim() != 5 or frames.shape[2] != 3:
             raise ValueError(f"{type(self).__name__}.tokenize expects frames [B, T, 3, H, W], got {tuple(frames.shape)}")
         B, T, C, H, W = frames.shape

@@ -21,8 +21,10 @@ class PyAVReader(VideoReader):
         except Exception as e:  # av.error.*, IndexError (no video stream)
             raise DecodeError(f"{path}: cannot open ({type(e).__name__}: {e})") from None
         s = self.stream
+        # codec threads pay off only on large frames; tiny videos decode faster on one
+        small = (s.codec_context.width or 0) * (s.codec_context.height or 0) < 320 * 240
         s.thread_type = "AUTO"
-        s.thread_count = max(0, threads)
+        s.thread_count = 1 if small else max(1, threads)
         self.rate = Fraction(s.average_rate or s.guessed_rate or 25)
         self.time_base = s.time_base or Fraction(1, 1000)
         self.start = s.start_time or 0

@@ -1,0 +1,116 @@
+"""Parity: fused RGB-difference MSE for tube masks vs ``reference.rgb_diff_mse_tube_ref``.
+
+CPU (Triton interpreter): fp32 vs fp32 reference, rel. tol 1e-5 on the loss and d(pred);
+bf16 pred vs a float64 reference, rel. tol 1e-2. CUDA: 224x224 clips, 16 frames, masks
+0.75 / 0.9, bf16 pred vs float64, rel. tol 1e-2. The clip is a constant (no gradient).
+Fresh inputs each run; seed in failure messages.
+"""
+from mam2_fast.kernels import _testing as kt  # sets TRITON_INTERPRET=1 without CUDA: keep first
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mam2_fast.kernels import rgb_diff_loss as RGB  # noqa: E402
+from mam2_fast.kernels import rgb_diff_mse_tube  # noqa: E402
+from mam2_fast.kernels.reference import rgb_diff_mse_tube_ref  # noqa: E402
+
+if not kt.fused_kernels_interpretable(RGB):
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
+
+DEV = kt.DEVICE
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+def run_case(B, T, C, H, W, P, Nm, dtype, layout="contiguous"):
+    seed = kt.fresh_seed()
+    tag = f"B{B} T{T} C{C} {H}x{W} P{P} Nm{Nm} {dtype} {layout}"
+    N = (H // P) * (W // P)
+    if layout == "contiguous":
+        clip = torch.randn(B, T, C, H, W, device=DEV)
+        pred_full = torch.randn(B, T, Nm, P * P * C, device=DEV, dtype=dtype)
+    else:  # strided clip (from [B, C, T, H, W]) and a pred that is a slice of a wider tensor
+        clip = torch.randn(B, C, T, H, W, device=DEV).transpose(1, 2)
+        pred_full = torch.randn(B, T, Nm, P * P * C + 5, device=DEV, dtype=dtype)[..., 3:-2]
+    idx = torch.stack([torch.randperm(N, device=DEV)[:Nm].sort().values for _ in range(B)])
+    pred = pred_full.detach().requires_grad_(True)
+
+    loss = rgb_diff_mse_tube(clip, pred, idx, P, backend="fused")
+    g_scale = 2.5
+    (g,) = torch.autograd.grad(loss * g_scale, pred)
+
+    rd = torch.float32 if dtype == torch.float32 else torch.float64
+    pred_r = pred.detach().to(rd).requires_grad_(True)
+    loss_r = rgb_diff_mse_tube_ref(clip.to(rd), pred_r, idx, P)
+    (g_r,) = torch.autograd.grad(loss_r * g_scale, pred_r)
+
+    assert loss.dim() == 0 and g.dtype == dtype and g.shape == pred.shape
+    kt.assert_close(f"loss [{tag}]", loss, loss_r, TOL[dtype], seed)
+    kt.assert_close(f"dpred [{tag}]", g, g_r, TOL[dtype], seed)
+    if T > 0:
+        assert (g[:, 0] == 0).all(), f"frame 0 must get zero gradient [{tag}] (seed {seed})"
+
+
+if kt.ON_CUDA:
+    CASES = [
+        (8, 16, 3, 224, 224, 16, 147, torch.bfloat16),  # mask 0.75
+        (8, 16, 3, 224, 224, 16, 176, torch.bfloat16),  # mask 0.9
+        (4, 16, 3, 224, 224, 16, 147, torch.float32),
+        (2, 7, 3, 160, 112, 16, 60, torch.float16),
+    ]
+else:
+    CASES = [
+        (2, 3, 3, 12, 16, 4, 5, torch.float32),
+        (1, 2, 3, 8, 8, 4, 4, torch.float32),      # every slot masked
+        (1, 4, 3, 32, 32, 16, 3, torch.float32),   # P = 16: 768 values per patch
+        (2, 3, 1, 6, 9, 3, 2, torch.float32),      # C = 1, odd grid
+        (1, 3, 3, 8, 12, 4, 4, torch.bfloat16),
+    ]
+
+
+@pytest.mark.parametrize("B,T,C,H,W,P,Nm,dtype", CASES)
+def test_parity(B, T, C, H, W, P, Nm, dtype):
+    run_case(B, T, C, H, W, P, Nm, dtype)
+
+
+def test_strided_inputs():
+    run_case(2, 3, 3, 8, 12, 4, 3, torch.float32, layout="strided")
+
+
+@pytest.mark.parametrize("T,Nm", [(1, 3), (3, 0)])
+def test_degenerate_is_zero(T, Nm):
+    clip = torch.randn(1, T, 3, 8, 8, device=DEV)
+    pred = torch.randn(1, T, Nm, 48, device=DEV, requires_grad=True)
+    idx = torch.arange(Nm, device=DEV)[None]
+    loss = rgb_diff_mse_tube(clip, pred, idx, 4, backend="fused")
+    assert loss.item() == 0.0 == rgb_diff_mse_tube_ref(clip, pred, idx, 4).item()
+    (g,) = torch.autograd.grad(loss, pred)
+    assert (g == 0).all()
+
+
+def test_tolerance_discriminates():
+    """A target shifted by one frame (x_t - x_{t-2}-like bug) must fail the comparison."""
+    seed = kt.fresh_seed()
+    clip = torch.randn(1, 4, 3, 8, 8, device=DEV)
+    idx = torch.tensor([[0, 2, 3]], device=DEV)
+    pred = torch.randn(1, 4, 3, 48, device=DEV)
+    ref = rgb_diff_mse_tube_ref(clip, pred, idx, 4)
+    kt.assert_close("loss", rgb_diff_mse_tube(clip, pred, idx, 4, backend="fused"), ref, 1e-5, seed)
+    wrong = rgb_diff_mse_tube(clip.flip(1), pred, idx, 4, backend="fused")
+    assert kt.rel_err(wrong, ref) > 1e-3
+
+
+def test_bad_inputs_raise():
+    clip = torch.randn(1, 3, 3, 8, 8, device=DEV)
+    pred = torch.randn(1, 3, 2, 48, device=DEV)
+    idx = torch.tensor([[0, 1]], device=DEV)
+    with pytest.raises(ValueError):  # clip gets no gradient from the fused loss
+        rgb_diff_mse_tube(clip.requires_grad_(True), pred, idx, 4, backend="fused")
+    clip = clip.detach()
+    with pytest.raises(ValueError):
+        rgb_diff_mse_tube(clip, pred[..., :40], idx, 4, backend="fused")
+    with pytest.raises(ValueError):
+        rgb_diff_mse_tube(clip, pred, idx, 3, backend="fused")
+    with pytest.raises(ValueError):
+        rgb_diff_mse_tube(clip, pred, idx.float(), 4, backend="fused")
