@@ -52,7 +52,15 @@ class ModelConfig:
     align_weight: float = 2.0            # alpha in Eq. 4
     align_reduction: str = "sum"         # Eq. 1: squared L2 summed over channels ("sum") or
                                          # averaged over channels ("mean", = CAE's MSELoss)
-    motion_target: str = "rgb_diff"      # Table 1f: rgb_diff
+    # targets (Table 1e/1f, Sec. 2.2)
+    motion_target: str = "rgb_diff"      # Table 1f: rgb_diff (Eq. 3) | flow (RAFT flow of masked
+                                         # patches; the trainer passes forward(motion_target=...))
+                                         # | clip_order (swap 2 temporal clips per masked tube,
+                                         # CE over 2 orders; tube/cube masks + regressor only)
+    appearance_target: str = "tokens"    # tokens (CE over tokenizer codes, Eq. 2) | pixels
+                                         # (MSE to per-patch normalized pixels, VideoMAE/MAE-ST
+                                         # baselines; no tokenizer)
+    grad_checkpointing: bool = False     # recompute each encoder/decoder/regressor block in backward
     drop_path: float = 0.0
     layer_scale_init: float = 0.0        # 0 disables layer scale (regressor, CAE uses 0.1)
     kernels: str = "reference"           # reference | fused | auto
@@ -110,6 +118,12 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     threads: int = 0                     # torch CPU threads; 0 keeps torch's default
+    # engine (issue 6)
+    parallel: str = "ddp"                # ddp | fsdp (FSDP2 fully_shard); used under torchrun
+    compile: bool = False                # torch.compile the model (fused kernels are custom ops)
+    compile_mode: str = "default"        # default | reduce-overhead (CUDA graphs) | max-autotune
+    max_nonfinite: int = 5               # stop after this many non-finite steps in a row
+    stop_check_every: int = 10           # steps between distributed agreement on SIGTERM stops
 
 
 @dataclass
@@ -292,7 +306,8 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
     _check(m.align_weight >= 0, "model.align_weight", f"must be >= 0, got {m.align_weight}")
     _one_of(m.align_reduction, "model.align_reduction", ("sum", "mean"))
-    _one_of(m.motion_target, "model.motion_target", ("rgb_diff",))
+    _one_of(m.motion_target, "model.motion_target", ("rgb_diff", "flow", "clip_order"))
+    _one_of(m.appearance_target, "model.appearance_target", ("tokens", "pixels"))
     _one_of(m.kernels, "model.kernels", ("reference", "fused", "auto"))
     _check(m.use_appearance or m.use_motion, "model.use_appearance",
            "at least one of use_appearance / use_motion must be true")
@@ -302,6 +317,14 @@ def validate(cfg: Config) -> None:
         _check(m.appearance_depth >= 1, "model.appearance_depth", "must be >= 1 when the appearance decoder is used")
     if m.use_motion and not m.coupled_decoder:
         _check(m.motion_depth >= 1, "model.motion_depth", "must be >= 1 when the motion decoder is used")
+    if m.use_motion and m.motion_target == "clip_order":
+        _check(cfg.mask.kind in ("tube", "cube"), "model.motion_target",
+               f"'clip_order' needs whole masked tubes: mask.kind must be 'tube' or 'cube', got {cfg.mask.kind!r}")
+        _check(m.use_regressor, "model.motion_target", "'clip_order' shuffles the regressor's latents: "
+               "it needs model.use_regressor=true")
+        _check(not m.coupled_decoder, "model.motion_target",
+               "'clip_order' needs its own motion decoder: it cannot be used with model.coupled_decoder=true")
+        _check(m.num_frames >= 2, "model.motion_target", f"'clip_order' needs model.num_frames >= 2, got {m.num_frames}")
 
     k = cfg.mask
     _one_of(k.kind, "mask.kind", ("tube", "random", "cube", "frame"))
@@ -339,6 +362,11 @@ def validate(cfg: Config) -> None:
     _one_of(r.precision, "train.precision", ("auto", "bf16", "fp32"))
     _check(r.log_every >= 1, "train.log_every", f"must be >= 1, got {r.log_every}")
     _check(r.save_every >= 1, "train.save_every", f"must be >= 1, got {r.save_every}")
+    _one_of(r.parallel, "train.parallel", ("ddp", "fsdp"))
+    _one_of(r.compile_mode, "train.compile_mode", ("default", "reduce-overhead", "max-autotune",
+                                                   "max-autotune-no-cudagraphs"))
+    _check(r.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {r.max_nonfinite}")
+    _check(r.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {r.stop_check_every}")
     _check(r.keep_last >= 1, "train.keep_last", f"must be >= 1, got {r.keep_last}")
 
     d = cfg.data

@@ -43,6 +43,15 @@ class MaskInfo:
         return MaskInfo(mv(self.mask), mv(self.vis_idx), mv(self.mask_idx))
 
     @staticmethod
+    def cat(infos: list["MaskInfo"]) -> "MaskInfo":
+        """Concatenate per-sample masks along the batch (tube indices kept when all have them
+        with equal counts)."""
+        mask = torch.cat([i.mask for i in infos])
+        if all(i.is_tube for i in infos) and len({i.mask_idx.shape[1] for i in infos}) == 1:
+            return MaskInfo(mask, torch.cat([i.vis_idx for i in infos]), torch.cat([i.mask_idx for i in infos]))
+        return MaskInfo(mask)
+
+    @staticmethod
     def from_spatial(mask2d: Tensor, num_frames: int) -> "MaskInfo":
         """Build a tube-like MaskInfo from ``[B, N]`` bool masks with equal counts per row."""
         B, N = mask2d.shape

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from mam2_fast.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, _deep_merge
-from mam2_fast.masking import MaskGenerator
+from mam2_fast.masking import MaskGenerator, MaskInfo
 from mam2_fast.models.mam2 import build_model
 from mam2_fast.targets.tokenizer import build_tokenizer
 from mam2_fast.train.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -100,10 +100,26 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    """Mask RNG derived from (seed, step, micro-batch, rank): a resumed run redraws the same masks."""
-    h = hashlib.blake2b(f"{seed}/{step}/{micro}/{rank}".encode(), digest_size=8).digest()
+def _generator(*key) -> torch.Generator:
+    h = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
+
+
+def make_masks(masker: MaskGenerator, batch_size: int, num_sample: int, seed: int, epoch: int,
+               step_in_epoch: int, rank: int, world: int) -> MaskInfo:
+    """One mask per clip, keyed by the clip's *global* position in the epoch.
+
+    With round-robin dealing of videos to ranks, video ``j`` of this rank's step is global
+    video ``(step * videos_per_step + j) * world + rank``; keying masks by it (and the repeat
+    index) makes them independent of the world size and of resuming.
+    """
+    vps = batch_size // num_sample
+    infos = []
+    for b in range(batch_size):
+        j, rep = divmod(b, num_sample)
+        g = (step_in_epoch * vps + j) * world + rank
+        infos.append(masker(1, _generator(seed, "mask", epoch, g, rep)))
+    return MaskInfo.cat(infos)
 
 
 # ----------------------------------------------------------------------------------------
@@ -116,68 +132,123 @@ def denormalize(clip: torch.Tensor, mean, std) -> torch.Tensor:
     return (clip * s + m).clamp_(0, 1)
 
 
-def prepare_tokenizer(cfg: Config, data, device: torch.device, log) -> torch.nn.Module:
+def prepare_tokenizer(cfg: Config, fit_data, device: torch.device, dist_info, log) -> torch.nn.Module:
+    """Build the appearance tokenizer; the k-means one is fitted on rank 0 (on the first clips of
+    the *global* epoch-0 order, so every world size fits the same codebook) and broadcast."""
+    from mam2_fast.train.distributed import broadcast_module
+
     tok = build_tokenizer(cfg.tokenizer, cfg.model.patch_size)
-    if cfg.tokenizer.kind == "kmeans" and cfg.model.use_appearance:
-        frames, n = [], 0
-        for _, batch in data.iter_epoch(0):
-            frames.append(denormalize(batch["clip"].float().cpu(), cfg.data.mean, cfg.data.std))
-            n += frames[-1].shape[0]
-            if n >= cfg.tokenizer.kmeans_fit_clips:
-                break
-        t0 = time.time()
-        tok.fit(torch.cat(frames)[: cfg.tokenizer.kmeans_fit_clips], seed=cfg.train.seed)
-        log(f"fitted k-means tokenizer ({tok.vocab_size} codes) on {min(n, cfg.tokenizer.kmeans_fit_clips)} clips "
-            f"in {time.time() - t0:.1f}s")
+    if cfg.tokenizer.kind == "kmeans":
+        if dist_info.is_main:
+            frames, n = [], 0
+            for _, batch in fit_data().iter_epoch(0):
+                frames.append(denormalize(batch["clip"].float().cpu(), cfg.data.mean, cfg.data.std))
+                n += frames[-1].shape[0]
+                if n >= cfg.tokenizer.kmeans_fit_clips:
+                    break
+            t0 = time.time()
+            tok.fit(torch.cat(frames)[: cfg.tokenizer.kmeans_fit_clips], seed=cfg.train.seed)
+            log(f"fitted k-means tokenizer ({tok.vocab_size} codes) on {min(n, cfg.tokenizer.kmeans_fit_clips)} "
+                f"clips in {time.time() - t0:.1f}s")
+        tok = tok.to(device)
+        broadcast_module(tok, dist_info)
     return tok.to(device).eval()
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        import signal
+
+        def handler(signum, frame):  # noqa: ARG001
+            self.requested = True
+
+        for sig in (signal.SIGTERM,):
+            try:
+                self._old[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
 
 
 # ----------------------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------------------
 def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> dict:
-    """Run pre-training; returns a summary dict (paths, first/last losses, steps)."""
+    """Run pre-training; returns a summary dict (paths, first/last losses, steps).
+
+    Under ``torchrun`` each process trains one shard of every global batch (DDP or FSDP2);
+    metrics, progress and checkpoint files come from rank 0.
+    """
+    from mam2_fast.models.mam2 import DividedBlock, RegressorBlock
+    from mam2_fast.train import distributed as D
+
     torch.manual_seed(cfg.train.seed)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     device = select_device(cfg)
+    dist_info = D.init_distributed(device.type)
+    rank, world = dist_info.rank, dist_info.world_size
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    main_log = log if dist_info.is_main else (lambda s: None)
     run_dir = Path(cfg.train.output_dir).expanduser()
-    rank, world = 0, 1
 
     # -- resume: find the checkpoint first (its tokenizer replaces fitting) -----------------
     ckpt = None
     if resume:
         path = find_latest(run_dir) if resume == "auto" else Path(resume)
         if path is None:
-            log(f"--resume: no checkpoint in {run_dir}, starting fresh")
+            main_log(f"--resume: no checkpoint in {run_dir}, starting fresh")
         else:
             ckpt = load_checkpoint(path)
-            log(f"resuming from {path} (step {ckpt['step']})")
+            main_log(f"resuming from {path} (step {ckpt['step']})")
 
     # -- data --------------------------------------------------------------------------------
+    fit_data = lambda: data  # noqa: E731
     if data is None:
         from mam2_fast.data import build_pretrain_data, make_demo_dataset
 
         if cfg.data.demo and cfg.data.list_file is None:
             root = Path(os.path.expanduser(cfg.data.demo_dir))
+            if dist_info.is_main:
+                list_file = make_demo_dataset(root, num_videos=cfg.data.demo_num_videos, seed=0)
+            if dist_info.enabled:
+                import torch.distributed as tdist
+                tdist.barrier()
             list_file = make_demo_dataset(root, num_videos=cfg.data.demo_num_videos, seed=0)
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, list_file=str(list_file)))
-            log(f"demo dataset: {list_file}")
+            main_log(f"demo dataset: {list_file}")
         data = build_pretrain_data(cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                    rank=rank, world_size=world, device=device)
+        fit_data = lambda: data if world == 1 else build_pretrain_data(  # noqa: E731
+            cfg.data, batch_size=cfg.train.batch_size, seed=cfg.train.seed, rank=0, world_size=1, device=device)
+    num_sample = cfg.data.num_sample if cfg.train.batch_size % cfg.data.num_sample == 0 else 1
 
     # -- tokenizer and model ---------------------------------------------------------------
-    if ckpt is not None and ckpt.get("tokenizer") is not None:
-        tokenizer = build_tokenizer(cfg.tokenizer, cfg.model.patch_size)
-        tokenizer.load_state_dict(ckpt["tokenizer"])
-        tokenizer = tokenizer.to(device).eval()
-    elif cfg.model.use_appearance:
-        tokenizer = prepare_tokenizer(cfg, data, device, log)
-    else:
-        tokenizer = None
+    tokenizer = None
+    if cfg.model.use_appearance:
+        if ckpt is not None and ckpt.get("tokenizer") is not None:
+            tokenizer = build_tokenizer(cfg.tokenizer, cfg.model.patch_size)
+            tokenizer.load_state_dict(ckpt["tokenizer"])
+            tokenizer = tokenizer.to(device).eval()
+        else:
+            tokenizer = prepare_tokenizer(cfg, fit_data, device, dist_info, main_log)
     model = build_model(cfg.model, vocab_size=tokenizer.vocab_size if tokenizer is not None else None).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {cfg.model.preset} encoder, {n_params / 1e6:.2f}M parameters, device {device}")
+    main_log(f"model: {cfg.model.preset} encoder, {n_params / 1e6:.2f}M parameters, device {device}, "
+             f"{world} process(es){' (' + cfg.train.parallel + ')' if dist_info.enabled else ''}")
     masker = MaskGenerator(cfg.mask.kind, cfg.mask.ratio, cfg.model.num_frames, model.grid,
                            cfg.mask.cube_min_block, cfg.mask.cube_max_aspect)
 
@@ -195,109 +266,159 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
-    optimizer = build_optimizer(model, cfg.optim, peak_lr, device)
+
+    wrapped = D.wrap_model(model, dist_info, cfg.train.parallel, device, (DividedBlock, RegressorBlock))
+    optimizer = build_optimizer(wrapped, cfg.optim, peak_lr, device)
     step, epoch, micro_pos = 0, 0, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, epoch, micro_pos = ckpt["step"], ckpt["epoch"], ckpt["micro_in_epoch"]
-        set_rng_state(ckpt["rng"])
-    if tokenizer is not None and ckpt is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(tokenizer.state_dict(), run_dir / "tokenizer.pt")
+        D.load_full_state(wrapped, optimizer, ckpt["model"], ckpt["optimizer"])
+        step, epoch = ckpt["step"], ckpt["epoch"]
+        # data position: clips of this epoch already consumed by all ranks together
+        done = ckpt.get("samples_in_epoch", ckpt.get("micro_in_epoch", 0) * cfg.train.batch_size)
+        per_micro = cfg.train.batch_size * world
+        micro_pos = done // per_micro
+        if done % per_micro:
+            main_log(f"resume: {done} clips done this epoch is not a multiple of {per_micro} "
+                     f"(batch x world); restarting at {micro_pos * per_micro}")
+        if ckpt.get("world_size", 1) == world:
+            set_rng_state(ckpt["rng"])
+    step_model = torch.compile(wrapped, mode=cfg.train.compile_mode) if cfg.train.compile else wrapped
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
-    progress = Progress(last_step, start=step, enabled=cfg.train.progress)
-    log(f"training {last_step - step} steps ({steps_per_epoch}/epoch, effective batch {effective_batch}, "
-        f"peak lr {peak_lr:.2e}) -> {run_dir}")
+    if dist_info.is_main:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if tokenizer is not None and ckpt is None:
+            torch.save(tokenizer.state_dict(), run_dir / "tokenizer.pt")
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard, enabled=dist_info.is_main)
+    progress = Progress(last_step, start=step, enabled=cfg.train.progress and dist_info.is_main)
+    main_log(f"training {last_step - step} steps ({steps_per_epoch}/epoch, effective batch {effective_batch}"
+             f"{f' = {cfg.train.batch_size} x {accum} accum x {world} ranks' if accum * world > 1 else ''}, "
+             f"peak lr {peak_lr:.2e}) -> {run_dir}")
 
-    def state_dict_for_save() -> dict:
-        # a finished epoch is stored as the start of the next one
-        ep, pos = (epoch + 1, 0) if micro_pos >= data.steps_per_epoch else (epoch, micro_pos)
-        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "tokenizer": tokenizer.state_dict() if tokenizer is not None else None,
-                "step": step, "epoch": ep, "micro_in_epoch": pos, "rng": rng_state(),
-                "config": cfg.to_dict(), "schedule": {"peak_lr": peak_lr, "total_steps": total_steps,
-                                                       "warmup_steps": warmup_steps}}
+    def save() -> Path | None:
+        model_sd, optim_sd = D.full_state(wrapped, optimizer)   # collective under DDP/FSDP
+        path = None
+        if dist_info.is_main:
+            ep, pos = (epoch + 1, 0) if micro_pos >= data.steps_per_epoch else (epoch, micro_pos)
+            state = {"model": model_sd, "optimizer": optim_sd,
+                     "tokenizer": tokenizer.state_dict() if tokenizer is not None else None,
+                     "step": step, "epoch": ep, "micro_in_epoch": pos,
+                     "samples_in_epoch": pos * cfg.train.batch_size * world, "world_size": world,
+                     "rng": rng_state(), "config": cfg.to_dict(),
+                     "schedule": {"peak_lr": peak_lr, "total_steps": total_steps, "warmup_steps": warmup_steps}}
+            path = save_checkpoint(run_dir, step, state, cfg.train.keep_last)
+        return path
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused_opt = bool(optimizer.defaults.get("fused"))
     sums: dict = {}
     count, clips, t_log = 0, 0, time.time()
     first_record: Optional[dict] = None
     last_record: Optional[dict] = None
-    nonfinite = 0
+    zero = torch.zeros((), device=device)
+    streak, skipped = zero.clone(), zero.clone()       # non-finite steps: in a row, in total
     last_ckpt: Optional[Path] = None
+    interrupted = False
     model.train()
     amp = autocast_for(device, cfg.train.precision)
     mean, std = cfg.data.mean, cfg.data.std
 
-    while step < last_step:
-        micro = micro_pos % accum
-        for pos, batch in data.iter_epoch(epoch, start_step=micro_pos):
-            clip = batch["clip"].to(device, non_blocking=True)           # [B, T, C, H, W]
-            info = masker(clip.shape[0], step_generator(cfg.train.seed, step, micro, rank)).to(device)
-            codes = None
-            if tokenizer is not None:
-                with torch.inference_mode():
-                    codes = tokenizer.tokenize(denormalize(clip.float(), mean, std))  # [B, T, h, w]
-                codes = codes.flatten(2).clone()                          # [B, T, N]
-            with amp:
-                out = model(clip, info, codes)
-            (out["loss"] / accum).backward()
-            for k in LOSS_KEYS:
-                if k in out:
-                    sums[k] = sums.get(k, 0.0) + out[k].detach().float()
-            count += 1
-            clips += clip.shape[0]
-            micro_pos = pos + 1
-            micro += 1
-            if micro < accum:
-                continue
-            micro = 0
+    with StopRequest() as stop:
+        while step < last_step:
+            micro = micro_pos % accum
+            for pos, batch in data.iter_epoch(epoch, start_step=micro_pos):
+                clip = batch["clip"].to(device, non_blocking=True)       # [B, T, C, H, W]
+                info = make_masks(masker, clip.shape[0], num_sample, cfg.train.seed, epoch, pos,
+                                  rank, world).to(device)
+                codes = None
+                if tokenizer is not None:
+                    with torch.inference_mode():
+                        codes = tokenizer.tokenize(denormalize(clip.float(), mean, std))  # [B, T, h, w]
+                    codes = codes.flatten(2).clone()                      # [B, T, N]
+                last_micro = micro + 1 == accum
+                sync_ctx = wrapped.no_sync() if (dist_info.enabled and not last_micro
+                                                 and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
+                with sync_ctx:
+                    with amp:
+                        out = step_model(clip, info, codes)
+                    (out["loss"] / accum).backward()
+                for k in LOSS_KEYS:
+                    if k in out:
+                        sums[k] = sums.get(k, 0.0) + out[k].detach().float()
+                count += 1
+                clips += clip.shape[0]
+                micro_pos = pos + 1
+                micro += 1
+                if micro < accum:
+                    continue
+                micro = 0
 
-            # -- optimizer step --------------------------------------------------------------
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
-            set_lr(optimizer, lr)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            if torch.isfinite(out["loss"]).item():
-                optimizer.step()
-                nonfinite = 0
+                # -- optimizer step (no host sync: a non-finite step is skipped on the device) ----
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
+                set_lr(optimizer, lr)
+                max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
+                gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                if hasattr(gnorm, "full_tensor"):
+                    gnorm = gnorm.full_tensor()
+                found_inf = (~torch.isfinite(gnorm)).float()
+                if fused_opt:
+                    optimizer.found_inf, optimizer.grad_scale = found_inf, None
+                    optimizer.step()
+                elif not bool(found_inf.item()):
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                streak = (streak + 1) * found_inf
+                skipped = skipped + found_inf
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nan_to_num(gnorm.detach().float(), 0.0)
+                step += 1
+
+                if step % cfg.train.log_every == 0 or step == last_step:
+                    dt = time.time() - t_log
+                    n_opt = max(1, count // accum)
+                    rec = {"step": step, "epoch": epoch, "lr": lr,
+                           **{k: float(v) / (n_opt if k == "grad_norm" else max(count, 1)) for k, v in sums.items()},
+                           "clips_per_s": clips * world / max(dt, 1e-9), "skipped_steps": int(skipped.item()),
+                           **{f"data_{k}": v for k, v in data.stats().items()}}
+                    metrics.log(rec)
+                    first_record = first_record or rec
+                    last_record = rec
+                    text = " ".join(f"{k.replace('loss_', '')} {rec[k]:.4f}" for k in LOSS_KEYS if k in rec)
+                    progress.update(step, text, rec["clips_per_s"])
+                    sums, count, clips, t_log = {}, 0, 0, time.time()
+                    if int(streak.item()) >= cfg.train.max_nonfinite:
+                        progress.close()
+                        raise FloatingPointError(
+                            f"{int(streak.item())} non-finite losses/gradients in a row at step {step} "
+                            f"(train.max_nonfinite={cfg.train.max_nonfinite}); last good checkpoint: {last_ckpt}")
+                want_stop = stop.requested
+                if dist_info.enabled and (step % cfg.train.stop_check_every == 0 or step == last_step):
+                    want_stop = D.all_ranks_agree(want_stop, dist_info, device)
+                elif dist_info.enabled:
+                    want_stop = False
+                if step % cfg.train.save_every == 0 or step == last_step or want_stop:
+                    last_ckpt = save() or last_ckpt
+                if want_stop:
+                    main_log(f"stop requested (SIGTERM): checkpoint written at step {step}")
+                    interrupted = True
+                    break
+                if step >= last_step:
+                    break
             else:
-                nonfinite += 1
-                log(f"step {step}: non-finite loss, update skipped ({nonfinite} in a row)")
-                if nonfinite >= 5:
-                    raise FloatingPointError(f"{nonfinite} non-finite losses in a row at step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-
-            if step % cfg.train.log_every == 0 or step == last_step:
-                dt = time.time() - t_log
-                rec = {"step": step, "epoch": epoch, "lr": lr,
-                       **{k: float(v) / max(count, 1) for k, v in sums.items()},
-                       "clips_per_s": clips / max(dt, 1e-9), **{f"data_{k}": v for k, v in data.stats().items()}}
-                metrics.log(rec)
-                first_record = first_record or rec
-                last_record = rec
-                text = " ".join(f"{k.replace('loss_', '')} {rec[k]:.4f}" for k in LOSS_KEYS if k in rec)
-                progress.update(step, text, rec["clips_per_s"])
-                sums, count, clips, t_log = {}, 0, 0, time.time()
-            if step % cfg.train.save_every == 0 or step == last_step:
-                last_ckpt = save_checkpoint(run_dir, step, state_dict_for_save(), cfg.train.keep_last)
-            if step >= last_step:
-                break
-        else:
-            epoch += 1
-            micro_pos = 0
-            continue
-        break
+                epoch += 1
+                micro_pos = 0
+                continue
+            break
 
     progress.close()
     metrics.close()
     summary = {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
-               "metrics": str(metrics.jsonl_path), "steps": step,
+               "metrics": str(metrics.jsonl_path), "steps": step, "interrupted": interrupted,
+               "skipped_steps": int(skipped.item()),
                "first": first_record, "last": last_record, "data_stats": data.stats()}
+    if dist_info.enabled:
+        summary["ranks_identical"] = D.weights_identical_across_ranks(model, dist_info, device)
+        main_log(f"weights identical across {world} ranks: {summary['ranks_identical']}")
+        D.cleanup_distributed()
     return summary
 
 

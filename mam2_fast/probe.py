@@ -4,11 +4,14 @@
     python -m mam2_fast.probe --init encoder.safetensors --train-list train.txt --test-list val.txt
 
 Features: every video is seen as ``--clips`` temporal clips x ``--crops`` spatial crops; each
-view is encoded by the frozen encoder (all tokens, final norm) and mean-pooled to ``[D]``.
-The classifier: features standardized with training statistics, softmax regression with an
-L2 penalty fitted by full-batch L-BFGS; the penalty is picked from a small grid by 4-fold
+view is encoded by the frozen encoder (all tokens, final norm) and pooled: ``--pool mean``
+averages all tokens to ``[D]`` (default); ``--pool time`` averages each frame's tokens and
+concatenates the frames in order, ``[T*D]`` (keeps temporal order, e.g. for motion labels).
+The classifier (``--method``): features standardized with training statistics, then closed-form
+ridge regression to one-hot targets (default; seconds) or softmax regression fitted by
+full-batch L-BFGS (``logistic``); the L2 penalty is picked from a small grid by 4-fold
 cross-validation grouped by video. Training uses every view as a sample; a test video's
-prediction averages the softmax of its views.
+prediction averages the scores of its views.
 
 Targets: ``--targets`` takes names ``label`` (the list file's label), ``label//K`` or
 ``label%K``; ``shape`` and ``direction`` are aliases of ``label//4`` and ``label%4`` for the
@@ -37,7 +40,8 @@ from mam2_fast.ft.weights import WeightsError, encoder_config_from_arch, load_en
 from mam2_fast.models.classifier import VideoEncoder
 
 ALIASES = {"shape": "label//4", "direction": "label%4"}
-LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1)          # logistic: absolute L2
+RIDGE_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge: L2 per sample
 
 
 # ----------------------------------------------------------------------------------------
@@ -58,21 +62,36 @@ def derive_target(labels: Tensor, spec: str) -> Tensor:
 # features
 # ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def extract_features(encoder: VideoEncoder, data, device: torch.device, chunk: int = 16, log=None) -> tuple[Tensor, Tensor]:
-    """ViewData -> (features [num_videos, V, D] float32, labels [num_videos])."""
-    encoder.eval()
-    feats, labels = [], []
+def pool_tokens(tokens: Tensor, pool: str) -> Tensor:
+    """encoder tokens [B, T, N, D] -> probe feature: ``mean`` [B, D] (all tokens) or ``time``
+    [B, T*D] (mean over space per frame, frames concatenated in order)."""
+    if pool == "mean":
+        return tokens.mean(dim=(1, 2))
+    if pool == "time":
+        return tokens.mean(dim=2).flatten(1)
+    raise ValueError(f"unknown pooling {pool!r} (mean | time)")
+
+
+@torch.no_grad()
+def extract_features(encoders: dict, data, device: torch.device, chunk: int = 16, log=None,
+                     pool: str = "mean") -> tuple[dict, Tensor]:
+    """One decoding pass of a ViewData through every frozen encoder:
+    ({name: features [num_videos, V, D] float32}, labels [num_videos])."""
+    feats: dict = {name: [] for name in encoders}
+    labels = []
     t0 = time.time()
     for batch in data:
         views = batch["views"].to(device)                                  # [B, V, T, C, H, W]
         B, V = views.shape[:2]
-        flat = views.flatten(0, 1)
-        f = torch.cat([encoder.pooled(flat[i:i + chunk]).float() for i in range(0, flat.shape[0], chunk)])
-        feats.append(f.view(B, V, -1).cpu())
+        flat = views.flatten(0, 1)                                         # [B*V, T, C, H, W]
+        for name, enc in encoders.items():
+            f = torch.cat([pool_tokens(enc.forward_features(flat[i:i + chunk]), pool).float()
+                           for i in range(0, flat.shape[0], chunk)])
+            feats[name].append(f.view(B, V, -1).cpu())                     # [B, V, D]
         labels.append(batch["label"].cpu())
         if log:
-            log(f"features: {sum(x.shape[0] for x in feats)}/{len(data)} videos ({time.time() - t0:.0f}s)")
-    return torch.cat(feats), torch.cat(labels)
+            log(f"features: {sum(x.shape[0] for x in labels)}/{len(data)} videos ({time.time() - t0:.0f}s)")
+    return {name: torch.cat(f) for name, f in feats.items()}, torch.cat(labels)
 
 
 # ----------------------------------------------------------------------------------------
@@ -96,47 +115,70 @@ def fit_logistic(x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: in
     return W.detach(), b.detach()
 
 
-def predict_videos(feats: Tensor, W: Tensor, b: Tensor) -> Tensor:
-    """feats [N, V, D] (standardized) -> view-averaged softmax [N, K]."""
-    return (feats.double() @ W + b).softmax(-1).mean(1)
-
-
 def _folds(n: int, k: int, seed: int) -> list[np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     return [perm[i::k] for i in range(k)]
 
 
-def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor,
-                 lambdas=LAMBDAS, folds: int = 4, seed: int = 0) -> dict:
-    """Features [N, V, D] + labels -> {"train_acc", "test_acc", "l2", "cv_acc"} (percent)."""
+def fit_ridge(x: Tensor, y: Tensor, num_classes: int, lambdas) -> dict:
+    """Closed-form ridge regression to one-hot targets (bias unpenalized), all ``lambdas`` from
+    one eigendecomposition: {l2: (W [D, K], b [K])}."""
+    x = x.double()
+    Y = F.one_hot(y, num_classes).double()
+    mx, my = x.mean(0), Y.mean(0)
+    xc, yc = x - mx, Y - my
+    evals, evecs = torch.linalg.eigh(xc.T @ xc)                       # [D], [D, D]
+    proj = evecs.T @ (xc.T @ yc)                                      # [D, K]
+    out = {}
+    for l2 in lambdas:
+        W = evecs @ (proj / (evals + l2 * x.shape[0])[:, None])
+        out[l2] = (W, my - mx @ W)
+    return out
+
+
+def predict_scores(feats: Tensor, W: Tensor, b: Tensor, method: str) -> Tensor:
+    """feats [N, V, D] (standardized) -> view-averaged scores [N, K] (softmax for logistic)."""
+    s = feats.double() @ W + b
+    return (s.softmax(-1) if method == "logistic" else s).mean(1)
+
+
+def linear_probe(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tensor, method: str = "ridge",
+                 lambdas=None, folds: int = 4, seed: int = 0) -> dict:
+    """Features [N, V, D] + labels -> {"train_acc", "test_acc", "l2", "cv_acc", "chance"} (percent).
+
+    ``method``: ``ridge`` (closed form, default) or ``logistic`` (L-BFGS softmax regression).
+    The L2 strength (relative to the number of samples for ridge) is chosen by ``folds``-fold
+    cross-validation over videos on the training set.
+    """
     classes = int(max(train_y.max(), test_y.max())) + 1
+    lambdas = tuple(lambdas or (RIDGE_LAMBDAS if method == "ridge" else LAMBDAS))
     mu = train_f.flatten(0, 1).mean(0)
     sd = train_f.flatten(0, 1).std(0).clamp(min=1e-6)
     tr, te = (train_f - mu) / sd, (test_f - mu) / sd
     V = tr.shape[1]
 
-    def fit_views(idx):
+    def fit(idx) -> dict:
         x = tr[idx].flatten(0, 1)                                    # every view is a sample
         y = train_y[idx].repeat_interleave(V)
-        return x, y
+        if method == "ridge":
+            return fit_ridge(x, y, classes, lambdas)
+        return {l2: fit_logistic(x, y, classes, l2) for l2 in lambdas}
 
-    cv = {}
+    cv = {l2: 0 for l2 in lambdas}
     if len(lambdas) > 1:
-        for l2 in lambdas:
-            correct = 0
-            for fold in _folds(len(tr), folds, seed):
-                keep = np.setdiff1d(np.arange(len(tr)), fold)
-                W, b = fit_logistic(*fit_views(keep), classes, l2)
-                correct += int((predict_videos(tr[fold], W, b).argmax(1) == train_y[fold]).sum())
-            cv[l2] = 100.0 * correct / len(tr)
+        for fold in _folds(len(tr), folds, seed):
+            keep = np.setdiff1d(np.arange(len(tr)), fold)
+            for l2, (W, b) in fit(keep).items():
+                cv[l2] += int((predict_scores(tr[fold], W, b, method).argmax(1) == train_y[fold]).sum())
+        cv = {l2: 100.0 * c / len(tr) for l2, c in cv.items()}
         best = max(cv, key=lambda l: (cv[l], l))                     # ties -> stronger penalty
     else:
         best = lambdas[0]
-    W, b = fit_logistic(*fit_views(np.arange(len(tr))), classes, best)
-    return {"l2": best, "cv_acc": cv.get(best),
-            "train_acc": 100.0 * float((predict_videos(tr, W, b).argmax(1) == train_y).double().mean()),
-            "test_acc": 100.0 * float((predict_videos(te, W, b).argmax(1) == test_y).double().mean()),
-            "chance": 100.0 / classes}
+    W, b = fit(np.arange(len(tr)))[best] if method == "ridge" else fit_logistic(
+        tr.flatten(0, 1), train_y.repeat_interleave(V), classes, best)
+    acc = lambda f, y: 100.0 * float((predict_scores(f, W, b, method).argmax(1) == y).double().mean())  # noqa: E731
+    return {"method": method, "l2": best, "cv_acc": cv.get(best) if len(lambdas) > 1 else None,
+            "train_acc": acc(tr, train_y), "test_acc": acc(te, test_y), "chance": 100.0 / classes}
 
 
 # ----------------------------------------------------------------------------------------
@@ -165,18 +207,18 @@ def demo_probe_lists(demo_dir: str, train_videos: int = 144, test_videos: int = 
             make_demo_dataset(f"{root}-probe-test", num_videos=test_videos, seed=3))
 
 
-def probe_encoder(encoder: VideoEncoder, train_data, test_data, targets: list[str], device, log,
-                  folds: int = 4) -> dict:
+def probe_encoders(encoders: dict, train_data, test_data, targets: list[str], device, log,
+                   method: str = "ridge", folds: int = 4, pool: str = "mean") -> dict:
+    """{name: frozen encoder} -> {name: {target: linear_probe result}}."""
     t0 = time.time()
-    encoder = encoder.to(device)
-    trf, try_ = extract_features(encoder, train_data, device)
-    tef, tey = extract_features(encoder, test_data, device)
-    t_feat = time.time() - t0
-    out = {}
-    for spec in targets:
-        out[spec] = linear_probe(trf, derive_target(try_, spec), tef, derive_target(tey, spec), folds=folds)
-    log(f"probe done in {time.time() - t0:.0f}s (features {t_feat:.0f}s): "
-        + ", ".join(f"{k} {v['test_acc']:.1f}%" for k, v in out.items()))
+    encoders = {k: e.to(device).eval() for k, e in encoders.items()}
+    trf, try_ = extract_features(encoders, train_data, device, pool=pool)
+    tef, tey = extract_features(encoders, test_data, device, pool=pool)
+    log(f"features of {len(encoders)} encoder(s) in {time.time() - t0:.0f}s")
+    out = {name: {spec: linear_probe(trf[name], derive_target(try_, spec), tef[name], derive_target(tey, spec),
+                                     method, folds=folds) for spec in targets} for name in encoders}
+    for name, res in out.items():
+        log(f"{name}: " + ", ".join(f"{k} {v['test_acc']:.1f}%" for k, v in res.items()))
     return out
 
 
@@ -192,8 +234,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--root", default="", help="data root for relative list paths")
     ap.add_argument("--targets", default=None, help="comma list (default: label,shape,direction on the demo, else label)")
     ap.add_argument("--clips", type=int, default=2, help="temporal clips per video")
-    ap.add_argument("--crops", type=int, default=3, choices=(1, 3), help="spatial crops per clip")
+    ap.add_argument("--crops", type=int, default=1, choices=(1, 3), help="spatial crops per clip")
     ap.add_argument("--stride", type=int, default=None, help="frame stride (default: the pre-training config's)")
+    ap.add_argument("--method", default="ridge", choices=("ridge", "logistic"),
+                    help="ridge: closed form (default); logistic: L-BFGS softmax regression")
+    ap.add_argument("--pool", default="mean", choices=("mean", "time"),
+                    help="mean: average of all tokens [D] (default); time: per-frame spatial means, concatenated [T*D]")
     ap.add_argument("--compare-random", action="store_true", help="also probe randomly initialized encoders")
     ap.add_argument("--random-seeds", type=int, default=1, help="random encoders to average (with --compare-random)")
     ap.add_argument("--demo-dir", default="~/.cache/mam2_fast/demo")
@@ -232,15 +278,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     log(f"probe: {len(train_data)} train / {len(test_data)} test videos, {args.clips}x{args.crops} views, "
         f"targets {targets}")
 
-    results = {"pretrained": probe_encoder(encoder, train_data, test_data, targets, device, log)}
+    encoders = {"pretrained": encoder}
     if args.compare_random:
-        runs = [probe_encoder(random_encoder(arch, 1000 + s), train_data, test_data, targets, device, log)
-                for s in range(args.random_seeds)]
-        results["random"] = {t: {k: float(np.mean([r[t][k] for r in runs])) if k in ("train_acc", "test_acc", "chance")
-                                 else runs[0][t][k] for k in runs[0][t]} for t in targets}
+        encoders.update({f"random{s}": random_encoder(arch, 1000 + s) for s in range(args.random_seeds)})
+    per_encoder = probe_encoders(encoders, train_data, test_data, targets, device, log, args.method,
+                                 pool=args.pool)
+    results = {"pretrained": per_encoder["pretrained"]}
+    if args.compare_random:
+        runs = [per_encoder[f"random{s}"] for s in range(args.random_seeds)]
+        results["random"] = {t: {"test_acc": float(np.mean([r[t]["test_acc"] for r in runs])),
+                                 "train_acc": float(np.mean([r[t]["train_acc"] for r in runs])),
+                                 "chance": runs[0][t]["chance"]} for t in targets}
         results["random_runs"] = runs
     report = {"init": w.source, "arch": arch, "train_list": train_list, "test_list": test_list,
-              "clips": args.clips, "crops": args.crops, "stride": stride, "targets": targets, **results}
+              "clips": args.clips, "crops": args.crops, "pool": args.pool, "method": args.method, "stride": stride, "targets": targets, **results}
     out = Path(args.out) if args.out else Path(w.source).parent / "probe.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -111,8 +111,15 @@ class PretrainData:
         return dict(s)
 
     # -- iteration --------------------------------------------------------------------
+    def global_pos(self, pos: int) -> int:
+        """This rank's video position -> its position in the epoch's global order (videos are
+        dealt round-robin). Random choices are keyed by it, so the clip at a global position is
+        the same for every world size: a run resumed on another number of GPUs, or a single
+        process with the same global batch, sees identical clips."""
+        return pos * self.world_size + self.rank
+
     def _replacement(self, epoch: int, pos: int, attempt: int) -> int:
-        rng = rng_for(self.seed, epoch, self.rank, pos, attempt, tag="replace")
+        rng = rng_for(self.seed, epoch, self.global_pos(pos), attempt, tag="replace")
         return int(rng.integers(len(self.records)))
 
     def iter_epoch(self, epoch: int, start_step: int = 0) -> Iterator[Tuple[int, Dict[str, torch.Tensor]]]:
@@ -131,7 +138,7 @@ class PretrainData:
 
         def submit(pos: int, attempt: int, index: int) -> bool:
             self._task_ids += 1
-            keys = (self.seed, epoch, self.rank, pos, attempt)
+            keys = (self.seed, epoch, self.global_pos(pos), attempt)
             if not pool.submit((self._task_ids, index, keys)):
                 return False
             tasks[self._task_ids] = (pos, attempt, index)
@@ -197,7 +204,7 @@ class PretrainData:
             for g, v in enumerate(members):
                 pos, index, _ = videos[v]
                 for s in range(S):
-                    rng = rng_for(self.seed, epoch, self.rank, pos, index, s, tag="crop")
+                    rng = rng_for(self.seed, epoch, self.global_pos(pos), index, s, tag="crop")
                     box = multiscale_crop_box(H, W, cfg.input_size, rng, cfg.multiscale_scales,
                                               cfg.max_distort, cfg.fix_crop)
                     flip = cfg.flip and bool(rng.random() < 0.5)

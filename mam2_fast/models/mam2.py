@@ -17,6 +17,22 @@ slots, so the encoder works on ``[B, T, Nv, D]`` and decoders on ``[B, T, Nm, D'
 padding. Other masks (random space-time, frame) keep the full grid ``[B, T, N, D]`` and a
 validity mask ``[B, T, N]``: temporal attention at a spatial slot only sees the frames in
 which that slot is in the set, spatial attention only the set's slots of the frame.
+
+Targets (``ModelConfig``):
+
+* ``appearance_target="tokens"`` (default): CE over tokenizer codes (Eq. 2), needs
+  ``codes``. ``"pixels"``: the appearance head regresses per-patch normalized pixels
+  (``targets.pixel.pixel_target(clip, P)`` with its defaults, VideoMAE per-channel norm)
+  with MSE over all masked patches (VideoMAE / MAE-ST baselines; no tokenizer).
+* ``motion_target="rgb_diff"`` (default): Eq. 3. ``"flow"`` (Table 1f): the head outputs
+  ``P*P*2`` values per patch, regressed to the flow target the caller passes as
+  ``motion_target [B, T, N, P*P*2]`` (``targets.flow.FlowTarget``; frame 0 is excluded)
+  with the same reduction as Eq. 3. ``"clip_order"`` (Sec. 2.2, tube masks and the
+  regressor only): see :meth:`MAM2.clip_order_loss`.
+
+``grad_checkpointing`` recomputes each encoder / decoder / regressor block in the backward
+pass (``torch.utils.checkpoint``, ``use_reentrant=False``): same loss and gradients, less
+activation memory.
 """
 from __future__ import annotations
 
@@ -27,10 +43,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mam2_fast import kernels
 from mam2_fast.kernels import reference as ref
 from mam2_fast.masking import MaskInfo
+
+MOTION_TARGETS = ("rgb_diff", "flow", "clip_order")
+APPEARANCE_TARGETS = ("tokens", "pixels")
 
 
 @dataclass(frozen=True)
@@ -51,6 +71,15 @@ PRESETS = {
 # ----------------------------------------------------------------------------------------
 # building blocks
 # ----------------------------------------------------------------------------------------
+def run_block(block: nn.Module, *args, checkpointed: bool = False):
+    """``block(*args)``, recomputed in the backward pass when ``checkpointed`` and autograd is
+    recording (``torch.utils.checkpoint``, non-reentrant; RNG state such as drop-path
+    masks is replayed, so results equal the plain call)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
     """Stochastic depth per sample (first dimension)."""
     if p == 0.0 or not training:
@@ -194,29 +223,40 @@ def select_tokens(x: Tensor, info: MaskInfo, masked: bool,
 
 
 def select_pos(pos: Tensor, info: MaskInfo, masked: bool) -> Tensor:
-    """pos ``[T, N, D]`` -> per-sample positions of a token set ``[B, T, K|N, D]``."""
+    """pos ``[T, N, D]`` -> per-sample positions of a token set ``[B, T, K|N, D]``.
+
+    Tube masks index the shared ``[T, N, D]`` table directly (its backward accumulates into
+    ``[T, N, D]``; no ``[B, T, N, D]`` gradient buffer as a gather from the expanded
+    table would need)."""
     B = info.mask.shape[0]
-    full = pos.unsqueeze(0).expand(B, *pos.shape)
     if info.is_tube:
-        return ref.gather_tokens_ref(full, info.mask_idx if masked else info.vis_idx)
-    return full
+        idx = info.mask_idx if masked else info.vis_idx          # [B, K]
+        return pos[:, idx].transpose(0, 1)                       # [T, B, K, D] -> [B, T, K, D]
+    return pos.unsqueeze(0).expand(B, *pos.shape)
 
 
 # ----------------------------------------------------------------------------------------
 # the model
 # ----------------------------------------------------------------------------------------
 class Decoder(nn.Module):
-    """Divided space-time blocks + final norm, on masked-token sets."""
+    """Divided space-time blocks + final norm, on masked-token sets.
 
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0):
+    ``cls_token=True`` adds a learnable ``cls_token [dim]`` (the clip-order [CLS], kept
+    inside the decoder so its name carries the ``motion_decoder.`` prefix of the
+    pre-training-only modules)."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0,
+                 cls_token: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList([DividedBlock(dim, num_heads, mlp_ratio, drop_path) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.cls_token = nn.Parameter(torch.zeros(dim)) if cls_token else None
+        self.grad_checkpointing = False
 
     def forward(self, x: Tensor, valid: Optional[Tensor] = None, return_first: bool = False):
         first = None
         for i, blk in enumerate(self.blocks):
-            x = blk(x, valid)
+            x = run_block(blk, x, valid, checkpointed=self.grad_checkpointing)
             if i == 0:
                 first = x
         x = self.norm(x)
@@ -241,6 +281,9 @@ class MAM2(nn.Module):
         self.num_patches = self.grid[0] * self.grid[1]
         self.vocab_size: Optional[int] = None  # set by set_vocab_size before the head is built
         T, N, P, C = cfg.num_frames, self.num_patches, cfg.patch_size, cfg.in_chans
+        self.motion_target = getattr(cfg, "motion_target", "rgb_diff")
+        self.appearance_target = getattr(cfg, "appearance_target", "tokens")
+        self._check_target_config(cfg)
 
         # embeddings shared ("multiplexed") by encoder, regressor and decoders
         self.patch_embed = nn.Conv2d(C, D, kernel_size=P, stride=P)
@@ -269,13 +312,19 @@ class MAM2(nn.Module):
             if cfg.use_appearance:
                 self.appearance_decoder = Decoder(Dd, cfg.appearance_depth, dheads, cfg.mlp_ratio)
             if cfg.use_motion:
-                self.motion_decoder = Decoder(Dd, cfg.motion_depth, dheads, cfg.mlp_ratio)
+                self.motion_decoder = Decoder(Dd, cfg.motion_depth, dheads, cfg.mlp_ratio,
+                                              cls_token=self.motion_target == "clip_order")
         self.appearance_head: Optional[nn.Linear] = None
-        self.motion_head = nn.Linear(Dd, P * P * C) if cfg.use_motion else None
+        if cfg.use_appearance and self.appearance_target == "pixels":
+            self.appearance_head = nn.Linear(Dd, P * P * C)   # per-patch normalized pixels
+        motion_out = {"rgb_diff": P * P * C, "flow": P * P * 2, "clip_order": 2}[self.motion_target]
+        self.motion_head = nn.Linear(Dd, motion_out) if cfg.use_motion else None
         self.apply(self._init_weights)
         nn.init.trunc_normal_(self.pos_embed_time, std=0.02)
         nn.init.trunc_normal_(self.pos_embed_space, std=0.02)
         nn.init.trunc_normal_(self.mask_query, std=0.02)
+        if self.motion_decoder is not None and self.motion_decoder.cls_token is not None:
+            nn.init.trunc_normal_(self.motion_decoder.cls_token, std=0.02)
         w = self.patch_embed.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for m in self.modules():
@@ -283,6 +332,25 @@ class MAM2(nn.Module):
                 nn.init.zeros_(m.temporal_fc.weight)
                 nn.init.zeros_(m.temporal_fc.bias)
         self.set_kernel_backend(cfg.kernels)
+        self.set_grad_checkpointing(getattr(cfg, "grad_checkpointing", False))
+
+    @staticmethod
+    def _check_target_config(cfg) -> None:
+        """Model-side guard for the target switches (``config.validate`` checks the same)."""
+        mt, at = getattr(cfg, "motion_target", "rgb_diff"), getattr(cfg, "appearance_target", "tokens")
+        if mt not in MOTION_TARGETS:
+            raise ValueError(f"model.motion_target: {mt!r} is not one of {MOTION_TARGETS}")
+        if at not in APPEARANCE_TARGETS:
+            raise ValueError(f"model.appearance_target: {at!r} is not one of {APPEARANCE_TARGETS}")
+        if mt == "clip_order" and cfg.use_motion:
+            if not cfg.use_regressor:
+                raise ValueError("model.motion_target='clip_order' shuffles the regressor's latents: "
+                                 "it needs model.use_regressor=true")
+            if cfg.coupled_decoder:
+                raise ValueError("model.motion_target='clip_order' needs its own motion decoder: "
+                                 "it cannot be used with model.coupled_decoder=true")
+            if cfg.num_frames < 2:
+                raise ValueError("model.motion_target='clip_order' needs model.num_frames >= 2")
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -296,8 +364,8 @@ class MAM2(nn.Module):
 
     def set_vocab_size(self, vocab_size: int) -> None:
         """Build the appearance head once the tokenizer's vocabulary is known."""
-        if not self.cfg.use_appearance:
-            return
+        if not self.cfg.use_appearance or self.appearance_target == "pixels":
+            return  # the pixel-regression head has a fixed size and is built in __init__
         if self.appearance_head is not None and self.appearance_head.out_features == vocab_size:
             return
         self.vocab_size = vocab_size
@@ -310,6 +378,13 @@ class MAM2(nn.Module):
         for m in self.modules():
             if isinstance(m, FactorizedAttention):
                 m.backend = backend
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing of every encoder / decoder / regressor block."""
+        self.grad_checkpointing = bool(enabled)
+        for m in self.modules():
+            if isinstance(m, Decoder):
+                m.grad_checkpointing = self.grad_checkpointing
 
     # -- pieces ---------------------------------------------------------------------------
     def pos_grid(self) -> Tensor:
@@ -330,7 +405,7 @@ class MAM2(nn.Module):
         """Run the encoder blocks + final norm on a token set ``[B, T, S, D]`` (positions added)."""
         x = tokens
         for blk in self.blocks:
-            x = blk(x, valid)
+            x = run_block(blk, x, valid, checkpointed=self.grad_checkpointing)
         return self.norm(x)
 
     def encode(self, clip: Tensor, info: MaskInfo, masked: bool = False) -> tuple[Tensor, Optional[Tensor]]:
@@ -367,7 +442,8 @@ class MAM2(nn.Module):
             x = self.mask_query.expand(B, Lq, Dd)
             pos_k = torch.cat([pos_v, pos_q], dim=1)
             for blk in self.regressor:
-                x = blk(x, torch.cat([vis, x], dim=1), pos_q, pos_k)
+                x = run_block(blk, x, torch.cat([vis, x], dim=1), pos_q, pos_k,
+                              checkpointed=self.grad_checkpointing)
             x = self.regressor_norm(x)
             return x.reshape(B, T, -1, Dd)
         # grid: one key per position -- the visible latent where visible, else the query
@@ -375,23 +451,115 @@ class MAM2(nn.Module):
         vis = latent.reshape(B, -1, Dd)
         x = self.mask_query.expand(B, m.shape[1], Dd)
         for blk in self.regressor:
-            x = blk(x, torch.where(m, x, vis), pos_q, pos_q)
+            x = run_block(blk, x, torch.where(m, x, vis), pos_q, pos_q, checkpointed=self.grad_checkpointing)
         x = self.regressor_norm(x)
         return x.reshape(B, T, -1, Dd)
 
+    # -- targets ---------------------------------------------------------------------------
+    def masked_patch_mse(self, pred: Tensor, target: Tensor, info: MaskInfo, skip_first_frame: bool) -> Tensor:
+        """Per-patch MSE (mean over the patch's values), averaged over the masked patches
+        (frames ``t >= 1`` only when ``skip_first_frame``, as Eq. 3).
+
+        pred: ``[B, T, Nm, Dp]`` (tube) or ``[B, T, N, Dp]`` (grid; masked slots read);
+        target: full-grid ``[B, T, N, Dp]`` (a constant)."""
+        target = target.detach()
+        if info.is_tube:
+            tgt = kernels.gather_tokens(target, info.mask_idx, backend=self.kernel_backend)  # [B, T, Nm, Dp]
+            if skip_first_frame:
+                pred, tgt = pred[:, 1:], tgt[:, 1:]
+            if pred.numel() == 0:
+                return pred.sum() * 0.0
+            return ((pred.float() - tgt.float()) ** 2).mean(dim=-1).mean()
+        sel = info.mask
+        if skip_first_frame:
+            sel = sel.clone()
+            sel[:, 0] = False
+        err = ((pred.float() - target.float()) ** 2).mean(dim=-1)          # [B, T, N]
+        return (err * sel).sum() / sel.sum().clamp(min=1)
+
+    @staticmethod
+    def draw_order_labels(shape: tuple, device: torch.device,
+                          generator: Optional[torch.Generator] = None) -> Tensor:
+        """Clip-order labels ``{0, 1}`` (long) of the given shape, from ``generator`` (on its
+        own device, then moved) or the global RNG of ``device``."""
+        if generator is not None:
+            return torch.randint(0, 2, shape, generator=generator, device=generator.device).to(device)
+        return torch.randint(0, 2, shape, device=device)
+
+    @staticmethod
+    def shuffle_clips(x: Tensor, labels: Tensor) -> Tensor:
+        """Split ``x [B, T, K, D]`` along time into clip 1 = frames ``[0, T//2)`` and clip 2 =
+        frames ``[T//2, T)``; where ``labels [B, K]`` is 1 the tube becomes (clip 2, clip 1)
+        (frame order inside a clip kept), where 0 it stays (clip 1, clip 2)."""
+        h = x.shape[1] // 2
+        swapped = torch.cat([x[:, h:], x[:, :h]], dim=1)
+        return torch.where(labels[:, None, :, None].bool(), swapped, x)
+
+    def clip_order_logits(self, pred_latent: Tensor, info: MaskInfo, labels: Tensor) -> Tensor:
+        """Clip-order prediction (Sec. 2.2) -> logits ``[B, Nm, 2]`` over the two clip orders.
+
+        At each masked tube ``j`` the regressed latents ``pred_latent[:, :, j]`` ``[B, T, Nm, D']``
+        are cut into two clips along time and swapped where ``labels [B, Nm]`` is 1
+        (:meth:`shuffle_clips`). Positions (time + space) are added *after* the shuffle, i.e.
+        by the new frame index, so they carry nothing about the label (the paper's note on
+        temporal leakage through the regressor's query positions still applies to the
+        latents themselves).
+
+        [CLS] placement: the decoder's divided blocks attend over time at each slot and over
+        slots within each frame, so the learnable [CLS] (``motion_decoder.cls_token`` + the
+        slot's spatial position, no temporal position) is inserted as an extra leading
+        time step at every masked slot: the input is ``[B, 1 + T, Nm, D']``. Temporal
+        attention lets each tube's [CLS] read all T (shuffled) frames of its own tube;
+        spatial attention in that extra "frame" mixes only the [CLS] tokens of the sample's
+        tubes, and the real frames never see a [CLS] except through their own tube's
+        temporal attention. The decoder output at time step 0 goes through the motion head
+        (``Linear(D', 2)``)."""
+        if not info.is_tube:
+            raise ValueError("model.motion_target='clip_order' needs tube-like masks (mask.kind tube or "
+                             "cube): every masked slot must be a whole tube over time")
+        dec = self.motion_decoder
+        B, T, Nm, Dd = pred_latent.shape
+        pos = self.pos_to_decoder(self.pos_grid())                                  # [T, N, D']
+        x = self.shuffle_clips(pred_latent, labels) + select_pos(pos, info, masked=True)
+        pos_s = self.pos_to_decoder(self.pos_embed_space)[info.mask_idx]            # [B, Nm, D']
+        cls = (dec.cls_token + pos_s).to(x.dtype)
+        x = torch.cat([cls[:, None], x], dim=1)                                    # [B, 1 + T, Nm, D']
+        feat = dec(x, None)[:, 0]                                                   # [B, Nm, D']
+        return self.motion_head(feat)                                               # [B, Nm, 2]
+
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, clip: Tensor, info: MaskInfo, codes: Optional[Tensor] = None) -> dict:
+    def forward(self, clip: Tensor, info: MaskInfo, codes: Optional[Tensor] = None,
+                motion_target: Optional[Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> dict:
         """Compute the MAM^2 losses.
 
         clip  ``[B, T, C, H, W]`` normalized frames; info: the mask;
-        codes ``[B, T, N]`` appearance token ids (required when the appearance task is on).
+        codes ``[B, T, N]`` appearance token ids (required when the appearance task is on
+        with ``appearance_target="tokens"``; unused with ``"pixels"``);
+        motion_target ``[B, T, N, P*P*2]`` flow target (required with
+        ``motion_target="flow"``, e.g. ``targets.flow.FlowTarget``; unused otherwise);
+        generator: draws the clip-order labels (``motion_target="clip_order"``; the global
+        RNG when None).
         Returns a dict with ``loss`` and its terms (``loss_app``, ``loss_motion``,
-        ``loss_align``, weighted as Eq. 4) plus ``app_acc`` for logging.
+        ``loss_align``, weighted as Eq. 4) plus ``app_acc`` (token target) for logging;
+        with clip order also ``order_acc`` and the drawn ``order_labels [B, Nm]``.
         """
         cfg = self.cfg
         B, T = clip.shape[:2]
         Dd = self.decoder_dim
         out: dict = {}
+        use_motion = cfg.use_motion
+        clip_order = use_motion and self.motion_target == "clip_order"
+        if clip_order and not info.is_tube:
+            raise ValueError("model.motion_target='clip_order' needs tube-like masks (mask.kind tube or "
+                             "cube): every masked slot must be a whole tube over time")
+        if use_motion and self.motion_target == "flow":
+            if motion_target is None:
+                raise ValueError("model.motion_target='flow': forward() needs motion_target "
+                                 "[B, T, N, P*P*2] (targets.flow.FlowTarget on the clip)")
+            want = (B, T, self.num_patches, self.patch_size * self.patch_size * 2)
+            if tuple(motion_target.shape) != want:
+                raise ValueError(f"motion_target (flow) must be {list(want)}, got {list(motion_target.shape)}")
         latent, valid_vis = self.encode(clip, info, masked=False)         # [B, T, Nv|N, D]
         latent = self.encoder_to_decoder(latent)                           # [B, T, Nv|N, D']
         pos = self.pos_to_decoder(self.pos_grid())                         # [T, N, D']
@@ -431,7 +599,7 @@ class MAM2(nn.Module):
             app_feat = masked_view(app_feat)
             if cfg.coupled_decoder:
                 motion_feat = app_feat
-        if self.motion_decoder is not None:
+        if self.motion_decoder is not None and not clip_order:
             motion_feat, mfirst = self.motion_decoder(dec_in, dec_valid, return_first=True)
             motion_feat = masked_view(motion_feat)
             if first_block is None:
@@ -448,7 +616,14 @@ class MAM2(nn.Module):
             out["loss_align"] = loss_align
             loss = loss + cfg.align_weight * loss_align
 
-        if cfg.use_appearance:
+        if cfg.use_appearance and self.appearance_target == "pixels":
+            with torch.no_grad(), torch.autocast(clip.device.type, enabled=False):
+                from mam2_fast.targets.pixel import pixel_target  # lazy: keep models independent of targets
+                pix = pixel_target(clip, self.patch_size)                   # [B, T, N, P*P*C] float32
+            loss_app = self.masked_patch_mse(self.appearance_head(app_feat), pix, info, skip_first_frame=False)
+            out["loss_app"] = loss_app
+            loss = loss + loss_app
+        elif cfg.use_appearance:
             if codes is None:
                 raise ValueError("appearance task is on: forward() needs codes [B, T, N]")
             if self.appearance_head is None:
@@ -467,9 +642,20 @@ class MAM2(nn.Module):
             out["loss_app"], out["app_acc"] = loss_app, acc
             loss = loss + loss_app
 
-        if cfg.use_motion:
-            pred = self.motion_head(motion_feat)                            # [B, T, Nm|N, P*P*C]
-            if info.is_tube:
+        if clip_order:
+            labels = self.draw_order_labels(tuple(info.mask_idx.shape), clip.device, generator)  # [B, Nm]
+            logits = self.clip_order_logits(pred_latent, info, labels).float()       # [B, Nm, 2]
+            loss_motion = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1))
+            with torch.no_grad():
+                out["order_acc"] = (logits.argmax(-1) == labels).float().mean()
+            out["order_labels"] = labels
+            out["loss_motion"] = loss_motion
+            loss = loss + loss_motion
+        elif use_motion:
+            pred = self.motion_head(motion_feat)                            # [B, T, Nm|N, P*P*(C|2)]
+            if self.motion_target == "flow":
+                loss_motion = self.masked_patch_mse(pred, motion_target, info, skip_first_frame=True)
+            elif info.is_tube:
                 loss_motion = kernels.rgb_diff_mse_tube(clip, pred, info.mask_idx, self.patch_size,
                                                         backend=self.kernel_backend)
             else:
@@ -482,22 +668,32 @@ class MAM2(nn.Module):
 
     @torch.no_grad()
     def predict(self, clip: Tensor, info: MaskInfo) -> dict:
-        """Predicted appearance logits/codes and RGB differences for visualization."""
+        """Predictions for visualization: ``app_logits`` (token target) or ``app_pixels``
+        (pixel target), and ``rgb_diff`` / ``flow`` (motion target) or, for clip order,
+        ``clip_order_logits [B, Nm, 2]`` of the unshuffled tubes (true class 0)."""
         cfg = self.cfg
         latent, valid_vis = self.encode(clip, info)
         latent = self.encoder_to_decoder(latent)
         res: dict = {}
         if self.regressor is None:
             raise NotImplementedError("predict() needs the regressor")
-        dec_in = self.regress(latent, info, valid_vis) + select_pos(self.pos_to_decoder(self.pos_grid()), info, True)
+        pred_latent = self.regress(latent, info, valid_vis)
+        dec_in = pred_latent + select_pos(self.pos_to_decoder(self.pos_grid()), info, True)
         valid = None if info.is_tube else info.mask
+        app_key = "app_pixels" if self.appearance_target == "pixels" else "app_logits"
+        motion_key = "flow" if self.motion_target == "flow" else "rgb_diff"
         if self.appearance_decoder is not None and self.appearance_head is not None:
             f = self.appearance_decoder(dec_in, valid)
-            res["app_logits"] = self.appearance_head(f)
+            res[app_key] = self.appearance_head(f)
             if cfg.coupled_decoder and self.motion_head is not None:
-                res["rgb_diff"] = self.motion_head(f)
+                res[motion_key] = self.motion_head(f)
         if self.motion_decoder is not None:
-            res["rgb_diff"] = self.motion_head(self.motion_decoder(dec_in, valid))
+            if self.motion_target == "clip_order":
+                if info.is_tube:
+                    labels = torch.zeros_like(info.mask_idx)
+                    res["clip_order_logits"] = self.clip_order_logits(pred_latent, info, labels)
+            else:
+                res[motion_key] = self.motion_head(self.motion_decoder(dec_in, valid))
         return res
 
 

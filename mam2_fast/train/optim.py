@@ -19,7 +19,8 @@ def scaled_lr(optim_cfg, effective_batch: int) -> float:
 def build_optimizer(model: nn.Module, optim_cfg, lr: float, device: torch.device) -> torch.optim.AdamW:
     groups = param_groups_for_weight_decay(model, optim_cfg.weight_decay)
     fused_opt = str(optim_cfg.fused).lower()
-    use_fused = device.type == "cuda" if fused_opt == "auto" else fused_opt == "true"
+    # fused AdamW (CUDA and CPU) also lets a non-finite step be skipped on the device (found_inf)
+    use_fused = device.type in ("cuda", "cpu") if fused_opt == "auto" else fused_opt == "true"
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                              fused=use_fused or None)
 

@@ -1,0 +1,117 @@
+"""Process groups, model wrapping (DDP / FSDP2) and full (world-size independent) state dicts.
+
+Launch with ``torchrun``: it sets RANK / WORLD_SIZE / LOCAL_RANK and the rendezvous. NCCL is
+used on GPUs, gloo on CPU. Checkpoints hold *full* state dicts (model and optimizer keyed by
+parameter name), so a run can resume on a different number of processes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str) -> DistInfo:
+    """Join the torchrun process group if one is described by the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        if device_kind == "cuda":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, info: DistInfo, parallel: str, device: torch.device,
+               shard_types: tuple = ()) -> nn.Module:
+    """DDP (default) or FSDP2 ``fully_shard`` per block then the root; no-op in one process."""
+    if not info.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for m in model.modules():
+            if shard_types and isinstance(m, shard_types):
+                fully_shard(m)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> tuple[dict, Optional[dict]]:
+    """Full model / optimizer state dicts keyed by parameter name (collective under DDP/FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=dist.is_initialized())
+    if optimizer is None:
+        return get_model_state_dict(model, options=opts), None
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def load_full_state(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], model_sd: dict,
+                    optim_sd: Optional[dict]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    if optimizer is None or optim_sd is None:
+        set_model_state_dict(model, model_sd, options=opts)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=opts)
+
+
+def broadcast_module(module: nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Copy parameters and buffers of ``module`` from rank ``src`` to every rank."""
+    if not info.enabled:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src)
+
+
+def all_ranks_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def weights_identical_across_ranks(model: nn.Module, info: DistInfo, device: torch.device) -> bool:
+    """Compare every rank's full parameters with rank 0's (exact equality)."""
+    if not info.enabled:
+        return True
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    flat = torch.cat([v.detach().float().flatten().cpu() for _, v in sorted(sd.items())]).to(device)
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    same = torch.tensor([1.0 if torch.equal(flat, ref) else 0.0], device=device)
+    dist.all_reduce(same, op=dist.ReduceOp.MIN)
+    return bool(same.item() > 0)
