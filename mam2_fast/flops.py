@@ -384,15 +384,13 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
 # ----------------------------------------------------------------------------------------
 def videomae_step_flops(vcfg, batch: int = 1) -> StepFlops:
     """FLOPs of one VideoMAE pre-training step (``mam2_fast.models.videomae``)."""
-    from mam2_fast.masking import num_masked
-
     B = int(batch)
     D, Dd = vcfg.embed_dim, vcfg.decoder_dim
     hid, dhid = int(D * vcfg.mlp_ratio), int(Dd * vcfg.mlp_ratio)
     tt = vcfg.num_frames // vcfg.tubelet_size
     g = vcfg.img_size // vcfg.patch_size
     N = g * g
-    nm = vcfg.num_masked_per_frame() if hasattr(vcfg, "num_masked_per_frame") else num_masked(vcfg.mask_ratio, N)
+    nm = min(max(vcfg.num_masked_per_frame(), 1), N - 1)
     Lv, L = tt * (N - nm), tt * N
     out_dim = vcfg.tubelet_size * vcfg.patch_size ** 2 * vcfg.in_chans
     sf = StepFlops(batch=B)

@@ -246,6 +246,12 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
         else:
             tokenizer = prepare_tokenizer(cfg, fit_data, device, dist_info, main_log)
     model = build_model(cfg.model, vocab_size=tokenizer.vocab_size if tokenizer is not None else None).to(device)
+    if cfg.model.kernels != "reference":
+        from mam2_fast.kernels.selfcheck import resolve_backend
+        run_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" or (
+            cfg.train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())) \
+            else torch.float32
+        model.set_kernel_backend(resolve_backend(cfg.model.kernels, device, run_dtype, main_log))
     n_params = sum(p.numel() for p in model.parameters())
     main_log(f"model: {cfg.model.preset} encoder, {n_params / 1e6:.2f}M parameters, device {device}, "
              f"{world} process(es){' (' + cfg.train.parallel + ')' if dist_info.enabled else ''}")

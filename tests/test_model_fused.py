@@ -45,3 +45,22 @@ def test_fused_step_matches_reference(kind):
     for n in rg:
         err = (fg[n] - rg[n]).norm() / rg[n].norm().clamp(min=1e-6)
         assert err < 1e-3 or (fg[n] - rg[n]).abs().max() < 1e-7, f"seed {seed} grad {n}: rel err {err:.2e}"
+
+
+def test_start_of_run_self_check_passes_and_detects_breakage(monkeypatch):
+    from mam2_fast.kernels import selfcheck
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    assert selfcheck.check_fused_kernels(device, dtype) == {}
+    assert selfcheck.resolve_backend("fused", device, dtype, log=lambda s: None) == "fused"
+    # a broken fused op is caught: auto falls back, fused raises
+    import mam2_fast.kernels as K
+    real = K.linear_cross_entropy
+    monkeypatch.setattr(K, "linear_cross_entropy",
+                        lambda *a, **kw: real(*a, **kw) * (1.1 if kw.get("backend") == "fused" else 1.0))
+    monkeypatch.setattr(selfcheck, "CASES", {k: v for k, v in selfcheck.CASES.items()
+                                             if k in ("linear_cross_entropy", "rgb_diff_mse_tube")})
+    problems = selfcheck.check_fused_kernels(device, dtype)
+    assert set(problems) == {"linear_cross_entropy"}
+    with pytest.raises(RuntimeError, match="linear_cross_entropy"):
+        selfcheck.resolve_backend("fused", device, dtype, log=lambda s: None)

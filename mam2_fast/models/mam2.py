@@ -28,7 +28,15 @@ Targets (``ModelConfig``):
   ``P*P*2`` values per patch, regressed to the flow target the caller passes as
   ``motion_target [B, T, N, P*P*2]`` (``targets.flow.FlowTarget``; frame 0 is excluded)
   with the same reduction as Eq. 3. ``"clip_order"`` (Sec. 2.2, tube masks and the
-  regressor only): see :meth:`MAM2.clip_order_loss`.
+  regressor only): the regressed latents of each masked tube are cut into two temporal
+  clips, swapped or not (label 0/1 from ``generator`` / ``order_labels``), and the motion
+  decoder with a per-tube [CLS] (an extra leading time step) predicts the order (CE over
+  2 classes); see :meth:`MAM2.clip_order_logits`.
+
+Call: ``model(clip, info, codes=None, motion_target=None, generator=None, order_labels=None)``
+returns a dict with ``loss`` (Eq. 4) and its terms ``loss_app`` / ``loss_motion`` /
+``loss_align``, plus ``app_acc`` (token target) and ``order_acc`` / ``order_labels``
+(clip order) for logging.
 
 ``grad_checkpointing`` recomputes each encoder / decoder / regressor block in the backward
 pass (``torch.utils.checkpoint``, ``use_reentrant=False``): same loss and gradients, less
@@ -513,7 +521,10 @@ class MAM2(nn.Module):
         spatial attention in that extra "frame" mixes only the [CLS] tokens of the sample's
         tubes, and the real frames never see a [CLS] except through their own tube's
         temporal attention. The decoder output at time step 0 goes through the motion head
-        (``Linear(D', 2)``)."""
+        (``Linear(D', 2)``). Since the [CLS] reads its tube only through temporal attention,
+        whose ``temporal_fc`` starts at zero (TimeSformer init), the very first step trains
+        ``temporal_fc`` (and the [CLS] / spatial path) but sends no clip-order gradient
+        into the regressor and encoder; from the second step on it does."""
         if not info.is_tube:
             raise ValueError("model.motion_target='clip_order' needs tube-like masks (mask.kind tube or "
                              "cube): every masked slot must be a whole tube over time")
@@ -530,7 +541,8 @@ class MAM2(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, clip: Tensor, info: MaskInfo, codes: Optional[Tensor] = None,
                 motion_target: Optional[Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> dict:
+                generator: Optional[torch.Generator] = None,
+                order_labels: Optional[Tensor] = None) -> dict:
         """Compute the MAM^2 losses.
 
         clip  ``[B, T, C, H, W]`` normalized frames; info: the mask;
@@ -539,7 +551,9 @@ class MAM2(nn.Module):
         motion_target ``[B, T, N, P*P*2]`` flow target (required with
         ``motion_target="flow"``, e.g. ``targets.flow.FlowTarget``; unused otherwise);
         generator: draws the clip-order labels (``motion_target="clip_order"``; the global
-        RNG when None).
+        RNG when None); or pass them drawn already as ``order_labels [B, Nm]`` long in {0, 1}
+        (e.g. ``MAM2.draw_order_labels``) -- a generator inside a ``torch.compile``d forward
+        is a graph break, pre-drawn labels (or the global RNG) are not.
         Returns a dict with ``loss`` and its terms (``loss_app``, ``loss_motion``,
         ``loss_align``, weighted as Eq. 4) plus ``app_acc`` (token target) for logging;
         with clip order also ``order_acc`` and the drawn ``order_labels [B, Nm]``.
@@ -643,7 +657,13 @@ class MAM2(nn.Module):
             loss = loss + loss_app
 
         if clip_order:
-            labels = self.draw_order_labels(tuple(info.mask_idx.shape), clip.device, generator)  # [B, Nm]
+            if order_labels is None:
+                labels = self.draw_order_labels(tuple(info.mask_idx.shape), clip.device, generator)  # [B, Nm]
+            else:
+                if tuple(order_labels.shape) != tuple(info.mask_idx.shape):
+                    raise ValueError(f"order_labels must be [B, Nm] = {list(info.mask_idx.shape)}, "
+                                     f"got {list(order_labels.shape)}")
+                labels = order_labels.to(device=clip.device, dtype=torch.long)
             logits = self.clip_order_logits(pred_latent, info, labels).float()       # [B, Nm, 2]
             loss_motion = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1))
             with torch.no_grad():

@@ -240,6 +240,13 @@ def videomae_pixel_target(clip: Tensor, tubelet: int, patch: int, normalize: boo
     return x.reshape(B, x.shape[1], -1)
 
 
+def tube_mask_generator(cfg: VideoMAEConfig) -> MaskGenerator:
+    """Tube masks over the ``T/2`` slices with VideoMAE's count ``int(ratio * N)``."""
+    n = cfg.grid[0] * cfg.grid[1]
+    nm = min(max(cfg.num_masked_per_frame(), 1), n - 1)
+    return MaskGenerator("tube", nm / n, cfg.slices, cfg.grid)
+
+
 # ----------------------------------------------------------------------------------------
 # the model
 # ----------------------------------------------------------------------------------------
@@ -264,7 +271,7 @@ class VideoMAE(nn.Module):
                              persistent=False)
 
     def mask_generator(self) -> MaskGenerator:
-        return MaskGenerator("tube", self.cfg.mask_ratio, self.cfg.slices, self.cfg.grid)
+        return tube_mask_generator(self.cfg)
 
     def _indices(self, info: MaskInfo) -> tuple[Tensor, Tensor]:
         if not info.is_tube or info.mask.shape[1] != self.cfg.slices:
@@ -310,5 +317,5 @@ def build_videomae(cfg: Optional[VideoMAEConfig] = None, **kw) -> VideoMAE:
     return VideoMAE(cfg if cfg is not None else videomae_config("base", **kw))
 
 
-__all__ = ["VideoMAEConfig", "VIDEOMAE_PRESETS", "videomae_config", "VideoMAE", "build_videomae",
+__all__ = ["VideoMAEConfig", "tube_mask_generator", "VIDEOMAE_PRESETS", "videomae_config", "VideoMAE", "build_videomae",
            "videomae_pixel_target", "sinusoid_table", "flat_index", "gather_rows"]

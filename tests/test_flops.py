@@ -1,0 +1,142 @@
+"""The analytic FLOP count (mam2_fast.flops) equals the FLOPs torch's flop formulas measure.
+
+Tolerance: the count must match the measured matmul/conv FLOPs exactly (rel. 1e-9), since
+both count the same products. SDPA runs with the MATH backend during measurement: torch's
+flop registry has no entry for the CPU flash-attention op, which would hide the
+regressor's attention products from the measurement (not from the count).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mam2_fast.flops import (FlopCounter, config_without_data, mam2_step_flops, vqgan_frame_flops,
+                             videomae_step_flops)
+from mam2_fast.masking import MaskGenerator
+from mam2_fast.models.mam2 import build_model
+from mam2_fast.pretrain import demo_config_dict
+
+TINY = ["model.img_size=32", "model.num_frames=4", "model.depth=2", "model.embed_dim=64", "model.num_heads=2",
+        "model.regressor_depth=2", "model.appearance_depth=2", "model.motion_depth=1"]
+REL = 1e-9
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the CI/dev machines are small and shared: one intra-op thread is much faster there
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _measure_mam2(cfg, B: int = 2, K: int = 64) -> int:
+    torch.manual_seed(0)
+    model = build_model(cfg.model, vocab_size=K)
+    mg = MaskGenerator(cfg.mask.kind, cfg.mask.ratio, cfg.model.num_frames, model.grid)
+    info = mg(B, torch.Generator().manual_seed(0))
+    m = cfg.model
+    clip = torch.randn(B, m.num_frames, 3, m.img_size, m.img_size)
+    codes = torch.randint(0, K, (B, m.num_frames, model.num_patches))
+    with FlopCounter() as fc, sdpa_kernel(SDPBackend.MATH):
+        out = model(clip, info, codes)
+        out["loss"].backward()
+    return fc.total
+
+
+@pytest.mark.parametrize("extra", [
+    [],                                        # tube mask, regressor, both decoders
+    ["model.decoder_dim=32"],                  # projections to a narrower decoder
+    ["mask.kind=random"],                      # full grid with validity masks
+    ["mask.kind=frame"],
+    ["model.use_regressor=false"],
+    ["model.coupled_decoder=true"],
+    ["model.use_alignment=false", "model.use_motion=false"],
+])
+def test_mam2_count_matches_measured(extra):
+    cfg = config_without_data(None, TINY + extra, base=demo_config_dict())
+    B = 2
+    measured = _measure_mam2(cfg, B)
+    sf = mam2_step_flops(cfg, batch=B, vocab_size=64, include_tokenizer=False)
+    assert sf.total == pytest.approx(measured, rel=REL), sf.table()
+
+
+def test_backward_is_twice_forward_for_trained_parts():
+    cfg = config_without_data(None, TINY, base=demo_config_dict())
+    sf = mam2_step_flops(cfg, batch=2, vocab_size=64, include_tokenizer=False)
+    for t in sf.terms:
+        if t.group == "trained" and t.name != "patch embed":
+            assert t.bwd == 2 * t.fwd, t
+        if t.group != "trained":
+            assert t.bwd == 0, t
+    assert sf.by_name()["patch embed"].bwd == sf.by_name()["patch embed"].fwd  # no clip gradient
+
+
+def test_vqgan_count_matches_measured():
+    from mam2_fast.targets.vqgan import VQGANTokenizer
+
+    spec = dict(quantizer="vq", n_embed=128, embed_dim=16,
+                ddconfig=dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[16],
+                              resolution=64, z_channels=16, double_z=False, in_channels=3))
+    tok = VQGANTokenizer(spec, patch_size=None, dtype="float32")
+    x = torch.rand(2, 3, 48, 48)  # not the config resolution: sizes follow the input
+    with FlopCounter() as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        tok.codes(x * 2 - 1)
+    f = vqgan_frame_flops(spec, 48, 48)
+    assert 2 * sum(f.values()) == pytest.approx(fc.total, rel=REL)
+    assert f["attention"] > 0 and f["quantizer"] > 0
+
+
+def test_vqgan_f16_per_frame_and_vit_totals():
+    from mam2_fast.targets.vqgan import VQGAN_PRESETS
+
+    f = vqgan_frame_flops(VQGAN_PRESETS["vqgan_imagenet_f16_16384"], 224, 224)
+    assert 105e9 <= sum(f.values()) <= 108.5e9  # the issue's 105-108 GFLOP per 224^2 frame
+    base = str(__import__("pathlib").Path(__file__).resolve().parent.parent / "configs" / "pretrain_base.yaml")
+    sf = mam2_step_flops(config_without_data(base), batch=32)
+    # issue's sanity figures: ~4.3 TFLOP with VQGAN, ~2.6 without (our count: 4.64 / 2.92,
+    # see benchmarks/RESULTS.md for the breakdown of the difference)
+    assert 4.0e12 < sf.per_clip() < 5.0e12
+    assert 2.4e12 < sf.per_clip(sf.model) < 3.2e12
+    assert sf.per_clip(sf.tokenizer) == pytest.approx(16 * sum(f.values()), rel=1e-9)
+
+
+def test_kmeans_tokenizer_count():
+    from mam2_fast.flops import tokenizer_flops
+    from mam2_fast.targets.tokenizer import KMeansTokenizer
+
+    cfg = config_without_data(None, TINY, base=demo_config_dict())
+    tok = KMeansTokenizer(64, 16, 4)
+    tok.fitted.fill_(True)
+    frames = torch.rand(2, 4, 3, 32, 32)
+    with FlopCounter() as fc:
+        tok.tokenize(frames)
+    notes: list = []
+    counted = sum(tokenizer_flops(cfg.tokenizer, 2, 4, 32, 16, notes).values())
+    assert counted == fc.total
+
+
+def test_videomae_count_matches_measured():
+    from mam2_fast.models.videomae import VideoMAE, videomae_config
+
+    cfg = videomae_config("base", img_size=32, embed_dim=64, depth=2, num_heads=2, decoder_dim=32,
+                          decoder_depth=2, decoder_heads=2)
+    model = VideoMAE(cfg)
+    info = model.mask_generator()(2, torch.Generator().manual_seed(0))
+    clip = torch.randn(2, cfg.num_frames, 3, 32, 32)
+    with FlopCounter() as fc, sdpa_kernel(SDPBackend.MATH):
+        model(clip, info)["loss"].backward()
+    assert videomae_step_flops(cfg, 2).total == pytest.approx(fc.total, rel=REL)
+
+
+def test_flop_counter_agrees_with_flopcountermode():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    x = torch.randn(5, 16)
+    with FlopCounterMode(display=False) as ref:
+        net(x).sum().backward()
+    with FlopCounter() as ours:
+        net(x).sum().backward()
+    assert ours.total == ref.get_total_flops()
