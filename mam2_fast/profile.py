@@ -271,12 +271,15 @@ class MAM2Step:
         model, orig = self.model, self.model.encode
 
         def encode(clip, info, masked=False):
-            if not masked or self.timer is None:
+            if not masked:
                 return orig(clip, info, masked)
-            self.timer.mark("forward")
+            timer = self.timer
+            if timer is not None:
+                timer.mark("forward")
             with torch.profiler.record_function("alignment_target"):
                 out = orig(clip, info, masked)
-            self.timer.mark("alignment target")
+            if timer is not None:
+                timer.mark("alignment target")
             return out
 
         model.encode = encode  # instance attribute: the model file is unchanged
