@@ -132,7 +132,16 @@ def official_loss(model: nn.Module, clip: torch.Tensor, bool_masked_pos: torch.T
 # parity and timing
 # ----------------------------------------------------------------------------------------
 def parity(mod, cfg, device, batch: int = 2) -> Dict[str, float]:
-    """Official weights -> ours (strict); loss and grads on one fp32 batch."""
+    """Official weights -> ours (strict); loss and grads on one fp32 batch (TF32 off)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _parity(mod, cfg, device, batch)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _parity(mod, cfg, device, batch: int) -> Dict[str, float]:
     torch.manual_seed(0)
     off = official_model(mod, cfg).to(device).float()
     ours = VideoMAE(cfg).to(device)

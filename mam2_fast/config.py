@@ -61,6 +61,11 @@ class ModelConfig:
                                          # (MSE to per-patch normalized pixels, VideoMAE/MAE-ST
                                          # baselines; no tokenizer)
     grad_checkpointing: bool = False     # recompute each encoder/decoder/regressor block in backward
+    # optical-flow motion target (Table 1f): torchvision RAFT from a local weights file
+    flow_weights: Optional[str] = None
+    flow_variant: str = "raft_large"     # raft_large | raft_small
+    flow_updates: int = 12               # RAFT refinement iterations
+    flow_scale: float = 1.0              # multiplier on the flow in pixels
     drop_path: float = 0.0
     layer_scale_init: float = 0.0        # 0 disables layer scale (regressor, CAE uses 0.1)
     kernels: str = "reference"           # reference | fused | auto
@@ -308,6 +313,11 @@ def validate(cfg: Config) -> None:
     _one_of(m.align_reduction, "model.align_reduction", ("sum", "mean"))
     _one_of(m.motion_target, "model.motion_target", ("rgb_diff", "flow", "clip_order"))
     _one_of(m.appearance_target, "model.appearance_target", ("tokens", "pixels"))
+    if m.use_motion and m.motion_target == "flow":
+        _check(m.flow_weights is not None, "model.flow_weights",
+               "motion_target 'flow' needs a local RAFT weights file (torchvision raft_large state dict)")
+    _one_of(m.flow_variant, "model.flow_variant", ("raft_large", "raft_small"))
+    _check(m.flow_updates >= 1, "model.flow_updates", f"must be >= 1, got {m.flow_updates}")
     _one_of(m.kernels, "model.kernels", ("reference", "fused", "auto"))
     _check(m.use_appearance or m.use_motion, "model.use_appearance",
            "at least one of use_appearance / use_motion must be true")

@@ -48,7 +48,8 @@ def demo_config_dict() -> dict:
     return {
         "name": "finetune_demo",
         "init": "runs/demo",
-        "model": {"preset": "tiny", "img_size": 96, "num_frames": 8, "patch_size": 16, "num_classes": 12,
+        "model": {"preset": "tiny", "img_size": 96, "num_frames": 8, "patch_size": 16, "embed_dim": 128,
+                  "depth": 3, "num_heads": 4, "num_classes": 12,
                   "drop_path": 0.1},
         "data": {"demo": True, "demo_num_videos": 64, "num_frames": 8, "sampling_stride": 2,
                  "input_size": 96, "num_sample": 2, "num_workers": 1},

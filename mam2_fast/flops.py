@@ -364,16 +364,31 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
             dec = m.motion_depth * divided_block(B, T, S_dec, Dd, dhid)
             sf.add(f"motion decoder ({m.motion_depth} blocks)", dec, 2 * dec)
 
-    if m.use_appearance:
+    app_target = getattr(m, "appearance_target", "tokens")
+    motion_target = getattr(m, "motion_target", "rgb_diff")
+    if m.use_appearance and app_target == "pixels":
+        # the pixel head runs on the decoder's whole output set (masked set, or full grid)
+        head = linear(motion_rows, Dd, P * P * C)
+        sf.add("appearance head (pixels)", head, 2 * head)
+    elif m.use_appearance:
         head = linear(app_rows, Dd, K)
         sf.add(f"appearance head (K={K})", head, 2 * head)
         if include_logging:
             sf.add("appearance accuracy (logging)", linear(min(app_rows, 4096), Dd, K), 0, "logging")
-    if m.use_motion:
-        head = linear(motion_rows, Dd, P * P * C)
-        sf.add("motion head", head, 2 * head)
+    if m.use_motion and motion_target == "clip_order":
+        sf.notes.append("motion_target='clip_order': counted as a motion decoder on the masked set without "
+                        "the head; the per-tube [CLS] step and the 2-way head are not counted")
+    elif m.use_motion:
+        out_dim = P * P * (2 if motion_target == "flow" else C)
+        head = linear(motion_rows, Dd, out_dim)
+        sf.add(f"motion head ({motion_target})", head, 2 * head)
+        if motion_target == "flow":
+            sf.notes.append("motion_target='flow': the RAFT flow target is not counted")
+    if getattr(m, "grad_checkpointing", False):
+        sf.notes.append("grad_checkpointing: the backward recomputes each block's forward; those extra "
+                        "FLOPs are not counted (model FLOPs, as MFU conventionally uses)")
 
-    if include_tokenizer and m.use_appearance:
+    if include_tokenizer and m.use_appearance and app_target == "tokens":
         for name, f in tokenizer_flops(cfg.tokenizer, B, T, m.img_size, P, sf.notes).items():
             sf.add(name, f, 0, "tokenizer")
     return sf

@@ -31,7 +31,7 @@ from mam2_fast.train.checkpoint import find_latest, load_checkpoint, rng_state, 
 from mam2_fast.train.metrics import MetricsLogger, Progress
 from mam2_fast.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
 
-LOSS_KEYS = ("loss", "loss_app", "loss_motion", "loss_align", "app_acc")
+LOSS_KEYS = ("loss", "loss_app", "loss_motion", "loss_align", "app_acc", "order_acc")
 
 DEMO_YAML = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -120,6 +120,20 @@ def make_masks(masker: MaskGenerator, batch_size: int, num_sample: int, seed: in
         g = (step_in_epoch * vps + j) * world + rank
         infos.append(masker(1, _generator(seed, "mask", epoch, g, rep)))
     return MaskInfo.cat(infos)
+
+
+def make_order_labels(info: MaskInfo, num_sample: int, seed: int, epoch: int, step_in_epoch: int,
+                      rank: int, world: int) -> torch.Tensor:
+    """Clip-order labels ``[B, Nm]`` keyed like the masks (world-size independent)."""
+    from mam2_fast.models.mam2 import MAM2
+    B, Nm = info.mask_idx.shape
+    vps = B // num_sample
+    rows = []
+    for b in range(B):
+        j, rep = divmod(b, num_sample)
+        g = (step_in_epoch * vps + j) * world + rank
+        rows.append(MAM2.draw_order_labels((1, Nm), torch.device("cpu"), _generator(seed, "order", epoch, g, rep)))
+    return torch.cat(rows)
 
 
 # ----------------------------------------------------------------------------------------
@@ -238,7 +252,7 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
 
     # -- tokenizer and model ---------------------------------------------------------------
     tokenizer = None
-    if cfg.model.use_appearance:
+    if cfg.model.use_appearance and cfg.model.appearance_target == "tokens":
         if ckpt is not None and ckpt.get("tokenizer") is not None:
             tokenizer = build_tokenizer(cfg.tokenizer, cfg.model.patch_size)
             tokenizer.load_state_dict(ckpt["tokenizer"])
@@ -255,6 +269,13 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     n_params = sum(p.numel() for p in model.parameters())
     main_log(f"model: {cfg.model.preset} encoder, {n_params / 1e6:.2f}M parameters, device {device}, "
              f"{world} process(es){' (' + cfg.train.parallel + ')' if dist_info.enabled else ''}")
+    flow_target = None
+    if cfg.model.use_motion and cfg.model.motion_target == "flow":
+        from mam2_fast.targets.flow import FlowTarget
+        flow_target = FlowTarget(cfg.model.patch_size, weights_path=cfg.model.flow_weights,
+                                 variant=cfg.model.flow_variant, num_flow_updates=cfg.model.flow_updates,
+                                 flow_scale=cfg.model.flow_scale).to(device).eval()
+    clip_order = cfg.model.use_motion and cfg.model.motion_target == "clip_order"
     masker = MaskGenerator(cfg.mask.kind, cfg.mask.ratio, cfg.model.num_frames, model.grid,
                            cfg.mask.cube_min_block, cfg.mask.cube_max_aspect)
 
@@ -341,12 +362,20 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
                     with torch.inference_mode():
                         codes = tokenizer.tokenize(denormalize(clip.float(), mean, std))  # [B, T, h, w]
                     codes = codes.flatten(2).clone()                      # [B, T, N]
+                extra = {}
+                if flow_target is not None:
+                    with torch.inference_mode():
+                        flow = flow_target(denormalize(clip.float(), mean, std))   # [B, T, N, P*P*2]
+                    extra["motion_target"] = flow.clone()
+                if clip_order:
+                    extra["order_labels"] = make_order_labels(info, num_sample, cfg.train.seed, epoch, pos,
+                                                              rank, world).to(device)
                 last_micro = micro + 1 == accum
                 sync_ctx = wrapped.no_sync() if (dist_info.enabled and not last_micro
                                                  and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
                 with sync_ctx:
                     with amp:
-                        out = step_model(clip, info, codes)
+                        out = step_model(clip, info, codes, **extra)
                     (out["loss"] / accum).backward()
                 for k in LOSS_KEYS:
                     if k in out:

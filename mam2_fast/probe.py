@@ -97,7 +97,7 @@ def extract_features(encoders: dict, data, device: torch.device, chunk: int = 16
 # ----------------------------------------------------------------------------------------
 # the linear classifier
 # ----------------------------------------------------------------------------------------
-def fit_logistic(x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: int = 200) -> tuple[Tensor, Tensor]:
+def fit_logistic(x: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: int = 100) -> tuple[Tensor, Tensor]:
     """Softmax regression on x [M, D] (standardized), y [M]: (W [D, K], b [K]); L-BFGS, full batch."""
     x = x.double()
     W = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)

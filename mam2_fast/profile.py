@@ -183,17 +183,24 @@ def _denormalize(clip: torch.Tensor, mean, std) -> torch.Tensor:
 def build_tokenizer_for_timing(cfg: Config, device: torch.device, data=None, log=print):
     """The configured tokenizer; random weights when no checkpoint is given (timing only)."""
     t = cfg.tokenizer
-    if not cfg.model.use_appearance:
+    if not cfg.model.use_appearance or getattr(cfg.model, "appearance_target", "tokens") == "pixels":
         return None
     P = cfg.model.patch_size
     if t.kind == "kmeans":
         from mam2_fast.targets.tokenizer import KMeansTokenizer
 
         tok = KMeansTokenizer(t.vocab_size, P, t.kmeans_pool)
-        if data is not None:
-            from mam2_fast.pretrain import prepare_tokenizer
-
-            return prepare_tokenizer(cfg, data, device, log)
+        if data is not None:  # fit on the first clips of the data, as pretrain does
+            frames, n = [], 0
+            for _, batch in data.iter_epoch(0):
+                frames.append(_denormalize(batch["clip"].float().cpu(), cfg.data.mean, cfg.data.std))
+                n += frames[-1].shape[0]
+                if n >= t.kmeans_fit_clips:
+                    break
+            t0 = time.perf_counter()
+            tok.fit(torch.cat(frames)[: t.kmeans_fit_clips], seed=cfg.train.seed)
+            log(f"fitted k-means tokenizer on {min(n, t.kmeans_fit_clips)} clips in {time.perf_counter() - t0:.1f}s")
+            return tok.to(device).eval()
         g = torch.Generator().manual_seed(0)
         cb = torch.randn(t.vocab_size, tok.codebook.shape[1], generator=g)
         tok.codebook.copy_(cb / cb.norm(dim=1, keepdim=True))
@@ -288,6 +295,8 @@ class MAM2Step:
         """One step; returns the (device) loss. Phases: data, tokenizer, forward (incl.
         alignment target when split), backward, optimizer."""
         self.timer = timer
+        if self.compiled == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA-graph trees
         mark = timer.mark if timer is not None else (lambda name: None)
         rf = torch.profiler.record_function
         if timer is not None:
@@ -306,8 +315,14 @@ class MAM2Step:
                 frames = _denormalize(clip.float(), self.cfg.data.mean, self.cfg.data.std)
                 codes = self.tokenizer.tokenize(frames).flatten(2)
             mark("tokenizer")
+        extra = {}
+        if getattr(self.cfg.model, "motion_target", "rgb_diff") == "flow" and self.cfg.model.use_motion:
+            # the RAFT flow target is not part of this profile: a random stand-in of its shape
+            m = self.model
+            extra["motion_target"] = torch.randn(clip.shape[0], clip.shape[1], m.num_patches,
+                                                 m.patch_size * m.patch_size * 2, device=self.device)
         with rf("forward"), autocast_ctx(self.device, self.amp_precision):
-            out = self.forward_fn(clip, info, codes)
+            out = self.forward_fn(clip, info, codes, **extra)
         mark("forward")
         with rf("backward"):
             out["loss"].backward()
@@ -404,6 +419,8 @@ def _run_profile(cfg, warmup, steps, real_data, dataset_size, gpus, peak_tflops,
         batches = real_data_iter(data)
     else:
         batches = iter(SyntheticClips(B, cfg, device))
+    if compile is None and getattr(cfg.train, "compile", False):
+        compile = getattr(cfg.train, "compile_mode", "default")
     runner = MAM2Step(cfg, device, data=data, compile=compile, log=log)
     n_params = sum(p.numel() for p in runner.model.parameters())
     log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, batch {B}, device {device}, "

@@ -39,8 +39,11 @@ def _measure_mam2(cfg, B: int = 2, K: int = 64) -> int:
     m = cfg.model
     clip = torch.randn(B, m.num_frames, 3, m.img_size, m.img_size)
     codes = torch.randint(0, K, (B, m.num_frames, model.num_patches))
+    kw = {}
+    if m.motion_target == "flow":
+        kw["motion_target"] = torch.randn(B, m.num_frames, model.num_patches, m.patch_size ** 2 * 2)
     with FlopCounter() as fc, sdpa_kernel(SDPBackend.MATH):
-        out = model(clip, info, codes)
+        out = model(clip, info, codes, **kw)
         out["loss"].backward()
     return fc.total
 
@@ -53,6 +56,9 @@ def _measure_mam2(cfg, B: int = 2, K: int = 64) -> int:
     ["model.use_regressor=false"],
     ["model.coupled_decoder=true"],
     ["model.use_alignment=false", "model.use_motion=false"],
+    ["model.appearance_target=pixels"],        # VideoMAE-style pixel head, no tokenizer
+    ["model.appearance_target=pixels", "mask.kind=random"],
+    ["model.motion_target=flow"],
 ])
 def test_mam2_count_matches_measured(extra):
     cfg = config_without_data(None, TINY + extra, base=demo_config_dict())

@@ -66,3 +66,30 @@ def test_checkpoint_files_are_complete(tmp_path):
     ck = torch.load(tmp_path / "checkpoint-00000004.pt", weights_only=False)
     assert {"model", "optimizer", "tokenizer", "step", "epoch", "micro_in_epoch", "rng", "config"} <= set(ck)
     assert ck["step"] == 4 and ck["epoch"] == 1 and ck["micro_in_epoch"] == 0
+
+
+@pytest.mark.parametrize("over", [
+    {"motion_target": "clip_order"},
+    {"appearance_target": "pixels"},
+    {"coupled_decoder": True},
+    {"use_regressor": False},
+    {"grad_checkpointing": True},
+], ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_trainer_runs_each_target_and_switch(tmp_path, over):
+    cfg = small_cfg(tmp_path, max_steps=2)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **over))
+    cfg.validate()
+    s = train(cfg, data=SyntheticData(16, 4, 4, 32), log=lambda s: None)
+    rec = s["last"]
+    assert s["steps"] == 2 and all(v == v for v in rec.values() if isinstance(v, float))
+    if over.get("motion_target") == "clip_order":
+        assert "order_acc" in rec
+    if over.get("appearance_target") == "pixels":
+        assert "app_acc" not in rec and "loss_app" in rec
+        assert not (tmp_path / "tokenizer.pt").exists()
+
+
+def test_flow_target_needs_weights():
+    from mam2_fast.config import ConfigError
+    with pytest.raises(ConfigError, match="model.flow_weights"):
+        config_from_dict({"model": {"motion_target": "flow"}, "data": {"demo": True}})

@@ -652,7 +652,7 @@ class MAM2(nn.Module):
             loss_app = kernels.linear_cross_entropy(feat, self.appearance_head.weight,
                                                     self.appearance_head.bias, tgt, backend=self.kernel_backend)
             with torch.no_grad():
-                acc = (self.appearance_head(feat[:4096]).argmax(-1) == tgt[:4096]).float().mean()
+                acc = (self.appearance_head(feat.detach()[:4096]).argmax(-1) == tgt[:4096]).float().mean()
             out["loss_app"], out["app_acc"] = loss_app, acc
             loss = loss + loss_app
 

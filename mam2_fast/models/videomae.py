@@ -292,9 +292,11 @@ class VideoMAE(nn.Module):
         x = self.encoder.head(self.encoder.norm(x))
         x = self.encoder_to_decoder(x)                               # [B, Lv, D']
         B, _, Dd = x.shape
-        pos = self.pos_embed.to(x.dtype).expand(B, -1, -1)
+        # positions in the clip's dtype, as the official ``type_as(x)`` on the input video:
+        # under autocast the decoder's residual stream is then float32, like the official one
+        pos = self.pos_embed.to(clip.dtype).expand(B, -1, -1)
         pos_vis, pos_msk = gather_rows(pos, vis), gather_rows(pos, msk)
-        x = torch.cat([x + pos_vis, self.mask_token.to(x.dtype) + pos_msk], dim=1)
+        x = torch.cat([x + pos_vis, self.mask_token + pos_msk], dim=1)
         for blk in self.decoder.blocks:
             x = blk(x)
         nm = msk.shape[1]
