@@ -28,10 +28,12 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
+    arch: str = "mam2"                   # mam2 | videomae (baseline: plain ViT, tubelet 2, pixels)
     preset: str = "base"                 # tiny | small | base | large (ViT width/depth/heads)
     img_size: int = 224
     num_frames: int = 16
     patch_size: int = 16                 # 1 x P x P patches (tubelet 1)
+    tubelet_size: int = 2                # arch videomae only (MAM^2 uses 1 x P x P patches)
     in_chans: int = 3
     embed_dim: Optional[int] = None      # None: from preset
     depth: Optional[int] = None
@@ -298,7 +300,14 @@ def validate(cfg: Config) -> None:
     from mam2_fast.models.mam2 import PRESETS  # local import: models import config types
 
     m = cfg.model
+    _one_of(m.arch, "model.arch", ("mam2", "videomae"))
     _one_of(m.preset, "model.preset", tuple(PRESETS))
+    if m.arch == "videomae":
+        from mam2_fast.models.videomae import VIDEOMAE_PRESETS
+        _one_of(m.preset, "model.preset", tuple(VIDEOMAE_PRESETS))
+        _check(m.num_frames % m.tubelet_size == 0, "model.num_frames",
+               f"{m.num_frames} must be a multiple of model.tubelet_size ({m.tubelet_size})")
+        _check(cfg.mask.kind == "tube", "mask.kind", "the VideoMAE baseline uses tube masking")
     _check(m.img_size > 0 and m.img_size % m.patch_size == 0, "model.img_size",
            f"{m.img_size} must be a positive multiple of model.patch_size ({m.patch_size})")
     _check(m.num_frames >= 1, "model.num_frames", f"must be >= 1, got {m.num_frames}")

@@ -122,6 +122,19 @@ def make_masks(masker: MaskGenerator, batch_size: int, num_sample: int, seed: in
     return MaskInfo.cat(infos)
 
 
+def build_baseline(cfg: Config):
+    """The VideoMAE baseline (plain ViT, tubelet embedding, pixel target) from a Config."""
+    from mam2_fast.models.videomae import build_videomae, videomae_config
+    m = cfg.model
+    over = {k: v for k, v in dict(embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+                                  decoder_dim=m.decoder_dim, decoder_heads=m.decoder_heads).items() if v is not None}
+    vcfg = videomae_config(m.preset, img_size=m.img_size, num_frames=m.num_frames, tubelet_size=m.tubelet_size,
+                           patch_size=m.patch_size, in_chans=m.in_chans, mlp_ratio=m.mlp_ratio,
+                           drop_path=m.drop_path, mask_ratio=cfg.mask.ratio, decoder_depth=m.appearance_depth,
+                           mean=tuple(cfg.data.mean), std=tuple(cfg.data.std), **over)
+    return build_videomae(vcfg)
+
+
 def make_order_labels(info: MaskInfo, num_sample: int, seed: int, epoch: int, step_in_epoch: int,
                       rank: int, world: int) -> torch.Tensor:
     """Clip-order labels ``[B, Nm]`` keyed like the masks (world-size independent)."""
@@ -252,15 +265,18 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
 
     # -- tokenizer and model ---------------------------------------------------------------
     tokenizer = None
-    if cfg.model.use_appearance and cfg.model.appearance_target == "tokens":
+    if cfg.model.arch == "mam2" and cfg.model.use_appearance and cfg.model.appearance_target == "tokens":
         if ckpt is not None and ckpt.get("tokenizer") is not None:
             tokenizer = build_tokenizer(cfg.tokenizer, cfg.model.patch_size)
             tokenizer.load_state_dict(ckpt["tokenizer"])
             tokenizer = tokenizer.to(device).eval()
         else:
             tokenizer = prepare_tokenizer(cfg, fit_data, device, dist_info, main_log)
-    model = build_model(cfg.model, vocab_size=tokenizer.vocab_size if tokenizer is not None else None).to(device)
-    if cfg.model.kernels != "reference":
+    if cfg.model.arch == "videomae":
+        model = build_baseline(cfg).to(device)
+    else:
+        model = build_model(cfg.model, vocab_size=tokenizer.vocab_size if tokenizer is not None else None).to(device)
+    if cfg.model.kernels != "reference" and hasattr(model, "set_kernel_backend"):
         from mam2_fast.kernels.selfcheck import resolve_backend
         run_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" or (
             cfg.train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())) \
@@ -270,14 +286,17 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     main_log(f"model: {cfg.model.preset} encoder, {n_params / 1e6:.2f}M parameters, device {device}, "
              f"{world} process(es){' (' + cfg.train.parallel + ')' if dist_info.enabled else ''}")
     flow_target = None
-    if cfg.model.use_motion and cfg.model.motion_target == "flow":
+    if cfg.model.arch == "mam2" and cfg.model.use_motion and cfg.model.motion_target == "flow":
         from mam2_fast.targets.flow import FlowTarget
         flow_target = FlowTarget(cfg.model.patch_size, weights_path=cfg.model.flow_weights,
                                  variant=cfg.model.flow_variant, num_flow_updates=cfg.model.flow_updates,
                                  flow_scale=cfg.model.flow_scale).to(device).eval()
-    clip_order = cfg.model.use_motion and cfg.model.motion_target == "clip_order"
-    masker = MaskGenerator(cfg.mask.kind, cfg.mask.ratio, cfg.model.num_frames, model.grid,
-                           cfg.mask.cube_min_block, cfg.mask.cube_max_aspect)
+    clip_order = cfg.model.arch == "mam2" and cfg.model.use_motion and cfg.model.motion_target == "clip_order"
+    if cfg.model.arch == "videomae":
+        masker = model.mask_generator()          # tube over the T / tubelet temporal slices
+    else:
+        masker = MaskGenerator(cfg.mask.kind, cfg.mask.ratio, cfg.model.num_frames, model.grid,
+                               cfg.mask.cube_min_block, cfg.mask.cube_max_aspect)
 
     # -- optimizer and schedule --------------------------------------------------------------
     accum = cfg.train.accum_steps
@@ -294,7 +313,9 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
 
-    wrapped = D.wrap_model(model, dist_info, cfg.train.parallel, device, (DividedBlock, RegressorBlock))
+    from mam2_fast.models import videomae
+    wrapped = D.wrap_model(model, dist_info, cfg.train.parallel, device,
+                           (DividedBlock, RegressorBlock, videomae.Block))
     optimizer = build_optimizer(wrapped, cfg.optim, peak_lr, device)
     step, epoch, micro_pos = 0, 0, 0
     if ckpt is not None:
@@ -375,7 +396,7 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
                                                  and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
                 with sync_ctx:
                     with amp:
-                        out = step_model(clip, info, codes, **extra)
+                        out = step_model(clip, info, **({"codes": codes} if codes is not None else {}), **extra)
                     (out["loss"] / accum).backward()
                 for k in LOSS_KEYS:
                     if k in out:

@@ -31,6 +31,8 @@ def test_table7_presets():
     assert cfgs["ucf101_vit_b"].train.batch_size == 32 and cfgs["ucf101_vit_b"].train.epochs == 1200
     assert cfgs["hmdb51_vit_b"].train.epochs == 1600 and cfgs["hmdb51_vit_b"].optim.warmup_epochs == 40
     assert cfgs["k400_vit_l"].model.preset == "large"
+    vm = cfgs.pop("videomae_baseline_k400")
+    assert vm.model.arch == "videomae" and vm.mask.ratio == 0.9 and vm.model.tubelet_size == 2
     for c in cfgs.values():
         assert c.optim.base_lr == 1.5e-4 and c.optim.weight_decay == 0.05 and tuple(c.optim.betas) == (0.9, 0.95)
         assert c.mask.kind == "tube" and c.mask.ratio == 0.75 and c.data.sampling_stride == 4

@@ -93,3 +93,16 @@ def test_flow_target_needs_weights():
     from mam2_fast.config import ConfigError
     with pytest.raises(ConfigError, match="model.flow_weights"):
         config_from_dict({"model": {"motion_target": "flow"}, "data": {"demo": True}})
+
+
+def test_videomae_baseline_trains_through_the_engine(tmp_path):
+    cfg = small_cfg(tmp_path, max_steps=3)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, arch="videomae", preset="small",
+                                                             embed_dim=32, depth=1, num_heads=2, decoder_dim=16,
+                                                             decoder_heads=2, appearance_depth=1),
+                              mask=dataclasses.replace(cfg.mask, ratio=0.5))
+    cfg.validate()
+    s = train(cfg, data=SyntheticData(16, 4, 4, 32), log=lambda s: None)
+    assert s["steps"] == 3 and s["last"]["loss"] > 0 and "loss_app" not in s["last"]
+    ck = torch.load(tmp_path / "checkpoint-00000003.pt", weights_only=False)
+    assert any(k.startswith("encoder.blocks.0") for k in ck["model"]) and ck["tokenizer"] is None

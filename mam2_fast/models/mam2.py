@@ -730,7 +730,7 @@ def param_groups_for_weight_decay(model: nn.Module, weight_decay: float) -> list
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.startswith("pos_embed") or name == "mask_query" or name.endswith(".bias"):
+        if p.ndim <= 1 or name.startswith("pos_embed") or name in ("mask_query", "mask_token") or name.endswith(".bias"):
             no_decay.append(p)
         else:
             decay.append(p)
