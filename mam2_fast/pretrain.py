@@ -48,7 +48,7 @@ def demo_config_dict() -> dict:
         "data": {"demo": True, "demo_num_videos": 64, "num_frames": 8, "sampling_stride": 2,
                  "input_size": 96, "num_sample": 2, "num_workers": 1},
         "optim": {"base_lr": 1.5e-4, "lr": 5e-4, "warmup_epochs": 4, "clip_grad": 1.0},
-        "train": {"epochs": 40, "batch_size": 8, "output_dir": "runs/demo", "log_every": 10,
+        "train": {"epochs": 60, "batch_size": 8, "output_dir": "runs/demo", "log_every": 10,
                   "save_every": 50, "device": "cpu", "precision": "fp32"},
     }
 
