@@ -58,7 +58,7 @@ def _measure_mam2(cfg, B: int = 2, K: int = 64) -> int:
     ["model.use_alignment=false", "model.use_motion=false"],
     ["model.appearance_target=pixels"],        # VideoMAE-style pixel head, no tokenizer
     ["model.appearance_target=pixels", "mask.kind=random"],
-    ["model.motion_target=flow"],
+    ["model.motion_target=flow", "model.flow_weights=raft.pth"],
 ])
 def test_mam2_count_matches_measured(extra):
     cfg = config_without_data(None, TINY + extra, base=demo_config_dict())

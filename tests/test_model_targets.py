@@ -194,7 +194,7 @@ def test_config_rejects_bad_target_settings(mask_kind, model, key):
 
 def test_config_accepts_target_settings():
     for mask_kind, model in (("tube", {"motion_target": "clip_order"}), ("cube", {"motion_target": "clip_order"}),
-                             ("random", {"motion_target": "flow"}), ("random", {"appearance_target": "pixels"}),
+                             ("random", {"motion_target": "flow", "flow_weights": "raft.pth"}), ("random", {"appearance_target": "pixels"}),
                              ("tube", {"grad_checkpointing": True})):
         validate(_config(mask_kind, **model))
 
