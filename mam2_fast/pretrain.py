@@ -42,7 +42,7 @@ def demo_config_dict() -> dict:
         "name": "demo",
         "model": {"preset": "tiny", "img_size": 96, "num_frames": 8, "patch_size": 16,
                   "embed_dim": 128, "depth": 3, "num_heads": 4,
-                  "regressor_depth": 2, "appearance_depth": 2, "motion_depth": 1},
+                  "regressor_depth": 2, "appearance_depth": 2, "motion_depth": 1, "align_reduction": "mean"},
         "mask": {"kind": "tube", "ratio": 0.75},
         "tokenizer": {"kind": "kmeans", "vocab_size": 64, "kmeans_fit_clips": 48},
         "data": {"demo": True, "demo_num_videos": 64, "num_frames": 8, "sampling_stride": 2,

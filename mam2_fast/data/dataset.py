@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from .backends import Backend, DecodeError, make_backend
-from .sampling import dense_indices, rng_for, segment_indices, test_clip_indices
+from .sampling import dense_indices, rng_for, segment_indices, eval_clip_indices
 from .video_list import VideoRecord
 
 
@@ -41,7 +41,7 @@ class TemporalSampling:
             return [segment_indices(L, self.num_frames, rng if self.train else None)
                     for _ in range(self.num_clips)]
         if self.mode == "test":
-            return test_clip_indices(L, self.num_frames, self.stride, self.num_clips, self.short)
+            return eval_clip_indices(L, self.num_frames, self.stride, self.num_clips, self.short)
         raise ValueError(f"unknown temporal sampling mode {self.mode!r}")
 
 

@@ -4,7 +4,7 @@ Temporal (indices into the decoded video, ``L`` frames):
 
 * :func:`dense_indices`   pre-training (Appendix B): ``T`` frames, stride ``s``, random start.
 * :func:`segment_indices` TSN-style segments (SSv2 fine-tuning): one frame per segment.
-* :func:`test_clip_indices` ``K`` clips evenly spaced over the video (testing).
+* :func:`eval_clip_indices` ``K`` clips evenly spaced over the video (testing).
 
 Clips longer than the video follow one stated rule (``short``): ``"loop"`` wraps the
 index around (``i % L``), ``"pad"`` repeats the last frame (``min(i, L-1)``).
@@ -64,7 +64,7 @@ def segment_indices(num_video_frames: int, num_segments: int,
     return np.asarray(out, dtype=np.int64)
 
 
-def test_clip_indices(num_video_frames: int, num_frames: int, stride: int, num_clips: int,
+def eval_clip_indices(num_video_frames: int, num_frames: int, stride: int, num_clips: int,
                       short: str = "loop") -> List[np.ndarray]:
     """``num_clips`` dense clips with starts evenly spaced from the first to the last valid one."""
     span = (num_frames - 1) * stride + 1
