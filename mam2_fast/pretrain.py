@@ -74,8 +74,25 @@ def resolve_config(args: argparse.Namespace) -> Config:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.config:
         return load_config(args.config, overrides)
+    saved = saved_run_config(args)
+    if saved is not None:  # --resume without --config: the run's own config.json
+        return config_from_dict(_deep_merge(saved, parse_overrides(overrides)))
     data = _deep_merge(demo_config_dict(), parse_overrides(overrides))
     return config_from_dict(data)
+
+
+def saved_run_config(args: argparse.Namespace) -> Optional[dict]:
+    """config.json of the run being resumed (``--resume FILE`` or ``--resume --output-dir DIR``)."""
+    if not args.resume:
+        return None
+    if args.resume != "auto":
+        run_dir = Path(args.resume).expanduser().parent
+    elif args.output_dir:
+        run_dir = Path(args.output_dir).expanduser()
+    else:
+        return None
+    path = run_dir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ----------------------------------------------------------------------------------------
@@ -501,8 +518,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    if args.resume and args.config is None and not args.overrides and args.resume != "auto":
-        pass
     summary = train(cfg, resume=args.resume, log=lambda s: print(f"[mam2_fast] {s}", flush=True))
     print(format_summary(summary), flush=True)
     return 0

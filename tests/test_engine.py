@@ -89,3 +89,13 @@ def test_sigterm_writes_checkpoint_and_resume_continues(tmp_path):
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from" in r.stdout and (out / f"checkpoint-{step + 2:08d}.pt").exists()
+
+
+def test_resume_without_config_reads_the_runs_config(tmp_path):
+    from mam2_fast.pretrain import parse_args, resolve_config
+    cfg = small_cfg(tmp_path / "r", max_steps=2)
+    train(cfg, data=SyntheticData(16, 4, 4, 32), log=lambda s: None)
+    got = resolve_config(parse_args(["--resume", "--output-dir", str(tmp_path / "r"), "train.max_steps=4"]))
+    assert got.model.embed_dim == 64 and got.train.max_steps == 4 and got.train.output_dir == str(tmp_path / "r")
+    got = resolve_config(parse_args(["--resume", str(tmp_path / "r" / "checkpoint-00000002.pt")]))
+    assert got.model.embed_dim == 64
