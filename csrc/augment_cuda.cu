@@ -2,7 +2,8 @@
 // Writes are coalesced along ox; see augment.h for the contract.
 #include "augment.h"
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 namespace mam2 {
@@ -48,7 +49,7 @@ void crop_resize_normalize_cuda(const at::Tensor& src, const at::Tensor& params,
   const int64_t total = params.size(0) * static_cast<int64_t>(T) * OH * OW;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 65535LL * 8);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   if (out.scalar_type() == at::kFloat) {
     crop_resize_normalize_kernel<float><<<blocks, threads, 0, stream>>>(
         src.data_ptr<uint8_t>(), params.data_ptr<int32_t>(), scale.data_ptr<float>(),

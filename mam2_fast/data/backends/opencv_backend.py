@@ -1,5 +1,9 @@
 """OpenCV backend (where installed). Reads sequentially with ``grab`` (skipped frames are not
-converted) because ``CAP_PROP_POS_FRAMES`` seeking is not frame-exact on every build."""
+converted) because ``CAP_PROP_POS_FRAMES`` seeking is not frame-exact on every build.
+
+Known issue: once cv2 has decoded in the main process (``num_workers=0``), ``fork``-started
+workers can deadlock inside cv2; the decode timeout then abandons them. Use
+``mp_context: forkserver`` (needs an ``if __name__ == "__main__"`` guard) with OpenCV."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
