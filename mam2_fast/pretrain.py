@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -32,9 +31,6 @@ from mam2_fast.train.metrics import MetricsLogger, Progress
 from mam2_fast.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
 
 LOSS_KEYS = ("loss", "loss_app", "loss_motion", "loss_align", "app_acc", "order_acc")
-
-DEMO_YAML = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
 
 def demo_config_dict() -> dict:
     """The no-argument demo (kept equal to configs/demo.yaml by a test)."""
@@ -261,6 +257,7 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
 
     # -- data --------------------------------------------------------------------------------
     fit_data = lambda: data  # noqa: E731
+    owns_data = data is None
     if data is None:
         from mam2_fast.data import build_pretrain_data, make_demo_dataset
 
@@ -484,6 +481,8 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
 
     progress.close()
     metrics.close()
+    if owns_data and hasattr(data, "close"):
+        data.close()  # stop decode workers
     summary = {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
                "metrics": str(metrics.jsonl_path), "steps": step, "interrupted": interrupted,
                "skipped_steps": int(skipped.item()),
