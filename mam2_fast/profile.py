@@ -41,6 +41,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
+from mam2_fast.pretrain import autocast_for, select_device  # the trainer's own rules
 from mam2_fast.config import Config, ConfigError
 from mam2_fast.flops import config_without_data, mam2_step_flops
 
@@ -225,23 +226,7 @@ def build_tokenizer_for_timing(cfg: Config, device: torch.device, data=None, log
 
 
 def autocast_ctx(device: torch.device, precision: str):
-    try:
-        from mam2_fast.pretrain import autocast_for
-
-        return autocast_for(device, precision)
-    except ImportError:  # pragma: no cover - pretrain refactored
-        if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def select_device(cfg: Config) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
+    return autocast_for(device, precision)
 
 
 class MAM2Step:
