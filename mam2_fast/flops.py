@@ -23,7 +23,7 @@ trained (backward = 2x forward: grad of inputs + grad of weights)
     appearance decoder (``appearance_depth`` divided blocks on ``[B, T, Nm, D']``) + head to K codes
     motion decoder (``motion_depth`` blocks) + head to ``P*P*C`` (all T frames, frame 0 too)
 no grad (forward only)
-    alignment target: patch embedding again + the encoder on the masked tokens ``[B, T, Nm, D]``
+    alignment target: the encoder on the masked tokens ``[B, T, Nm, D]`` (patch embedding shared)
     appearance accuracy for logging: head on at most 4096 rows (per batch, not per clip)
 tokenizer (forward only, frozen)
     VQGAN: encoder convolutions + mid attention + quant_conv + nearest-code products, per frame
@@ -340,7 +340,7 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
         sf.add("pos_to_decoder", p2d, 2 * p2d)
 
     if m.use_alignment:
-        tgt = embed + depth * divided_block(B, T, S_tgt, D, hid)
+        tgt = depth * divided_block(B, T, S_tgt, D, hid)  # reuses the step's patch embedding
         if Dd != D:
             tgt += linear(B * T * S_tgt, D, Dd)
         sf.add(f"alignment target (no grad, {S_tgt} slots)", tgt, 0, "target")

@@ -262,14 +262,14 @@ class MAM2Step:
     def _wrap_encode(self) -> None:
         model, orig = self.model, self.model.encode
 
-        def encode(clip, info, masked=False):
+        def encode(clip, info, masked=False, patches=None):
             if not masked:
-                return orig(clip, info, masked)
+                return orig(clip, info, masked, patches)
             timer = self.timer
             if timer is not None:
                 timer.mark("forward")
             with torch.profiler.record_function("alignment_target"):
-                out = orig(clip, info, masked)
+                out = orig(clip, info, masked, patches)
             if timer is not None:
                 timer.mark("alignment target")
             return out

@@ -416,9 +416,11 @@ class MAM2(nn.Module):
             x = run_block(blk, x, valid, checkpointed=self.grad_checkpointing)
         return self.norm(x)
 
-    def encode(self, clip: Tensor, info: MaskInfo, masked: bool = False) -> tuple[Tensor, Optional[Tensor]]:
-        """Encoder on the visible (or, for targets, masked) tokens: ``[B, T, S, D]``, valid."""
-        x = self.embed_patches(clip)
+    def encode(self, clip: Tensor, info: MaskInfo, masked: bool = False,
+               patches: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """Encoder on the visible (or, for targets, masked) tokens: ``[B, T, S, D]``, valid.
+        ``patches``: the clip's patch embeddings ``[B, T, N, D]`` when already computed."""
+        x = self.embed_patches(clip) if patches is None else patches
         if info.is_tube:
             idx = info.mask_idx if masked else info.vis_idx
             tokens = kernels.gather_visible_add_pos(x, self.pos_embed_time, self.pos_embed_space, idx,
@@ -574,7 +576,8 @@ class MAM2(nn.Module):
             want = (B, T, self.num_patches, self.patch_size * self.patch_size * 2)
             if tuple(motion_target.shape) != want:
                 raise ValueError(f"motion_target (flow) must be {list(want)}, got {list(motion_target.shape)}")
-        latent, valid_vis = self.encode(clip, info, masked=False)         # [B, T, Nv|N, D]
+        patches = self.embed_patches(clip)                                 # [B, T, N, D], shared
+        latent, valid_vis = self.encode(clip, info, masked=False, patches=patches)  # [B, T, Nv|N, D]
         latent = self.encoder_to_decoder(latent)                           # [B, T, Nv|N, D']
         pos = self.pos_to_decoder(self.pos_grid())                         # [T, N, D']
         valid_m = None if info.is_tube else info.mask
@@ -582,7 +585,7 @@ class MAM2(nn.Module):
         align_target = None
         if cfg.use_alignment:
             with torch.no_grad():
-                target, _ = self.encode(clip, info, masked=True)           # [B, T, Nm|N, D]
+                target, _ = self.encode(clip, info, masked=True, patches=patches)  # [B, T, Nm|N, D]
                 align_target = self.encoder_to_decoder(target).detach()
 
         if self.regressor is not None:
