@@ -19,6 +19,7 @@ Checkpoints (atomic ``checkpoint-<step>.pt`` + ``latest.txt``), resume, progress
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -64,14 +65,10 @@ def demo_config_dict() -> dict:
 # ----------------------------------------------------------------------------------------
 # setup pieces
 # ----------------------------------------------------------------------------------------
-def distributed_env() -> tuple[int, int]:
-    """(rank, world_size). Distributed hook: a launcher (torchrun) sets WORLD_SIZE; wire up
-    ``torch.distributed.init_process_group``, ``DistributedDataParallel(model)`` and per-rank
-    data (``FinetuneTrainData(..., rank, world_size)`` already shards) here."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise NotImplementedError("distributed fine-tuning is not wired yet: see mam2_fast.finetune.distributed_env")
-    return 0, 1
+def distributed_env(device: torch.device):
+    """Join the torchrun process group (DDP; NCCL on GPUs, gloo on CPU) when WORLD_SIZE > 1."""
+    from mam2_fast.train.distributed import init_distributed
+    return init_distributed(device.type)
 
 
 def build_finetune_model(cfg: FinetuneConfig, log=print) -> tuple[VideoClassifier, Optional[dict]]:
@@ -136,8 +133,15 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
     torch.manual_seed(cfg.train.seed)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    from mam2_fast.train import distributed as D
+
     device = select_device(cfg)
-    rank, world = distributed_env()
+    dist_info = distributed_env(device)
+    rank, world = dist_info.rank, dist_info.world_size
+    if device.type == "cuda" and dist_info.enabled:
+        device = torch.device("cuda", dist_info.local_rank)
+    if not dist_info.is_main:
+        log = lambda s: None  # noqa: E731 - rank 0 speaks for the run
     run_dir = Path(cfg.train.output_dir).expanduser()
 
     ckpt = None
@@ -182,6 +186,9 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
     optimizer = build_optimizer(model, cfg, device)
+    if cfg.train.parallel == "fsdp" and dist_info.enabled:
+        raise ConfigError("train.parallel: fine-tuning runs DDP under torchrun; 'fsdp' is for pre-training")
+    wrapped = D.wrap_model(model, dist_info, "ddp", device)   # the raw model keeps the parameter names
     mixup = build_mixup(cfg.aug, cfg.model.num_classes)
     step, epoch, micro_pos = 0, 0, 0
     if ckpt is not None:
@@ -190,9 +197,10 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
         set_rng_state(ckpt["rng"])
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    metrics = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard)
-    progress = Progress(last_step, start=step, enabled=cfg.train.progress)
+    if dist_info.is_main:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    metrics = MetricsLogger(run_dir, tensorboard=cfg.train.tensorboard, enabled=dist_info.is_main)
+    progress = Progress(last_step, start=step, enabled=cfg.train.progress and dist_info.is_main)
     log(f"training {last_step - step} steps ({steps_per_epoch}/epoch, effective batch {effective_batch}, "
         f"peak lr {peak_lr:.2e}, layer decay {cfg.optim.layer_decay}) -> {run_dir}")
 
@@ -218,10 +226,13 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
             label = batch["label"].to(device)                                # [B]
             rng = np.random.default_rng([cfg.train.seed, step, micro, rank, 0x313])
             clip, soft, _ = mixup(clip, label, rng)                          # soft [B, K]
-            with amp:
-                logits = model(clip)                                         # [B, K]
-            loss = soft_target_cross_entropy(logits, soft)
-            (loss / accum).backward()
+            last_micro = micro + 1 == accum
+            sync = wrapped.no_sync() if (dist_info.enabled and not last_micro) else contextlib.nullcontext()
+            with sync:
+                with amp:
+                    logits = wrapped(clip)                                   # [B, K]
+                loss = soft_target_cross_entropy(logits, soft)
+                (loss / accum).backward()
             with torch.no_grad():
                 acc = (logits.argmax(-1) == label).float().mean()
             sums["loss"] = sums.get("loss", 0.0) + loss.detach().float()
@@ -236,14 +247,15 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
 
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
             set_scaled_lr(optimizer, lr)
-            if cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            if torch.isfinite(loss).item():
+            # the all-reduced gradient norm is the same on every rank, so all ranks agree on a skip
+            gnorm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf"))
+            if torch.isfinite(gnorm).item():
                 optimizer.step()
                 nonfinite = 0
             else:
                 nonfinite += 1
-                log(f"step {step}: non-finite loss, update skipped ({nonfinite} in a row)")
+                log(f"step {step}: non-finite gradients, update skipped ({nonfinite} in a row)")
                 if nonfinite >= 5:
                     raise FloatingPointError(f"{nonfinite} non-finite losses in a row at step {step}")
             optimizer.zero_grad(set_to_none=True)
@@ -258,14 +270,18 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                 last_record = rec
                 progress.update(step, f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f} lr {lr:.2e}", rec["clips_per_s"])
                 sums, count, clips, t_log = {}, 0, 0, time.time()
-            if step % cfg.train.save_every == 0 or step == last_step:
+            if (step % cfg.train.save_every == 0 or step == last_step) and dist_info.is_main:
                 last_ckpt = save_checkpoint(run_dir, step, state_dict_for_save(), cfg.train.keep_last)
             end_of_epoch = micro_pos >= data.steps_per_epoch
             if (test_list and cfg.test.every_epochs and end_of_epoch and (epoch + 1) % cfg.test.every_epochs == 0
                     and step < last_step):
-                ev = evaluate_model(model, cfg, test_list, device, amp, run_dir, f"eval-epoch{epoch + 1}", log)
-                metrics.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in ev.items()}})
-                evals.append({"step": step, **ev})
+                if dist_info.is_main:
+                    ev = evaluate_model(model, cfg, test_list, device, amp, run_dir, f"eval-epoch{epoch + 1}", log)
+                    metrics.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in ev.items()}})
+                    evals.append({"step": step, **ev})
+                    model.train()
+                if dist_info.enabled:
+                    torch.distributed.barrier()
             if step >= last_step:
                 break
         else:
@@ -276,13 +292,18 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
 
     progress.close()
     final = None
-    if test_list:
+    if test_list and dist_info.is_main:
         final = evaluate_model(model, cfg, test_list, device, amp, run_dir, "eval", log)
         metrics.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in final.items()}})
     metrics.close()
     if hasattr(data, "close"):
         data.close()
-    return {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
+    ranks_identical = None
+    if dist_info.enabled:
+        ranks_identical = D.weights_identical_across_ranks(model, dist_info, device)
+        log(f"weights identical across {world} ranks: {ranks_identical}")
+        D.cleanup_distributed()
+    return {"ranks_identical": ranks_identical, "run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
             "metrics": str(metrics.jsonl_path), "steps": step, "first": first_record, "last": last_record,
             "evals": evals, "final_eval": final}
 
