@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mam2_fast.masking import MaskGenerator, MaskInfo
+from mam2_fast.models.mam2 import Mlp, drop_path  # same module names as the official code
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,14 +105,6 @@ def sinusoid_table(n_position: int, d_hid: int) -> Tensor:
     return torch.tensor(table, dtype=torch.float32).unsqueeze(0)
 
 
-def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
-
-
 class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, embed_dim: int, tubelet: int, patch: int):
         super().__init__()
@@ -144,17 +137,6 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, L, dh]
         out = F.scaled_dot_product_attention(q, k, v)  # scale dh^-0.5, as qk_scale=None
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
