@@ -66,6 +66,49 @@ class MaskInfo:
         return MaskInfo(mask, vis_idx, mask_idx)
 
 
+@dataclass
+class PackedSegments:
+    """The tokens where ``valid [B, T, N]`` is True, packed in (b, t, n) order, and the
+    attention segments over them (for ``kernels.varlen_attention``):
+
+    * spatial: one segment per (b, t), positions = packed rows in order (no index);
+    * temporal: one segment per (b, n), positions read packed rows through ``temporal_index``
+      (rows sorted by (b, n, t)).
+    """
+    rows: Tensor            # [Ntok] long: flat grid index (b*T + t)*N + n of each packed token
+    spatial_cu: Tensor      # [B*T + 1] int32
+    spatial_max: int
+    temporal_index: Tensor  # [Ntok] int32
+    temporal_cu: Tensor     # [B*N + 1] int32
+    temporal_max: int
+
+    def to(self, device: torch.device) -> "PackedSegments":
+        mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        return PackedSegments(mv(self.rows), mv(self.spatial_cu), self.spatial_max,
+                              mv(self.temporal_index), mv(self.temporal_cu), self.temporal_max)
+
+
+def packed_segments(valid: Tensor) -> PackedSegments:
+    """``valid [B, T, N]`` bool -> :class:`PackedSegments`. Reads counts on the host (build it
+    from the CPU mask, before the mask goes to the device, to avoid a device sync)."""
+    if valid.dim() != 3 or valid.dtype != torch.bool:
+        raise ValueError(f"packed_segments: valid must be bool [B, T, N], got {valid.dtype} {tuple(valid.shape)}")
+    B, T, N = valid.shape
+    rows = valid.reshape(-1).nonzero().squeeze(1)                                   # [Ntok]
+    zero = torch.zeros(1, dtype=torch.int64, device=valid.device)
+    per_frame = valid.sum(dim=2).reshape(-1)                                        # [B*T]
+    per_slot = valid.sum(dim=1).reshape(-1)                                         # [B*N]
+    b, t, n = rows // (T * N), (rows // N) % T, rows % N
+    temporal_index = torch.argsort((b * N + n) * T + t).to(torch.int32)
+    return PackedSegments(
+        rows=rows,
+        spatial_cu=torch.cat([zero, per_frame.cumsum(0)]).to(torch.int32),
+        spatial_max=int(per_frame.max()) if per_frame.numel() else 0,
+        temporal_index=temporal_index,
+        temporal_cu=torch.cat([zero, per_slot.cumsum(0)]).to(torch.int32),
+        temporal_max=int(per_slot.max()) if per_slot.numel() else 0)
+
+
 def num_masked(ratio: float, total: int) -> int:
     """Exact masked count: round(ratio * total), kept within [1, total - 1] when total > 1."""
     n = int(math.floor(ratio * total + 0.5))

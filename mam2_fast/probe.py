@@ -41,6 +41,7 @@ from mam2_fast.models.classifier import VideoEncoder
 
 ALIASES = {"shape": "label//4", "direction": "label%4"}
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1)          # logistic: absolute L2
+DEMO_TRAIN_VIDEOS, DEMO_TEST_VIDEOS = 144, 96
 RIDGE_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge: L2 per sample
 
 
@@ -199,7 +200,7 @@ def random_encoder(arch: dict, seed: int) -> VideoEncoder:
     return VideoEncoder(encoder_config_from_arch(arch)).requires_grad_(False).eval()
 
 
-def demo_probe_lists(demo_dir: str, train_videos: int = 144, test_videos: int = 96) -> tuple[str, str]:
+def demo_probe_lists(demo_dir: str, train_videos: int = DEMO_TRAIN_VIDEOS, test_videos: int = DEMO_TEST_VIDEOS) -> tuple[str, str]:
     from mam2_fast.data import make_demo_dataset
 
     root = os.path.expanduser(demo_dir).rstrip("/")
@@ -243,6 +244,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--compare-random", action="store_true", help="also probe randomly initialized encoders")
     ap.add_argument("--random-seeds", type=int, default=1, help="random encoders to average (with --compare-random)")
     ap.add_argument("--demo-dir", default="~/.cache/mam2_fast/demo")
+    ap.add_argument("--demo-train-videos", type=int, default=DEMO_TRAIN_VIDEOS, help="demo probe-train videos")
+    ap.add_argument("--demo-test-videos", type=int, default=DEMO_TEST_VIDEOS, help="demo probe-test videos")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--out", help="JSON report (default: probe.json beside the weights)")
@@ -265,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if demo != (args.test_list is None):
         print("probe error: give both --train-list and --test-list, or neither (demo)", file=sys.stderr)
         return 2
-    train_list, test_list = demo_probe_lists(args.demo_dir) if demo else (args.train_list, args.test_list)
+    train_list, test_list = demo_probe_lists(args.demo_dir, args.demo_train_videos, args.demo_test_videos) if demo else (args.train_list, args.test_list)
     targets = (args.targets or ("label,shape,direction" if demo else "label")).split(",")
     stride = args.stride
     if stride is None:

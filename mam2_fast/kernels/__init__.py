@@ -1,6 +1,6 @@
 """Kernel dispatch: each op has a plain PyTorch reference (``reference.py``) and a fused
-Triton implementation (``attention.py``, ``gather.py``, ``rgb_diff_loss.py``,
-``linear_ce.py``). ``backend`` is
+Triton implementation (``attention.py``, ``varlen.py``, ``gather.py``,
+``rgb_diff_loss.py``, ``linear_ce.py``). ``backend`` is
 
 * ``"reference"``: always the PyTorch reference;
 * ``"fused"``: the Triton kernels; CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``
@@ -58,6 +58,11 @@ def _attention():
     return attention
 
 
+def _varlen():
+    from mam2_fast.kernels import varlen
+    return varlen
+
+
 def _gather():
     from mam2_fast.kernels import gather
     return gather
@@ -79,6 +84,15 @@ def factorized_attention(qkv: Tensor, mode: str, valid: Optional[Tensor] = None,
     if _use_fused(backend, qkv, valid):
         return _attention().factorized_attention_fused(qkv, mode, valid, scale)
     return ref.factorized_attention_ref(qkv, mode, valid, scale)
+
+
+def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index: Optional[Tensor] = None,
+                     scale: Optional[float] = None, backend: str = "reference") -> Tensor:
+    """Packed qkv ``[Ntok, 3, H, dh]``, segments ``cu_seqlens [G+1]`` int32, optional position ->
+    row ``index [Ntok]`` -> ``[Ntok, H*dh]``; see ``reference.varlen_attention_ref``."""
+    if _use_fused(backend, qkv, cu_seqlens, index):
+        return _varlen().varlen_attention_fused(qkv, cu_seqlens, max_seqlen, index, scale)
+    return ref.varlen_attention_ref(qkv, cu_seqlens, max_seqlen, index, scale)
 
 
 def gather_visible_add_pos(x: Tensor, pos_t: Tensor, pos_s: Tensor, idx: Tensor,

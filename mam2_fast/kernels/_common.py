@@ -8,9 +8,15 @@ import torch
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+# Set only by kernels/compile_check.py: the wrappers then accept CPU tensors and pick their GPU
+# launch configurations, while every launch is compiled for a GPU target instead of run.
+COMPILE_ONLY = False
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if COMPILE_ONLY:
+        return False
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
@@ -23,7 +29,7 @@ def check_device(name: str, *tensors: torch.Tensor) -> None:
     for t in tensors:
         if t is None:
             continue
-        if t.device.type == "cpu" and not interpreting():
+        if t.device.type == "cpu" and not (interpreting() or COMPILE_ONLY):
             raise RuntimeError(
                 f"{name}: fused Triton kernel got a CPU tensor; set TRITON_INTERPRET=1 (before "
                 "triton is imported) to run it in the interpreter, or use backend='reference'")

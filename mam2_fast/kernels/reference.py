@@ -84,6 +84,31 @@ def factorized_attention_ref(qkv: Tensor, mode: str, valid: Optional[Tensor] = N
     return out
 
 
+def varlen_attention_ref(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index: Optional[Tensor] = None,
+                         scale: Optional[float] = None) -> Tensor:
+    """Attention within segments of packed tokens (see ``kernels/varlen.py``).
+
+    qkv ``[Ntok, 3, H, dh]``; segment g holds sequence positions ``cu_seqlens[g] ..
+    cu_seqlens[g+1]-1``; position p is packed row ``index[p]`` (row p without index). Every
+    row must lie in exactly one segment. Returns ``[Ntok, H*dh]``.
+    """
+    ntok, three, H, dh = qkv.shape
+    assert three == 3, f"qkv must be [Ntok, 3, H, dh], got {tuple(qkv.shape)}"
+    cu = cu_seqlens.long()
+    G = cu.numel() - 1
+    lens = cu[1:] - cu[:-1]                                             # [G]
+    seg = torch.repeat_interleave(torch.arange(G, device=qkv.device), lens)  # [Ntok] segment of position p
+    slot = torch.arange(ntok, device=qkv.device) - cu[:-1][seg]         # [Ntok] place within it
+    rows = torch.arange(ntok, device=qkv.device) if index is None else index.long()
+    padded = qkv.new_zeros(G, max_seqlen, 3, H, dh).index_put((seg, slot), qkv[rows])  # [G, L, 3, H, dh]
+    valid = torch.zeros(G, max_seqlen, dtype=torch.bool, device=qkv.device)
+    valid[seg, slot] = True
+    q, k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)                   # each [G, H, L, dh]
+    out = attention_ref(q, k, v, valid[:, None, :].expand(G, H, max_seqlen), scale)  # [G, H, L, dh]
+    out = out.transpose(1, 2)[seg, slot].reshape(ntok, H * dh)          # position order
+    return out.new_zeros(ntok, H * dh).index_put((rows,), out)         # back to row order
+
+
 # ----------------------------------------------------------------------------------------
 # masked gather / scatter
 # ----------------------------------------------------------------------------------------

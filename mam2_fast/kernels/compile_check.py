@@ -1,0 +1,212 @@
+"""Compile every fused Triton kernel for a GPU target on a machine without a GPU.
+
+    python -m mam2_fast.kernels.compile_check            # sm_90 (H100/H200), a fixed set of cases
+    python -m mam2_fast.kernels.compile_check --arch 80  # A100
+
+The interpreter parity tests (``TRITON_INTERPRET=1``) prove the kernels compute the right
+thing, but the interpreter accepts code the real compiler rejects (``tl.dot`` shape and dtype
+rules, register/shared-memory limits, layout conversions). This check runs the public fused
+functions, forward and backward, on CPU tensors at real launch configurations (the GPU block
+sizes, not the interpreter's) and hands each kernel launch to ``triton.compile`` for
+``GPUTarget("cuda", arch, 32)`` instead of running it: Triton -> TTIR -> TTGIR -> LLVM -> PTX
+-> cubin (ptxas ships with Triton). Nothing is executed, so outputs are garbage; what is checked
+is that every specialization the model can launch compiles under this Triton version and fits
+the architecture's shared memory per block (else the launch fails "out of resources"). It needs
+Triton's NVIDIA backend (in the Linux wheels) but no driver and no GPU.
+
+Each distinct (kernel, signature, constexprs, options) is compiled once. The report lists the
+kernels with their shared memory and register counts per thread where the backend gives them.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, List
+
+import torch
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+                torch.uint8: "u8", torch.bool: "i1", torch.float64: "fp64"}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+# opt-in shared memory per block (bytes): a launch above it fails with "out of resources"
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+def _arg_type(name: str, value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPE_NAMES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2 ** 31) <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"compile_check: argument {name} has unsupported type {type(value).__name__}")
+
+
+@contextmanager
+def compile_instead_of_launch(arch: int = 90, log: Callable[[str], None] = None):
+    """Within the block, ``kernel[grid](...)`` compiles the launch for ``sm_<arch>`` and returns
+    without running it. Yields the list of compiled records (dicts)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from mam2_fast.kernels import _common
+
+    target = GPUTarget("cuda", arch, 32)
+    records: List[dict] = []
+    seen: Dict[tuple, dict] = {}
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+        bound = inspect.signature(self.fn).bind(*args, **kwargs)
+        bound.apply_defaults()
+        constexpr_names = {p.name for p in self.params if p.is_constexpr}
+        signature, constexprs = {}, {}
+        for name, value in bound.arguments.items():
+            if name in constexpr_names or value is None:
+                signature[name] = "constexpr"
+                constexprs[name] = value
+            else:
+                signature[name] = _arg_type(name, value)
+        key = (self.fn.__qualname__, tuple(signature.items()), tuple(sorted(constexprs.items())),
+               tuple(sorted(options.items())))
+        if key in seen:
+            return None
+        t0 = time.time()
+        compiled = triton.compile(ASTSource(self, signature, constexprs), target=target, options=options)
+        meta = getattr(compiled, "metadata", None)
+        rec = {"kernel": self.fn.__name__, "seconds": time.time() - t0,
+               "shared": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
+               "constexprs": {k: v for k, v in constexprs.items() if v is not None},
+               "pointers": {k: v for k, v in signature.items() if v.startswith("*")}}
+        asm = getattr(compiled, "asm", {}) or {}
+        if "cubin" not in asm:
+            raise RuntimeError(f"compile_check: {self.fn.__name__} produced no cubin ({sorted(asm)})")
+        limit = SHARED_LIMIT.get(arch)
+        if limit is not None and rec["shared"] is not None and rec["shared"] > limit:
+            raise RuntimeError(f"compile_check: {rec['kernel']} {rec['constexprs']} needs {rec['shared']} B of "
+                               f"shared memory, sm_{arch} allows {limit} B per block")
+        seen[key] = rec
+        records.append(rec)
+        if log:
+            log(f"  {rec['kernel']:<28} {rec['seconds']:5.1f}s  shared {rec['shared']}  "
+                f"warps {rec['num_warps']}  {rec['constexprs']}")
+        return None
+
+    JITFunction.run = run
+    _common.COMPILE_ONLY = True
+    try:
+        yield records
+    finally:
+        JITFunction.run = original
+        _common.COMPILE_ONLY = False
+
+
+# ----------------------------------------------------------------------------------------
+# the launches the model makes (small tensors: only the specializations matter)
+# ----------------------------------------------------------------------------------------
+def _attention_cases(dtype: torch.dtype, dh: int, quick: bool):
+    from mam2_fast.kernels.attention import factorized_attention_fused
+
+    H = 2
+    for mode, (T, S) in (("temporal", (16, 5)), ("spatial", (2, 49)), ("spatial", (2, 196))):
+        for with_valid in ((False,) if quick else (False, True)):
+            qkv = torch.randn(1, T, S, 3 * H * dh, dtype=dtype).view(1, T, S, 3, H, dh).requires_grad_()
+            valid = torch.rand(1, T, S) < 0.7 if with_valid else None
+            out = factorized_attention_fused(qkv, mode, valid)
+            out.backward(torch.randn_like(out))
+
+
+def _varlen_cases(dtype: torch.dtype, dh: int):
+    from mam2_fast.kernels.varlen import varlen_attention_fused
+
+    H = 2
+    for lengths, permute in (([16, 9, 0, 5], True), ([49, 60, 0, 33], False)):  # temporal / spatial sets
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0).to(torch.int32)
+        ntok = int(cu[-1])
+        index = torch.randperm(ntok).to(torch.int32) if permute else None
+        qkv = torch.randn(ntok, 3 * H * dh, dtype=dtype).view(ntok, 3, H, dh).requires_grad_()
+        out = varlen_attention_fused(qkv, cu, max(lengths), index)
+        out.backward(torch.randn_like(out))
+
+
+def _gather_cases(dtype: torch.dtype, D: int):
+    from mam2_fast.kernels.gather import gather_tokens_fused, gather_visible_add_pos_fused
+
+    B, T, N, Nv = 2, 3, 14, 4
+    x = torch.randn(B, T, N, D, dtype=dtype, requires_grad=True)
+    pos_t = torch.randn(T, D, dtype=dtype, requires_grad=True)
+    pos_s = torch.randn(N, D, dtype=dtype, requires_grad=True)
+    idx = torch.stack([torch.randperm(N)[:Nv] for _ in range(B)])
+    y = gather_visible_add_pos_fused(x, pos_t, pos_s, idx)
+    y.backward(torch.randn_like(y))
+    z = gather_tokens_fused(x.detach().requires_grad_(), idx)
+    z.backward(torch.randn_like(z))
+
+
+def _rgb_diff_cases(dtype: torch.dtype, patch: int):
+    from mam2_fast.kernels.rgb_diff_loss import rgb_diff_mse_tube_fused
+
+    B, T, h, w = 2, 4, 3, 2
+    clip = torch.randn(B, T, 3, h * patch, w * patch, dtype=dtype)
+    idx = torch.stack([torch.randperm(h * w)[:3] for _ in range(B)])
+    pred = torch.randn(B, T, 3, 3 * patch * patch, dtype=dtype, requires_grad=True)   # [B, T, Nm, P*P*C]
+    rgb_diff_mse_tube_fused(clip, pred, idx, patch).backward()
+
+
+def _linear_ce_cases(dtype: torch.dtype, K: int):
+    from mam2_fast.kernels.linear_ce import linear_cross_entropy_fused
+
+    x = torch.randn(8, 32, dtype=dtype, requires_grad=True)
+    w = torch.randn(K, 32, dtype=dtype, requires_grad=True)
+    b = torch.randn(K, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, K, (8,))
+    linear_cross_entropy_fused(x, w, b, y, -100).backward()
+
+
+def run_checks(arch: int = 90, quick: bool = False, log: Callable[[str], None] = print) -> List[dict]:
+    """Compile the model's kernel launches for ``sm_<arch>``; returns the compiled records."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("compile_check: unset TRITON_INTERPRET (the kernels must be JIT functions)")
+    dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32)
+    with compile_instead_of_launch(arch, log) as records:
+        for dtype in dtypes:
+            for dh in ((64,) if quick else (32, 64, 80, 128)):
+                _attention_cases(dtype, dh, quick)
+                _varlen_cases(dtype, dh)
+            for D in ((768,) if quick else (384, 768, 1024)):
+                _gather_cases(dtype, D)
+            _rgb_diff_cases(dtype, 16)
+            for K in ((16384,) if quick else (8192, 16384)):
+                _linear_ce_cases(dtype, K)
+    return records
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mam2_fast.kernels.compile_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100/H200)")
+    ap.add_argument("--quick", action="store_true", help="bf16 and one size per kernel only")
+    args = ap.parse_args(argv)
+    import triton
+
+    print(f"triton {triton.__version__}, torch {torch.__version__}: compiling for sm_{args.arch}")
+    t0 = time.time()
+    records = run_checks(args.arch, args.quick)
+    kernels = sorted({r["kernel"] for r in records})
+    print(f"ok: {len(records)} specializations of {len(kernels)} kernels compiled to cubin in "
+          f"{time.time() - t0:.0f}s ({', '.join(kernels)})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""Fused attention over packed variable-length token sets (random / cube / frame masking).
+
+With masks whose visible sets differ per frame or per sample, padding every set to the full
+grid wastes ``1 / (1 - ratio)`` of the attention work (4x at ratio 0.75). Here the visible
+tokens of a batch are packed into one ``[Ntok, 3, H, dh]`` qkv tensor (any strides: usually a
+view of the ``[Ntok, 3*H*dh]`` Linear output) and each attention problem is one segment:
+
+* ``cu_seqlens [G+1]`` int32: segment g is sequence positions ``cu[g] .. cu[g+1]-1``;
+* ``index [Ntok]`` (optional, int32/int64): sequence position p reads and writes packed row
+  ``index[p]``; without it, position p is row p.
+
+For tokens packed in (b, t, s) order, spatial attention is ``index=None`` with one segment per
+(b, t); temporal attention reuses the same packed tensor with ``index`` = the rows sorted by
+(b, s, t) and one segment per (b, s) -- no copies, only a permutation read by the kernel.
+``index`` must be a permutation and ``cu_seqlens[-1] == Ntok`` (every row in exactly one
+segment; not checked on the device). ``max_seqlen`` (host int) bounds the grid, as in
+flash-attn's varlen API.
+
+Forward: online softmax (fp32, base 2) per (query block, segment, head), saves the logsumexp
+per (head, position). Backward: FlashAttention-2 recompute, a dK/dV kernel and a dQ kernel,
+no atomics. Empty segments are allowed. The reference is
+:func:`mam2_fast.kernels.reference.varlen_attention_ref`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mam2_fast.kernels._common import check_device, check_float, interpreting, next_pow2
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DH_MAX = 256
+
+
+@triton.jit
+def _rows(INDEX, pos, ok, HAS_INDEX: tl.constexpr):
+    """Packed row of each sequence position (int64)."""
+    if HAS_INDEX:
+        return tl.load(INDEX + pos, mask=ok, other=0).to(tl.int64)
+    return pos.to(tl.int64)
+
+
+@triton.jit
+def _varlen_fwd_kernel(
+    QKV, O, LSE, CU, INDEX,
+    s_qr, s_q3, s_qh, s_qd,      # qkv strides (row, which, head, dim)
+    s_or, s_oh, s_od,            # out strides (row, head, dim)
+    NTOK, H, DH, qk_scale,       # qk_scale = softmax scale * log2(e)
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)  # over G * H
+    h = pid % H
+    g = pid // H
+    start = tl.load(CU + g)
+    L = tl.load(CU + g + 1) - start
+    if pid_m * BLOCK_M < L:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_in = offs_m < L
+        d_in = offs_d < DH
+        q_rows = _rows(INDEX, start + offs_m, m_in, HAS_INDEX)
+        head = h.to(tl.int64) * s_qh
+        q = tl.load(QKV + head + q_rows[:, None] * s_qr + offs_d[None, :] * s_qd,
+                    mask=m_in[:, None] & d_in[None, :], other=0.0)  # [M, D]
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, L, BLOCK_N):
+            cols = start_n + offs_n
+            n_in = cols < L
+            k_rows = _rows(INDEX, start + cols, n_in, HAS_INDEX)
+            kd = n_in[:, None] & d_in[None, :]
+            k = tl.load(QKV + head + s_q3 + k_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=kd, other=0.0)
+            v = tl.load(QKV + head + 2 * s_q3 + k_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=kd, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] fp32
+            s = tl.where(n_in[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]  # every valid query has at least itself as key
+        tl.store(O + h.to(tl.int64) * s_oh + q_rows[:, None] * s_or + offs_d[None, :] * s_od,
+                 out.to(O.dtype.element_ty), mask=m_in[:, None] & d_in[None, :])
+        tl.store(LSE + h.to(tl.int64) * NTOK + start + offs_m, m_i + tl.log2(l_i), mask=m_in)
+
+
+@triton.jit
+def _varlen_bwd_preprocess(
+    O, DO, DELTA, CU, INDEX,
+    s_or, s_oh, s_od, s_dr, s_dh, s_dd,
+    NTOK, H, DH,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[h, pos] = sum_d dO[row, h, d] * O[row, h, d]."""
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    h = pid % H
+    g = pid // H
+    start = tl.load(CU + g)
+    L = tl.load(CU + g + 1) - start
+    if pid_m * BLOCK_M < L:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_in = offs_m < L
+        md = m_in[:, None] & (offs_d < DH)[None, :]
+        rows = _rows(INDEX, start + offs_m, m_in, HAS_INDEX)
+        o = tl.load(O + h.to(tl.int64) * s_oh + rows[:, None] * s_or + offs_d[None, :] * s_od, mask=md, other=0.0)
+        do = tl.load(DO + h.to(tl.int64) * s_dh + rows[:, None] * s_dr + offs_d[None, :] * s_dd, mask=md, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + h.to(tl.int64) * NTOK + start + offs_m, delta, mask=m_in)
+
+
+@triton.jit
+def _varlen_bwd_dkdv_kernel(
+    QKV, DO, LSE, DELTA, CU, INDEX, DQKV,
+    s_qr, s_q3, s_qh, s_qd,
+    s_dr, s_dh, s_dd,
+    s_gr, s_g3, s_gh, s_gd,
+    NTOK, H, DH, qk_scale, sm_scale,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid = tl.program_id(1)
+    h = pid % H
+    g = pid // H
+    start = tl.load(CU + g)
+    L = tl.load(CU + g + 1) - start
+    if pid_n * BLOCK_N < L:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_in = offs_d < DH
+        n_in = offs_n < L
+        nd = n_in[:, None] & d_in[None, :]
+        head = h.to(tl.int64) * s_qh
+        k_rows = _rows(INDEX, start + offs_n, n_in, HAS_INDEX)
+        k = tl.load(QKV + head + s_q3 + k_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=nd, other=0.0)
+        v = tl.load(QKV + head + 2 * s_q3 + k_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=nd, other=0.0)
+        stat = h.to(tl.int64) * NTOK + start
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, L, BLOCK_M):
+            pos = start_m + offs_m
+            m_in = pos < L
+            md = m_in[:, None] & d_in[None, :]
+            q_rows = _rows(INDEX, start + pos, m_in, HAS_INDEX)
+            q = tl.load(QKV + head + q_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=md, other=0.0)
+            do = tl.load(DO + h.to(tl.int64) * s_dh + q_rows[:, None] * s_dr + offs_d[None, :] * s_dd,
+                         mask=md, other=0.0)
+            lse = tl.load(LSE + stat + pos, mask=m_in, other=1.0e30)
+            delta = tl.load(DELTA + stat + pos, mask=m_in, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N]
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where(m_in[:, None] & n_in[None, :], p, 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [M, N]
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk = dk * sm_scale
+        g_head = DQKV + h.to(tl.int64) * s_gh
+        tl.store(g_head + s_g3 + k_rows[:, None] * s_gr + offs_d[None, :] * s_gd,
+                 dk.to(DQKV.dtype.element_ty), mask=nd)
+        tl.store(g_head + 2 * s_g3 + k_rows[:, None] * s_gr + offs_d[None, :] * s_gd,
+                 dv.to(DQKV.dtype.element_ty), mask=nd)
+
+
+@triton.jit
+def _varlen_bwd_dq_kernel(
+    QKV, DO, LSE, DELTA, CU, INDEX, DQKV,
+    s_qr, s_q3, s_qh, s_qd,
+    s_dr, s_dh, s_dd,
+    s_gr, s_g3, s_gh, s_gd,
+    NTOK, H, DH, qk_scale, sm_scale,
+    HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid = tl.program_id(1)
+    h = pid % H
+    g = pid // H
+    start = tl.load(CU + g)
+    L = tl.load(CU + g + 1) - start
+    if pid_m * BLOCK_M < L:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_in = offs_d < DH
+        m_in = offs_m < L
+        md = m_in[:, None] & d_in[None, :]
+        head = h.to(tl.int64) * s_qh
+        q_rows = _rows(INDEX, start + offs_m, m_in, HAS_INDEX)
+        q = tl.load(QKV + head + q_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=md, other=0.0)
+        do = tl.load(DO + h.to(tl.int64) * s_dh + q_rows[:, None] * s_dr + offs_d[None, :] * s_dd,
+                     mask=md, other=0.0)
+        stat = h.to(tl.int64) * NTOK + start
+        lse = tl.load(LSE + stat + offs_m, mask=m_in, other=1.0e30)
+        delta = tl.load(DELTA + stat + offs_m, mask=m_in, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, L, BLOCK_N):
+            cols = start_n + offs_n
+            n_in = cols < L
+            nd = n_in[:, None] & d_in[None, :]
+            k_rows = _rows(INDEX, start + cols, n_in, HAS_INDEX)
+            k = tl.load(QKV + head + s_q3 + k_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=nd, other=0.0)
+            v = tl.load(QKV + head + 2 * s_q3 + k_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=nd, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            p = tl.exp2(s - lse[:, None])
+            p = tl.where(m_in[:, None] & n_in[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = dq * sm_scale
+        tl.store(DQKV + h.to(tl.int64) * s_gh + q_rows[:, None] * s_gr + offs_d[None, :] * s_gd,
+                 dq.to(DQKV.dtype.element_ty), mask=md)
+
+
+# ----------------------------------------------------------------------------------------
+# launch helpers
+# ----------------------------------------------------------------------------------------
+def _blocks(max_seqlen: int, dh: int):
+    block_d = max(16, next_pow2(dh))
+    if interpreting():
+        blk = 16 if max_seqlen <= 16 else 32
+        return blk, blk, block_d, 1
+    if max_seqlen <= 32:  # temporal sets (T <= 32): one block covers the sequence
+        blk = max(16, next_pow2(max_seqlen))
+        return blk, blk, block_d, 4
+    return 64, 64, block_d, 4
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _index_arg(index: Optional[Tensor], cu: Tensor) -> Tensor:
+    return cu if index is None else index  # dummy pointer when HAS_INDEX=False
+
+
+def _fwd(qkv: Tensor, cu: Tensor, index: Optional[Tensor], max_seqlen: int, scale: float) -> Tuple[Tensor, Tensor]:
+    ntok, _, H, dh = qkv.shape
+    G = cu.numel() - 1
+    out = torch.empty(ntok, H * dh, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(H, ntok, device=qkv.device, dtype=torch.float32)
+    if out.numel() == 0 or G == 0 or max_seqlen == 0:
+        return out, lse
+    o3 = out.view(ntok, H, dh)
+    BM, BN, BD, warps = _blocks(max_seqlen, dh)
+    _varlen_fwd_kernel[(triton.cdiv(max_seqlen, BM), G * H)](
+        qkv, o3, lse, cu, _index_arg(index, cu), *qkv.stride(), *o3.stride(),
+        ntok, H, dh, scale * _LOG2E,
+        HAS_INDEX=index is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+        PRECISION=_precision(qkv.dtype), num_warps=warps)
+    return out, lse
+
+
+def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu: Tensor, index: Optional[Tensor],
+         max_seqlen: int, scale: float) -> Tensor:
+    ntok, _, H, dh = qkv.shape
+    G = cu.numel() - 1
+    dqkv = torch.empty(ntok, 3, H, dh, device=qkv.device, dtype=qkv.dtype)
+    if dqkv.numel() == 0 or G == 0 or max_seqlen == 0:
+        return dqkv.zero_()
+    grad_out = grad_out.to(qkv.dtype)
+    do3 = grad_out.view(ntok, H, dh) if grad_out.stride(-1) == 1 else grad_out.contiguous().view(ntok, H, dh)
+    o3 = out.view(ntok, H, dh)
+    delta = torch.empty_like(lse)
+    BM, BN, BD, warps = _blocks(max_seqlen, dh)
+    ia, has_index = _index_arg(index, cu), index is not None
+    _varlen_bwd_preprocess[(triton.cdiv(max_seqlen, BM), G * H)](
+        o3, do3, delta, cu, ia, *o3.stride(), *do3.stride(), ntok, H, dh,
+        HAS_INDEX=has_index, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps)
+    args = (qkv, do3, lse, delta, cu, ia, dqkv, *qkv.stride(), *do3.stride(), *dqkv.stride(),
+            ntok, H, dh, scale * _LOG2E, scale)
+    common = dict(HAS_INDEX=has_index, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+                  PRECISION=_precision(qkv.dtype), num_warps=warps)
+    _varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, BN), G * H)](*args, **common)
+    _varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, BM), G * H)](*args, **common)
+    return dqkv
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library custom ops
+# ----------------------------------------------------------------------------------------
+@torch.library.custom_op("mam2_fast::varlen_attention_fwd", mutates_args=())
+def _fwd_op(qkv: Tensor, cu_seqlens: Tensor, index: Optional[Tensor], max_seqlen: int,
+            scale: float) -> Tuple[Tensor, Tensor]:
+    return _fwd(qkv, cu_seqlens, index, max_seqlen, scale)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(qkv, cu_seqlens, index, max_seqlen, scale):
+    ntok, _, H, dh = qkv.shape
+    return qkv.new_empty(ntok, H * dh), qkv.new_empty(H, ntok, dtype=torch.float32)
+
+
+@torch.library.custom_op("mam2_fast::varlen_attention_bwd", mutates_args=())
+def _bwd_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+            index: Optional[Tensor], max_seqlen: int, scale: float) -> Tensor:
+    return _bwd(grad_out, qkv, out, lse, cu_seqlens, index, max_seqlen, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, qkv, out, lse, cu_seqlens, index, max_seqlen, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, cu, index, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, cu, index)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    qkv, out, lse, cu, index = ctx.saved_tensors
+    dqkv = _bwd_op(grad_out, qkv, out, lse, cu, index, ctx.max_seqlen, ctx.scale)
+    return dqkv, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# public function
+# ----------------------------------------------------------------------------------------
+def varlen_attention_fused(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index: Optional[Tensor] = None,
+                           scale: Optional[float] = None) -> Tensor:
+    """Fused equivalent of :func:`reference.varlen_attention_ref`.
+
+    qkv ``[Ntok, 3, H, dh]`` (any strides), cu_seqlens ``[G+1]`` int32, index ``[Ntok]`` int
+    or None, max_seqlen >= the longest segment -> ``[Ntok, H*dh]`` contiguous, qkv's dtype.
+    """
+    name = "varlen_attention"
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"{name}: qkv must be [Ntok, 3, H, dh], got {tuple(qkv.shape)}")
+    check_float(name, "qkv", qkv)
+    if qkv.shape[-1] > _SUPPORTED_DH_MAX:
+        raise ValueError(f"{name}: head dim {qkv.shape[-1]} > {_SUPPORTED_DH_MAX} is not supported")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{name}: cu_seqlens must be a 1-D int32 tensor [G+1], got "
+                         f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    if index is not None and (index.shape != (qkv.shape[0],) or index.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"{name}: index must be int32/int64 [Ntok={qkv.shape[0]}], got "
+                         f"{index.dtype} {tuple(index.shape)}")
+    for what, t in (("cu_seqlens", cu_seqlens), ("index", index)):
+        if t is not None and t.device != qkv.device:
+            raise ValueError(f"{name}: {what} is on {t.device}, qkv on {qkv.device}")
+    check_device(name, qkv)
+    scale = float(qkv.shape[-1] ** -0.5 if scale is None else scale)
+    out, _ = _fwd_op(qkv, cu_seqlens, index, int(max_seqlen), scale)
+    return out
