@@ -33,14 +33,27 @@ class MaskInfo:
     mask: Tensor                       # [B, T, N] bool, True = masked
     vis_idx: Optional[Tensor] = None   # [B, Nv] long, sorted (tube-like masks only)
     mask_idx: Optional[Tensor] = None  # [B, Nm] long, sorted (tube-like masks only)
+    packed: Optional[dict] = None      # {masked: PackedSegments} cache (other masks), see segments()
 
     @property
     def is_tube(self) -> bool:
         return self.vis_idx is not None
 
+    def segments(self, masked: bool) -> "PackedSegments":
+        """Packed layout of the masked (or visible) token set; computed once. Free of device
+        syncs when first asked on the CPU mask (``to()`` does that for non-tube masks)."""
+        if self.packed is None:
+            self.packed = {}
+        if masked not in self.packed:
+            self.packed[masked] = packed_segments(self.mask if masked else ~self.mask)
+        return self.packed[masked]
+
     def to(self, device: torch.device) -> "MaskInfo":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return MaskInfo(mv(self.mask), mv(self.vis_idx), mv(self.mask_idx))
+        if not self.is_tube and self.mask.device.type == "cpu":
+            self.segments(False), self.segments(True)  # on the host, before the copy
+        packed = None if self.packed is None else {k: v.to(device) for k, v in self.packed.items()}
+        return MaskInfo(mv(self.mask), mv(self.vis_idx), mv(self.mask_idx), packed)
 
     @staticmethod
     def cat(infos: list["MaskInfo"]) -> "MaskInfo":
@@ -76,6 +89,8 @@ class PackedSegments:
       (rows sorted by (b, n, t)).
     """
     rows: Tensor            # [Ntok] long: flat grid index (b*T + t)*N + n of each packed token
+    sample: Tensor          # [Ntok] long: b of each packed token (per-sample drop path)
+    batch_size: int
     spatial_cu: Tensor      # [B*T + 1] int32
     spatial_max: int
     temporal_index: Tensor  # [Ntok] int32
@@ -84,8 +99,8 @@ class PackedSegments:
 
     def to(self, device: torch.device) -> "PackedSegments":
         mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return PackedSegments(mv(self.rows), mv(self.spatial_cu), self.spatial_max,
-                              mv(self.temporal_index), mv(self.temporal_cu), self.temporal_max)
+        return PackedSegments(mv(self.rows), mv(self.sample), self.batch_size, mv(self.spatial_cu),
+                              self.spatial_max, mv(self.temporal_index), mv(self.temporal_cu), self.temporal_max)
 
 
 def packed_segments(valid: Tensor) -> PackedSegments:
@@ -102,6 +117,8 @@ def packed_segments(valid: Tensor) -> PackedSegments:
     temporal_index = torch.argsort((b * N + n) * T + t).to(torch.int32)
     return PackedSegments(
         rows=rows,
+        sample=b,
+        batch_size=B,
         spatial_cu=torch.cat([zero, per_frame.cumsum(0)]).to(torch.int32),
         spatial_max=int(per_frame.max()) if per_frame.numel() else 0,
         temporal_index=temporal_index,

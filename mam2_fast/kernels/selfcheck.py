@@ -38,6 +38,22 @@ def _case_attention(device, dtype, mode):
     return fused, refr
 
 
+def _case_varlen(device, dtype):
+    cu = torch.tensor([0, 5, 5, 22, 23], dtype=torch.int32, device=device)  # odd and empty segments
+    index = torch.randperm(23, device=device).to(torch.int32)
+    qkv = torch.randn(23, 3, 2, 32, device=device, dtype=dtype)
+
+    def run(fn):
+        x = qkv.clone().requires_grad_(True)
+        out = fn(x)
+        out.float().square().sum().backward()
+        return out, x.grad
+
+    fused = run(lambda x: kernels.varlen_attention(x, cu, 17, index, backend="fused"))
+    refr = run(lambda x: ref.varlen_attention_ref(x.float(), cu, 17, index).to(dtype))
+    return fused, refr
+
+
 def _case_linear_ce(device, dtype):
     x0 = torch.randn(70, 32, device=device, dtype=dtype)
     w0 = torch.randn(300, 32, device=device, dtype=dtype) * 0.05
@@ -89,6 +105,7 @@ def _case_rgb_diff(device, dtype):
 CASES: dict[str, Callable] = {
     "factorized_attention[temporal]": lambda d, t: _case_attention(d, t, "temporal"),
     "factorized_attention[spatial]": lambda d, t: _case_attention(d, t, "spatial"),
+    "varlen_attention": _case_varlen,
     "linear_cross_entropy": _case_linear_ce,
     "gather_visible_add_pos": _case_gather,
     "rgb_diff_mse_tube": _case_rgb_diff,

@@ -16,7 +16,10 @@ Token sets: with tube-like masks (``MaskInfo.is_tube``) every frame holds the sa
 slots, so the encoder works on ``[B, T, Nv, D]`` and decoders on ``[B, T, Nm, D']`` with no
 padding. Other masks (random space-time, frame) keep the full grid ``[B, T, N, D]`` and a
 validity mask ``[B, T, N]``: temporal attention at a spatial slot only sees the frames in
-which that slot is in the set, spatial attention only the set's slots of the frame.
+which that slot is in the set, spatial attention only the set's slots of the frame. With
+``kernels: fused | auto`` the encoder instead runs on the set's tokens packed as ``[Ntok, D]``
+(``MaskInfo.segments``) with variable-length attention, so random masking at ratio 0.75 costs
+the encoder a quarter of the grid; results equal the grid path.
 
 Targets (``ModelConfig``):
 
@@ -55,7 +58,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mam2_fast import kernels
 from mam2_fast.kernels import reference as ref
-from mam2_fast.masking import MaskInfo
+from mam2_fast.masking import MaskInfo, PackedSegments
 
 MOTION_TARGETS = ("rgb_diff", "flow", "clip_order")
 APPEARANCE_TARGETS = ("tokens", "pixels")
@@ -88,11 +91,15 @@ def run_block(block: nn.Module, *args, checkpointed: bool = False):
     return block(*args)
 
 
-def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
-    """Stochastic depth per sample (first dimension)."""
+def drop_path(x: Tensor, p: float, training: bool, packed: Optional[PackedSegments] = None) -> Tensor:
+    """Stochastic depth per sample: the first dimension, or for packed tokens ``[Ntok, D]``
+    the sample each token belongs to (``packed.sample``)."""
     if p == 0.0 or not training:
         return x
     keep = 1.0 - p
+    if packed is not None:
+        per_sample = x.new_empty(packed.batch_size).bernoulli_(keep).div_(keep)
+        return x * per_sample[packed.sample].unsqueeze(-1)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
 
@@ -102,8 +109,8 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x: Tensor) -> Tensor:
-        return drop_path(x, self.p, self.training)
+    def forward(self, x: Tensor, packed: Optional[PackedSegments] = None) -> Tensor:
+        return drop_path(x, self.p, self.training, packed)
 
 
 class Mlp(nn.Module):
@@ -134,7 +141,14 @@ class FactorizedAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.backend = "reference"
 
-    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, valid=None) -> Tensor:
+        if isinstance(valid, PackedSegments):  # packed tokens [Ntok, D]
+            qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)  # [Ntok, 3, H, dh]
+            if self.mode == "temporal":
+                cu, longest, index = valid.temporal_cu, valid.temporal_max, valid.temporal_index
+            else:
+                cu, longest, index = valid.spatial_cu, valid.spatial_max, None
+            return self.proj(kernels.varlen_attention(qkv, cu, longest, index, backend=self.backend))
         B, T, S, D = x.shape
         qkv = self.qkv(x).view(B, T, S, 3, self.num_heads, self.head_dim)  # [B, T, S, 3, H, dh]
         out = kernels.factorized_attention(qkv, self.mode, valid, backend=self.backend)  # [B, T, S, D]
@@ -158,11 +172,13 @@ class DividedBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
-        # x: [B, T, S, D]; valid: [B, T, S] or None (all slots valid)
-        x = x + self.drop_path(self.temporal_fc(self.temporal_attn(self.temporal_norm(x), valid)))
-        x = x + self.drop_path(self.attn(self.norm1(x), valid))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+    def forward(self, x: Tensor, valid=None) -> Tensor:
+        # x: [B, T, S, D] with valid [B, T, S] or None (all slots valid),
+        #    or packed tokens [Ntok, D] with valid a PackedSegments
+        packed = valid if isinstance(valid, PackedSegments) else None
+        x = x + self.drop_path(self.temporal_fc(self.temporal_attn(self.temporal_norm(x), valid)), packed)
+        x = x + self.drop_path(self.attn(self.norm1(x), valid), packed)
+        x = x + self.drop_path(self.mlp(self.norm2(x)), packed)
         return x
 
 
@@ -409,8 +425,9 @@ class MAM2(nn.Module):
         x = self.patch_embed(clip.reshape(B * T, C, H, W))  # [B*T, D, h, w]
         return x.flatten(2).transpose(1, 2).reshape(B, T, self.num_patches, self.embed_dim)
 
-    def encode_tokens(self, tokens: Tensor, valid: Optional[Tensor]) -> Tensor:
-        """Run the encoder blocks + final norm on a token set ``[B, T, S, D]`` (positions added)."""
+    def encode_tokens(self, tokens: Tensor, valid) -> Tensor:
+        """Run the encoder blocks + final norm on a token set ``[B, T, S, D]`` (positions added;
+        ``valid [B, T, S]`` or None), or on packed tokens ``[Ntok, D]`` (``valid`` a PackedSegments)."""
         x = tokens
         for blk in self.blocks:
             x = run_block(blk, x, valid, checkpointed=self.grad_checkpointing)
@@ -426,6 +443,14 @@ class MAM2(nn.Module):
             tokens = kernels.gather_visible_add_pos(x, self.pos_embed_time, self.pos_embed_space, idx,
                                                     backend=self.kernel_backend)
             valid = None
+        elif self.kernel_backend != "reference":
+            # packed: only the set's tokens go through the encoder (varlen attention)
+            B, T, N, D = x.shape
+            seg = info.segments(masked)
+            tokens = (x + self.pos_grid()).reshape(B * T * N, D)[seg.rows]      # [Ntok, D]
+            out = self.encode_tokens(tokens, seg)                                # [Ntok, D]
+            grid = out.new_zeros(B * T * N, D).index_copy(0, seg.rows, out)     # zeros off the set
+            return grid.view(B, T, N, D), (info.mask if masked else ~info.mask)
         else:
             tokens, valid = select_tokens(x + self.pos_grid(), info, masked)
         return self.encode_tokens(tokens, valid), valid
