@@ -7,6 +7,10 @@ forward+backward of
   spatial: fused Triton vs reference eager, torch SDPA (flash / efficient / cudnn, with the
   permutes + contiguous copies they need), FlexAttention (compiled), and
   ``torch.nn.attention.varlen.varlen_attn`` when present;
+* varlen attention on packed random space-time masks (per-frame visible counts differ):
+  packed Triton kernel vs the grid with validity masks (fused and reference), torch's
+  ``varlen_attn`` (temporal mode pays the gather into segment order and back), and
+  FlexAttention with a document mask; work counted over the real segments only;
 * gather_visible_add_pos / gather_tokens: fused vs reference eager vs torch.compile(reference);
 * rgb_diff_mse_tube: fused vs reference eager vs torch.compile(reference);
 * linear_cross_entropy (K = 16384 by default): fused vs reference (F.linear +
@@ -191,6 +195,76 @@ def bench_attention(args, dev, dtype):
     return tables
 
 
+def bench_varlen(args, dev, dtype):
+    from mam2_fast.kernels import factorized_attention, varlen_attention
+    from mam2_fast.masking import MaskGenerator
+    tables = []
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except Exception:
+        varlen_attn = None
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+    except Exception:
+        flex = None
+    for mode in ("spatial", "temporal"):
+        tab = Table(f"varlen attention on random-mask token sets ({mode}), {dtype}", "TFLOP/s")
+        for model in args.models:
+            D, H = MODELS[model]
+            dh = D // H
+            for B in args.batch:
+                for mask in args.masks:
+                    T, N = args.frames, N_PATCHES
+                    side = int(round(N ** 0.5))
+                    info = MaskGenerator("random", mask, T, (side, N // side))(B)
+                    seg = info.segments(masked=False).to(dev)
+                    valid = (~info.mask).to(dev)
+                    cu, longest, index = ((seg.spatial_cu, seg.spatial_max, None) if mode == "spatial"
+                                          else (seg.temporal_cu, seg.temporal_max, seg.temporal_index))
+                    lens = (cu[1:] - cu[:-1]).double()
+                    flops_f = float(4.0 * H * dh * (lens ** 2).sum())
+                    ntok = int(seg.rows.numel())
+                    shape = f"ViT-{model} B{B} m{mask} tok{ntok}"
+                    packed = torch.randn(ntok, 3 * D, device=dev, dtype=dtype, requires_grad=True)
+                    grid = torch.randn(B, T, N, 3 * D, device=dev, dtype=dtype, requires_grad=True)
+                    qkv_p = packed.view(ntok, 3, H, dh)
+                    qkv_g = grid.view(B, T, N, 3, H, dh)
+                    variants = {
+                        "reference": ([grid], lambda: factorized_attention(qkv_g, mode, valid, backend="reference")),
+                        "grid+valid (triton)": ([grid], lambda: factorized_attention(qkv_g, mode, valid, backend="fused")),
+                        "packed (triton)": ([packed], lambda: varlen_attention(qkv_p, cu, longest, index, backend="fused")),
+                    }
+                    if varlen_attn is not None:
+                        def torch_varlen():
+                            x = qkv_p if index is None else qkv_p[index.long()]          # segment order
+                            q, k, v = x.unbind(1)                                          # [Ntok, H, dh]
+                            o = varlen_attn(q, k, v, cu, cu, longest, longest).reshape(ntok, D)
+                            return o if index is None else o.new_empty(o.shape).index_copy(0, index.long(), o)
+                        variants["varlen_attn (torch)"] = ([packed], torch_varlen)
+                    if flex is not None:
+                        try:
+                            order = torch.arange(ntok, device=dev) if index is None else index.long()
+                            doc = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=dev), lens.long())
+                            bm = create_block_mask(lambda b, h, q, kv: doc[q] == doc[kv], None, None, ntok, ntok,
+                                                   device=dev)
+
+                            def flex_doc():
+                                x = qkv_p[order].permute(1, 2, 0, 3).unsqueeze(1)         # 3 x [1, H, Ntok, dh]
+                                o = flex(x[0], x[1], x[2], block_mask=bm)[0].transpose(0, 1).reshape(ntok, D)
+                                return o.new_empty(o.shape).index_copy(0, order, o)
+                            variants["flex doc-mask (compiled)"] = ([packed], flex_doc)
+                        except Exception:
+                            pass
+                    for name, (inputs, f) in variants.items():
+                        ms_f, ms_fb, note = run_variant(f, inputs, args.smoke)
+                        tab.add(shape, name, ms_f, ms_fb, flops_f, 3.5 * flops_f, note)
+                    del packed, grid
+        tab.show()
+        tables.append(tab)
+    return tables
+
+
 # ----------------------------------------------------------------------------------------
 # memory-bound ops
 # ----------------------------------------------------------------------------------------
@@ -309,7 +383,7 @@ def main(argv=None) -> int:
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--classes", type=int, default=16384)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--ops", default="attention,gather,rgb,ce")
+    p.add_argument("--ops", default="attention,varlen,gather,rgb,ce")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on CPU under TRITON_INTERPRET=1 (checks the script only)")
     args = p.parse_args(argv)
@@ -339,7 +413,7 @@ def main(argv=None) -> int:
         print("bench_kernels: triton is not importable; nothing to compare.")
         return 0
 
-    ops = {"attention": bench_attention, "gather": bench_gather, "rgb": bench_rgb, "ce": bench_ce}
+    ops = {"attention": bench_attention, "varlen": bench_varlen, "gather": bench_gather, "rgb": bench_rgb, "ce": bench_ce}
     for name in args.ops.split(","):
         ops[name.strip()](args, dev, dtype)
     return 0
