@@ -41,10 +41,10 @@ def demo_config_dict() -> dict:
                   "regressor_depth": 2, "appearance_depth": 2, "motion_depth": 1, "align_reduction": "mean"},
         "mask": {"kind": "tube", "ratio": 0.75},
         "tokenizer": {"kind": "kmeans", "vocab_size": 64, "kmeans_fit_clips": 48},
-        "data": {"demo": True, "demo_num_videos": 64, "num_frames": 8, "sampling_stride": 4,
+        "data": {"demo": True, "demo_num_videos": 256, "num_frames": 8, "sampling_stride": 4,
                  "input_size": 96, "num_sample": 2, "num_workers": 1},
-        "optim": {"base_lr": 1.5e-4, "lr": 5e-4, "warmup_epochs": 4, "clip_grad": 1.0},
-        "train": {"epochs": 60, "batch_size": 8, "output_dir": "runs/demo", "log_every": 10,
+        "optim": {"base_lr": 1.5e-4, "lr": 5e-4, "warmup_epochs": 1, "clip_grad": 1.0},
+        "train": {"epochs": 15, "batch_size": 8, "output_dir": "runs/demo", "log_every": 10,
                   "save_every": 50, "device": "cpu", "precision": "fp32"},
     }
 

@@ -17,8 +17,8 @@ Targets: ``--targets`` takes names ``label`` (the list file's label), ``label//K
 ``label%K``; ``shape`` and ``direction`` are aliases of ``label//4`` and ``label%4`` for the
 demo set (``label = shape_id * 4 + direction_id``).
 
-Demo data (no ``--train-list``): probe-train = 144 demo videos (seed 2), probe-test = 96 demo
-videos (seed 3), both disjoint from the 64 pre-training videos (seed 0). ``--compare-random``
+Demo data (no ``--train-list``): probe-train = 480 demo videos (seed 2), probe-test = 240 demo
+videos (seed 3), both disjoint from the pre-training videos (seed 0). ``--compare-random``
 also probes randomly initialized encoders of the same architecture (``--random-seeds``).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from mam2_fast.models.classifier import VideoEncoder
 
 ALIASES = {"shape": "label//4", "direction": "label%4"}
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1)          # logistic: absolute L2
-DEMO_TRAIN_VIDEOS, DEMO_TEST_VIDEOS = 144, 96
+DEMO_TRAIN_VIDEOS, DEMO_TEST_VIDEOS = 480, 240
 RIDGE_LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge: L2 per sample
 
 
