@@ -18,12 +18,14 @@ from synthetic import SyntheticData
 from test_trainer_synthetic import small_cfg
 
 
-def test_model_has_no_graph_breaks():
+@pytest.mark.parametrize("kind,kernels", [("tube", "reference"), ("random", "reference"), ("random", "auto")])
+def test_model_has_no_graph_breaks(kind, kernels):
+    """random + auto on CPU: the packed encoder path with the reference varlen attention."""
     import torch._dynamo as dynamo
     cfg = ModelConfig(preset="tiny", img_size=32, num_frames=4, embed_dim=32, depth=1, num_heads=2,
-                      regressor_depth=1, appearance_depth=1, motion_depth=1)
+                      regressor_depth=1, appearance_depth=1, motion_depth=1, kernels=kernels)
     model = build_model(cfg, vocab_size=8)
-    info = MaskGenerator("tube", 0.75, 4, (2, 2))(2, torch.Generator().manual_seed(0))
+    info = MaskGenerator(kind, 0.75, 4, (2, 2))(2, torch.Generator().manual_seed(0)).to("cpu")
     clip, codes = torch.randn(2, 4, 3, 32, 32), torch.randint(0, 8, (2, 4, 4))
     dynamo.reset()
     explanation = dynamo.explain(model)(clip, info, codes)

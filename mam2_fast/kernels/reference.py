@@ -97,7 +97,7 @@ def varlen_attention_ref(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index
     cu = cu_seqlens.long()
     G = cu.numel() - 1
     lens = cu[1:] - cu[:-1]                                             # [G]
-    seg = torch.repeat_interleave(torch.arange(G, device=qkv.device), lens)  # [Ntok] segment of position p
+    seg = torch.repeat_interleave(torch.arange(G, device=qkv.device), lens, output_size=ntok)  # [Ntok] segment of p
     slot = torch.arange(ntok, device=qkv.device) - cu[:-1][seg]         # [Ntok] place within it
     rows = torch.arange(ntok, device=qkv.device) if index is None else index.long()
     padded = qkv.new_zeros(G, max_seqlen, 3, H, dh).index_put((seg, slot), qkv[rows])  # [G, L, 3, H, dh]

@@ -675,8 +675,9 @@ class MAM2(nn.Module):
                 feat = app_feat.reshape(-1, Dd)
                 tgt = tgt.reshape(-1)
             else:
-                feat = app_feat[info.mask]                                  # [M, D']
-                tgt = codes[info.mask]
+                rows = info.segments(masked=True).rows                      # [M] (no data-dependent shape)
+                feat = app_feat.reshape(-1, Dd).index_select(0, rows)       # [M, D']
+                tgt = codes.reshape(-1).index_select(0, rows)
             loss_app = kernels.linear_cross_entropy(feat, self.appearance_head.weight,
                                                     self.appearance_head.bias, tgt, backend=self.kernel_backend)
             with torch.no_grad():
