@@ -52,12 +52,12 @@ def demo_config_dict() -> dict:
         "model": {"preset": "tiny", "img_size": 96, "num_frames": 8, "patch_size": 16, "embed_dim": 128,
                   "depth": 3, "num_heads": 4, "num_classes": 12,
                   "drop_path": 0.1},
-        "data": {"demo": True, "demo_num_videos": 64, "num_frames": 8, "sampling_stride": 2,
+        "data": {"demo": True, "demo_num_videos": 256, "num_frames": 8, "sampling_stride": 4,
                  "input_size": 96, "num_sample": 2, "num_workers": 1},
         "aug": {"sampling": "dense"},
         "test": {"num_clips": 2, "num_crops": 3, "batch_size": 8},
-        "optim": {"lr": 5.0e-4, "warmup_epochs": 1, "layer_decay": 0.75},
-        "train": {"epochs": 8, "batch_size": 8, "output_dir": "runs/finetune_demo", "log_every": 8,
+        "optim": {"lr": 5.0e-4, "warmup_epochs": 0.25, "layer_decay": 0.75},
+        "train": {"epochs": 2, "batch_size": 8, "output_dir": "runs/finetune_demo", "log_every": 8,
                   "save_every": 32, "device": "cpu", "precision": "fp32"},
     }
 
