@@ -30,10 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mam2_fast.kernels._common import check_device, check_float, interpreting, next_pow2
-
-_LOG2E = 1.4426950408889634
-_SUPPORTED_DH_MAX = 256
+from mam2_fast.kernels._common import check_device, check_float
+from mam2_fast.kernels.attention import _LOG2E, _SUPPORTED_DH_MAX, _blocks, _precision  # same tiling rules
 
 
 @triton.jit
@@ -227,21 +225,6 @@ def _varlen_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------
-def _blocks(max_seqlen: int, dh: int):
-    block_d = max(16, next_pow2(dh))
-    if interpreting():
-        blk = 16 if max_seqlen <= 16 else 32
-        return blk, blk, block_d, 1
-    if max_seqlen <= 32:  # temporal sets (T <= 32): one block covers the sequence
-        blk = max(16, next_pow2(max_seqlen))
-        return blk, blk, block_d, 4
-    return 64, 64, block_d, 4
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _index_arg(index: Optional[Tensor], cu: Tensor) -> Tensor:
     return cu if index is None else index  # dummy pointer when HAS_INDEX=False
 
