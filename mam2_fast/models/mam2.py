@@ -447,7 +447,8 @@ class MAM2(nn.Module):
             # packed: only the set's tokens go through the encoder (varlen attention)
             B, T, N, D = x.shape
             seg = info.segments(masked)
-            tokens = (x + self.pos_grid()).reshape(B * T * N, D)[seg.rows]      # [Ntok, D]
+            pos = self.pos_grid().reshape(T * N, D)[seg.rows % (T * N)]          # [Ntok, D]
+            tokens = x.reshape(B * T * N, D)[seg.rows] + pos                     # [Ntok, D]
             out = self.encode_tokens(tokens, seg)                                # [Ntok, D]
             grid = out.new_zeros(B * T * N, D).index_copy(0, seg.rows, out)     # zeros off the set
             return grid.view(B, T, N, D), (info.mask if masked else ~info.mask)
