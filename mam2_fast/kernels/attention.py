@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mam2_fast.kernels._common import check_device, check_float, interpreting, next_pow2
+from mam2_fast.kernels._flash import online_softmax_step, probs_and_score_grads
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DH_MAX = 256
@@ -82,14 +83,7 @@ def _attn_fwd_kernel(
         kd_mask = n_in[:, None] & d_in[None, :]
         k = tl.load(k_ptr + cols[:, None] * s_ql + offs_d[None, :] * s_qd, mask=kd_mask, other=0.0)
         v = tl.load(v_ptr + cols[:, None] * s_ql + offs_d[None, :] * s_qd, mask=kd_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] fp32
-        s = tl.where(n_in[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, n_in, m_i, l_i, acc, qk_scale, PRECISION)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -181,12 +175,8 @@ def _attn_bwd_dkdv_kernel(
         do = tl.load(do_base + rows[:, None] * s_dl + offs_d[None, :] * s_dd, mask=md, other=0.0)
         lse = tl.load(LSE + row_base + rows, mask=rows < L, other=1.0e30)
         delta = tl.load(DELTA + row_base + rows, mask=rows < L, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N]
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(m_in[:, None] & n_in[None, :], p, 0.0)
+        p, ds = probs_and_score_grads(q, k, v, do, lse, delta, m_in, n_in, qk_scale, PRECISION)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [M, N]
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk = dk * sm_scale
 
@@ -242,11 +232,7 @@ def _attn_bwd_dq_kernel(
         nd = n_in[:, None] & d_in[None, :]
         k = tl.load(QKV + base + s_q3 + cols[:, None] * s_ql + offs_d[None, :] * s_qd, mask=nd, other=0.0)
         v = tl.load(QKV + base + 2 * s_q3 + cols[:, None] * s_ql + offs_d[None, :] * s_qd, mask=nd, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse[:, None])
-        p = tl.where(m_in[:, None] & n_in[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        _, ds = probs_and_score_grads(q, k, v, do, lse, delta, m_in, n_in, qk_scale, PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * sm_scale
     g_base = DQKV + b.to(tl.int64) * s_gb + g.to(tl.int64) * s_gg + h.to(tl.int64) * s_gh

@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mam2_fast.kernels._common import check_device, check_float
+from mam2_fast.kernels._flash import online_softmax_step, probs_and_score_grads
 from mam2_fast.kernels.attention import _LOG2E, _SUPPORTED_DH_MAX, _blocks, _precision  # same tiling rules
 
 
@@ -77,14 +78,7 @@ def _varlen_fwd_kernel(
             kd = n_in[:, None] & d_in[None, :]
             k = tl.load(QKV + head + s_q3 + k_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=kd, other=0.0)
             v = tl.load(QKV + head + 2 * s_q3 + k_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=kd, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N] fp32
-            s = tl.where(n_in[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(q, k, v, n_in, m_i, l_i, acc, qk_scale, PRECISION)
         out = acc / l_i[:, None]  # every valid query has at least itself as key
         tl.store(O + h.to(tl.int64) * s_oh + q_rows[:, None] * s_or + offs_d[None, :] * s_od,
                  out.to(O.dtype.element_ty), mask=m_in[:, None] & d_in[None, :])
@@ -157,12 +151,8 @@ def _varlen_bwd_dkdv_kernel(
                          mask=md, other=0.0)
             lse = tl.load(LSE + stat + pos, mask=m_in, other=1.0e30)
             delta = tl.load(DELTA + stat + pos, mask=m_in, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [M, N]
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where(m_in[:, None] & n_in[None, :], p, 0.0)
+            p, ds = probs_and_score_grads(q, k, v, do, lse, delta, m_in, n_in, qk_scale, PRECISION)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [M, N]
-            ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
         dk = dk * sm_scale
         g_head = DQKV + h.to(tl.int64) * s_gh
@@ -211,11 +201,7 @@ def _varlen_bwd_dq_kernel(
             k_rows = _rows(INDEX, start + cols, n_in, HAS_INDEX)
             k = tl.load(QKV + head + s_q3 + k_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=nd, other=0.0)
             v = tl.load(QKV + head + 2 * s_q3 + k_rows[:, None] * s_qr + offs_d[None, :] * s_qd, mask=nd, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            p = tl.exp2(s - lse[:, None])
-            p = tl.where(m_in[:, None] & n_in[None, :], p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            _, ds = probs_and_score_grads(q, k, v, do, lse, delta, m_in, n_in, qk_scale, PRECISION)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         dq = dq * sm_scale
         tl.store(DQKV + h.to(tl.int64) * s_gh + q_rows[:, None] * s_gr + offs_d[None, :] * s_gd,
