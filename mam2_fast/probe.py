@@ -1,12 +1,15 @@
 """Linear probe: frozen encoder, pooled features, multinomial logistic regression.
 
-    python -m mam2_fast.probe --init runs/demo --compare-random          # the demo proof
+    python -m mam2_fast.probe --init runs/demo --compare-random --random-seeds 5 --pool grid  # demo proof
     python -m mam2_fast.probe --init encoder.safetensors --train-list train.txt --test-list val.txt
 
 Features: every video is seen as ``--clips`` temporal clips x ``--crops`` spatial crops; each
 view is encoded by the frozen encoder (all tokens, final norm) and pooled: ``--pool mean``
 averages all tokens to ``[D]`` (default); ``--pool time`` averages each frame's tokens and
-concatenates the frames in order, ``[T*D]`` (keeps temporal order, e.g. for motion labels).
+concatenates the frames in order, ``[T*D]``; ``--pool grid`` averages the cells of a coarse
+``--grid t,s`` split (t time spans x s x s regions, default 2 x 2 x 2) and concatenates them,
+``[t*s*s*D]``: it keeps where and when, which a motion label such as the demo's direction
+needs (a global mean cannot tell a left-to-right sweep from its time reversal).
 The classifier (``--method``): features standardized with training statistics, then closed-form
 ridge regression to one-hot targets (default; seconds) or softmax regression fitted by
 full-batch L-BFGS (``logistic``); the L2 penalty is picked from a small grid by 4-fold
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -62,20 +66,41 @@ def derive_target(labels: Tensor, spec: str) -> Tensor:
 # ----------------------------------------------------------------------------------------
 # features
 # ----------------------------------------------------------------------------------------
+POOLS = ("mean", "time", "grid")
+DEFAULT_GRID = (2, 2)             # (time spans, regions per side)
+
+
 @torch.no_grad()
-def pool_tokens(tokens: Tensor, pool: str) -> Tensor:
-    """encoder tokens [B, T, N, D] -> probe feature: ``mean`` [B, D] (all tokens) or ``time``
-    [B, T*D] (mean over space per frame, frames concatenated in order)."""
+def pool_tokens(tokens: Tensor, pool: str, grid: tuple = DEFAULT_GRID) -> Tensor:
+    """encoder tokens [B, T, N, D] (N = h*w, a square patch grid) -> probe feature:
+
+    * ``mean``: all tokens averaged, [B, D];
+    * ``time``: per-frame means over space, frames concatenated in order, [B, T*D];
+    * ``grid``: means over the cells of a coarse ``grid = (t, s)`` split of the token grid
+      (t time spans x s x s spatial regions, adaptive like a spatial pyramid level),
+      concatenated in (time, row, column) order, [B, t*s*s*D].
+    """
     if pool == "mean":
         return tokens.mean(dim=(1, 2))
     if pool == "time":
         return tokens.mean(dim=2).flatten(1)
-    raise ValueError(f"unknown pooling {pool!r} (mean | time)")
+    if pool == "grid":
+        B, T, N, D = tokens.shape
+        h = math.isqrt(N)
+        if h * h != N:
+            raise ValueError(f"grid pooling needs a square patch grid, got N={N} tokens per frame")
+        t, s = int(grid[0]), int(grid[1])
+        if not (1 <= t <= T and 1 <= s <= h):
+            raise ValueError(f"pool grid {tuple(grid)} does not fit the token grid T={T}, {h}x{h}")
+        x = tokens.reshape(B, T, h, h, D).permute(0, 4, 1, 2, 3)                # [B, D, T, h, w]
+        cells = F.adaptive_avg_pool3d(x, (t, s, s))                             # [B, D, t, s, s]
+        return cells.permute(0, 2, 3, 4, 1).flatten(1)                          # [B, t*s*s*D]
+    raise ValueError(f"unknown pooling {pool!r} ({' | '.join(POOLS)})")
 
 
 @torch.no_grad()
 def extract_features(encoders: dict, data, device: torch.device, chunk: int = 16, log=None,
-                     pool: str = "mean") -> tuple[dict, Tensor]:
+                     pool: str = "mean", grid: tuple = DEFAULT_GRID) -> tuple[dict, Tensor]:
     """One decoding pass of a ViewData through every frozen encoder:
     ({name: features [num_videos, V, D] float32}, labels [num_videos])."""
     feats: dict = {name: [] for name in encoders}
@@ -86,7 +111,7 @@ def extract_features(encoders: dict, data, device: torch.device, chunk: int = 16
         B, V = views.shape[:2]
         flat = views.flatten(0, 1)                                         # [B*V, T, C, H, W]
         for name, enc in encoders.items():
-            f = torch.cat([pool_tokens(enc.forward_features(flat[i:i + chunk]), pool).float()
+            f = torch.cat([pool_tokens(enc.forward_features(flat[i:i + chunk]), pool, grid).float()
                            for i in range(0, flat.shape[0], chunk)])
             feats[name].append(f.view(B, V, -1).cpu())                     # [B, V, D]
         labels.append(batch["label"].cpu())
@@ -209,12 +234,13 @@ def demo_probe_lists(demo_dir: str, train_videos: int = DEMO_TRAIN_VIDEOS, test_
 
 
 def probe_encoders(encoders: dict, train_data, test_data, targets: list[str], device, log,
-                   method: str = "ridge", folds: int = 4, pool: str = "mean") -> dict:
+                   method: str = "ridge", folds: int = 4, pool: str = "mean",
+                   grid: tuple = DEFAULT_GRID) -> dict:
     """{name: frozen encoder} -> {name: {target: linear_probe result}}."""
     t0 = time.time()
     encoders = {k: e.to(device).eval() for k, e in encoders.items()}
-    trf, try_ = extract_features(encoders, train_data, device, pool=pool)
-    tef, tey = extract_features(encoders, test_data, device, pool=pool)
+    trf, try_ = extract_features(encoders, train_data, device, pool=pool, grid=grid)
+    tef, tey = extract_features(encoders, test_data, device, pool=pool, grid=grid)
     log(f"features of {len(encoders)} encoder(s) in {time.time() - t0:.0f}s")
     out = {name: {spec: linear_probe(trf[name], derive_target(try_, spec), tef[name], derive_target(tey, spec),
                                      method, folds=folds) for spec in targets} for name in encoders}
@@ -239,8 +265,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--stride", type=int, default=None, help="frame stride (default: the pre-training config's)")
     ap.add_argument("--method", default="ridge", choices=("ridge", "logistic"),
                     help="ridge: closed form (default); logistic: L-BFGS softmax regression")
-    ap.add_argument("--pool", default="mean", choices=("mean", "time"),
-                    help="mean: average of all tokens [D] (default); time: per-frame spatial means, concatenated [T*D]")
+    ap.add_argument("--pool", default="mean", choices=POOLS,
+                    help="mean: average of all tokens [D] (default); time: per-frame spatial means, "
+                         "concatenated [T*D]; grid: means over a coarse time x space grid (--grid), concatenated")
+    ap.add_argument("--grid", default="2,2", help="with --pool grid: 't,s' = t time spans x s x s regions (default 2,2)")
     ap.add_argument("--compare-random", action="store_true", help="also probe randomly initialized encoders")
     ap.add_argument("--random-seeds", type=int, default=1, help="random encoders to average (with --compare-random)")
     ap.add_argument("--demo-dir", default="~/.cache/mam2_fast/demo")
@@ -250,6 +278,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--out", help="JSON report (default: probe.json beside the weights)")
     args = ap.parse_args(argv)
+    try:
+        grid = tuple(int(v) for v in args.grid.split(","))
+        if len(grid) != 2 or min(grid) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"probe error: --grid must be 't,s' with two positive integers, got {args.grid!r}", file=sys.stderr)
+        return 2
 
     from mam2_fast.data.config import DataConfig
     from mam2_fast.ft.data import ViewData
@@ -285,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.compare_random:
         encoders.update({f"random{s}": random_encoder(arch, 1000 + s) for s in range(args.random_seeds)})
     per_encoder = probe_encoders(encoders, train_data, test_data, targets, device, log, args.method,
-                                 pool=args.pool)
+                                 pool=args.pool, grid=grid)
     results = {"pretrained": per_encoder["pretrained"]}
     if args.compare_random:
         runs = [per_encoder[f"random{s}"] for s in range(args.random_seeds)]
@@ -294,7 +329,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  "chance": runs[0][t]["chance"]} for t in targets}
         results["random_runs"] = runs
     report = {"init": w.source, "arch": arch, "train_list": train_list, "test_list": test_list,
-              "clips": args.clips, "crops": args.crops, "pool": args.pool, "method": args.method, "stride": stride, "targets": targets, **results}
+              "clips": args.clips, "crops": args.crops, "pool": args.pool, "grid": list(grid) if args.pool == "grid" else None, "method": args.method, "stride": stride, "targets": targets, **results}
     out = Path(args.out) if args.out else Path(w.source).parent / "probe.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -185,3 +185,38 @@ def test_probe_features_from_frozen_encoder():
     assert feats["a"].shape == (3, 2, 32) and labels.tolist() == [0, 1, 2]
     tok = torch.randn(2, 2, 4, 32)
     assert pool_tokens(tok, "time").shape == (2, 64)
+
+
+def test_grid_pooling_is_cell_means_in_order():
+    from mam2_fast.probe import pool_tokens
+
+    B, T, h, D = 2, 5, 3, 4                                   # odd T and grid: uneven adaptive cells
+    tok = torch.randn(B, T, h * h, D, dtype=torch.float64)
+    out = pool_tokens(tok, "grid", (2, 2))
+    assert out.shape == (B, 2 * 2 * 2 * D)
+    grid = tok.view(B, T, h, h, D)
+    # adaptive cells: time [0:3], [2:5]; rows/cols [0:2], [1:3]
+    spans_t, spans_s = [(0, 3), (2, 5)], [(0, 2), (1, 3)]
+    want = torch.cat([grid[:, t0:t1, r0:r1, c0:c1].mean(dim=(1, 2, 3))
+                      for t0, t1 in spans_t for r0, r1 in spans_s for c0, c1 in spans_s], dim=1)
+    assert torch.allclose(out, want, rtol=1e-12, atol=1e-12)
+    # (1, 1) is the mean pool
+    assert torch.allclose(pool_tokens(tok, "grid", (1, 1)), pool_tokens(tok, "mean"))
+    # a left-to-right sweep and its mirror differ in grid features, not in the mean
+    sweep = torch.zeros(1, 2, 4, 1)
+    sweep[0, 0, 0] = sweep[0, 1, 1] = 1.0                      # token 0 early, token 1 late
+    mirror = sweep.flip(1)
+    assert torch.equal(pool_tokens(sweep, "mean"), pool_tokens(mirror, "mean"))
+    assert not torch.equal(pool_tokens(sweep, "grid", (2, 2)), pool_tokens(mirror, "grid", (2, 2)))
+
+
+def test_grid_pooling_rejects_bad_shapes():
+    from mam2_fast.probe import main, pool_tokens
+
+    with pytest.raises(ValueError, match="square patch grid"):
+        pool_tokens(torch.randn(1, 2, 6, 3), "grid", (2, 2))
+    with pytest.raises(ValueError, match="does not fit"):
+        pool_tokens(torch.randn(1, 2, 4, 3), "grid", (3, 2))
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pool_tokens(torch.randn(1, 2, 4, 3), "max")
+    assert main(["--init", "x.safetensors", "--pool", "grid", "--grid", "2"]) == 2
