@@ -53,7 +53,8 @@ def demo_config_dict() -> dict:
                   "depth": 3, "num_heads": 4, "num_classes": 12,
                   "drop_path": 0.1},
         "data": {"demo": True, "demo_num_videos": 256, "num_frames": 8, "sampling_stride": 4,
-                 "input_size": 96, "num_sample": 2, "num_workers": 1},
+                 "input_size": 96, "num_sample": 2, "num_workers": 1,
+                 "flip": False},  # direction labels: no mirroring (as SSv2)
         "aug": {"sampling": "dense"},
         "test": {"num_clips": 2, "num_crops": 3, "batch_size": 8},
         "optim": {"lr": 5.0e-4, "warmup_epochs": 0.25, "layer_decay": 0.75},
