@@ -1,7 +1,7 @@
 """Model-level parity for the target switches: one training step with kernels=fused equals
 kernels=reference for the flow / clip-order motion targets, the pixel appearance target and
 activation checkpointing (tube masks: the gathers of the targets go through
-``kernels.gather_tokens``). On CPU the Triton kernels run under TRITON_INTERPRET=1."""
+``kernels.gather_tokens``), and packed random masks for the pixel / flow / coupled heads. On CPU the Triton kernels run under TRITON_INTERPRET=1."""
 import pytest
 import torch
 
@@ -14,11 +14,15 @@ from mam2_fast.masking import MaskGenerator  # noqa: E402
 from mam2_fast.models.mam2 import build_model  # noqa: E402
 
 
-@pytest.mark.parametrize("over", [
-    {"motion_target": "flow", "appearance_target": "pixels"},
-    {"motion_target": "clip_order", "grad_checkpointing": True},
-], ids=["flow_pixels", "clip_order_ckpt"])
-def test_fused_step_matches_reference_with_targets(over):
+@pytest.mark.parametrize("kind,over", [
+    ("tube", {"motion_target": "flow", "appearance_target": "pixels"}),
+    ("tube", {"motion_target": "clip_order", "grad_checkpointing": True}),
+    ("random", {"motion_target": "flow", "appearance_target": "pixels"}),
+    ("random", {"coupled_decoder": True}),
+], ids=["flow_pixels", "clip_order_ckpt", "flow_pixels_random", "coupled_random"])
+def test_fused_step_matches_reference_with_targets(kind, over):
+    """Random masks: the fused path packs the encoder and the decoders (varlen attention on
+    the masked tokens), the reference runs both on the grid with validity masks."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +37,7 @@ def test_fused_step_matches_reference_with_targets(over):
     clip = torch.randn(2, 3, 3, 48, 48, generator=g).to(device)
     codes = torch.randint(0, 24, (2, 3, 9), generator=g).to(device)
     flow = torch.randn(2, 3, 9, 16 * 16 * 2, generator=g).to(device)
-    info = MaskGenerator("tube", 0.6, 3, (3, 3))(2, g).to(device)
+    info = MaskGenerator(kind, 0.6, 3, (3, 3))(2, g).to(device)
 
     results = {}
     for backend in ("reference", "fused"):

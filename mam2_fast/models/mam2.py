@@ -17,9 +17,11 @@ slots, so the encoder works on ``[B, T, Nv, D]`` and decoders on ``[B, T, Nm, D'
 padding. Other masks (random space-time, frame) keep the full grid ``[B, T, N, D]`` and a
 validity mask ``[B, T, N]``: temporal attention at a spatial slot only sees the frames in
 which that slot is in the set, spatial attention only the set's slots of the frame. With
-``kernels: fused | auto`` the encoder instead runs on the set's tokens packed as ``[Ntok, D]``
-(``MaskInfo.segments``) with variable-length attention, so random masking at ratio 0.75 costs
-the encoder a quarter of the grid; results equal the grid path.
+``kernels: fused | auto`` the encoder (visible pass and alignment-target pass) and the two
+decoders instead run on the set's tokens packed as ``[Ntok, D]`` (``MaskInfo.segments``)
+with variable-length attention, so at ratio 0.75 the visible pass costs a quarter of the
+grid and the decoders three quarters; results equal the grid path. The regressor keeps the
+grid (one query per position, keys = every position).
 
 Targets (``ModelConfig``):
 
@@ -614,10 +616,17 @@ class MAM2(nn.Module):
                 target, _ = self.encode(clip, info, masked=True, patches=patches)  # [B, T, Nm|N, D]
                 align_target = self.encoder_to_decoder(target).detach()
 
+        dec_rows = None
         if self.regressor is not None:
             pred_latent = self.regress(latent, info, valid_vis)            # [B, T, Nm|N, D']
             dec_in = pred_latent + select_pos(pos, info, masked=True)
             dec_valid, take = valid_m, None
+            if not info.is_tube and self.kernel_backend != "reference":
+                # packed: the decoders run on the masked tokens only (varlen attention), not
+                # on the grid with the visible slots as padding
+                dec_valid = info.segments(masked=True)
+                dec_rows = dec_valid.rows                                   # [M]
+                dec_in = dec_in.reshape(-1, Dd).index_select(0, dec_rows)   # [M, D']
         else:
             # w/o regressor (Table 2): decoders see visible latents and mask queries together
             pos_full = pos.unsqueeze(0).expand(B, *pos.shape)
@@ -632,6 +641,9 @@ class MAM2(nn.Module):
 
         def masked_view(x: Tensor) -> Tensor:
             # decoder output on the full grid -> the masked token set
+            if dec_rows is not None:  # packed [M, D'] -> grid [B, T, N, D'], zeros off the set
+                return x.new_zeros(B * T * self.num_patches, x.shape[-1]).index_copy(
+                    0, dec_rows, x).view(B, T, self.num_patches, -1)
             if take is None:
                 return x
             return kernels.gather_tokens(x, info.mask_idx, backend=self.kernel_backend) if info.is_tube else x
