@@ -36,7 +36,7 @@ from mam2_fast.ft.config import FinetuneConfig, finetune_config_from_dict, load_
 from mam2_fast.ft.mixup import build_mixup, soft_target_cross_entropy
 from mam2_fast.ft.weights import WeightsError, check_arch, load_encoder_into, read_encoder_weights
 from mam2_fast.models.classifier import VideoClassifier, build_classifier, param_groups_layer_decay, set_scaled_lr
-from mam2_fast.pretrain import autocast_for, select_device
+from mam2_fast.pretrain import autocast_for, resume_value_as_override, select_device
 from mam2_fast.train.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mam2_fast.train.metrics import MetricsLogger, Progress
 from mam2_fast.train.optim import lr_at, scaled_lr
@@ -323,7 +323,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="shorthand for train.max_steps=...")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 aug.mixup=0")
-    return p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before and after options
+    return resume_value_as_override(args)
 
 
 def resolve_config(args: argparse.Namespace) -> FinetuneConfig:

@@ -516,7 +516,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch", type=int, help="clips per step (default: train.batch_size)")
     p.add_argument("--vocab-size", type=int)
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     from pathlib import Path
 
     path = a.config or str(Path(__file__).resolve().parent.parent / "configs" / "pretrain_base.yaml")

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,16 @@ def demo_config_dict() -> dict:
     }
 
 
+def resume_value_as_override(args: argparse.Namespace) -> argparse.Namespace:
+    """``--resume key.sub=value`` (no checkpoint path given, an override right after it):
+    resume from the latest checkpoint and keep the override, instead of reading it as a path."""
+    r = args.resume
+    if r and r != "auto" and re.match(r"^[A-Za-z_]\w*(\.\w+)+=", r) and not os.path.exists(r):
+        args.overrides = [r, *args.overrides]
+        args.resume = "auto"
+    return args
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mam2_fast.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,7 +70,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, help="shorthand for train.max_steps=...")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.depth=4 mask.ratio=0.9")
-    return p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before and after options
+    return resume_value_as_override(args)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:

@@ -526,7 +526,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="torch.compile the model (mode: default | max-autotune-no-cudagraphs | reduce-overhead)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON too")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.kernels=fused train.batch_size=16")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after options
 
 
 def resolve_config(args: argparse.Namespace) -> Config:

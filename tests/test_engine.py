@@ -101,3 +101,17 @@ def test_resume_without_config_reads_the_runs_config(tmp_path):
     assert got.model.embed_dim == 64 and got.train.max_steps == 4 and got.train.output_dir == str(tmp_path / "r")
     got = resolve_config(parse_args(["--resume", str(tmp_path / "r" / "checkpoint-00000002.pt")]))
     assert got.model.embed_dim == 64
+
+
+@pytest.mark.parametrize("module", ["pretrain", "finetune", "profile"])
+def test_cli_overrides_before_and_after_options(module):
+    import importlib
+    parse_args = importlib.import_module(f"mam2_fast.{module}").parse_args
+    a = parse_args(["model.depth=4", "--output-dir", "x", "train.epochs=2"])
+    assert a.overrides == ["model.depth=4", "train.epochs=2"] and a.output_dir == "x"
+    if module != "profile":
+        # an override right after a bare --resume is an override, not a checkpoint path
+        a = parse_args(["--resume", "model.depth=4", "train.epochs=2"])
+        assert a.resume == "auto" and a.overrides == ["model.depth=4", "train.epochs=2"]
+        a = parse_args(["--resume", "runs/x/checkpoint-00000002.pt", "train.epochs=2"])
+        assert a.resume == "runs/x/checkpoint-00000002.pt" and a.overrides == ["train.epochs=2"]
