@@ -96,11 +96,13 @@ class PackedSegments:
     temporal_index: Tensor  # [Ntok] int32
     temporal_cu: Tensor     # [B*N + 1] int32
     temporal_max: int
+    per_sample: Optional[int] = None  # the tokens of every sample when all samples have as many
 
     def to(self, device: torch.device) -> "PackedSegments":
         mv = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return PackedSegments(mv(self.rows), mv(self.sample), self.batch_size, mv(self.spatial_cu),
-                              self.spatial_max, mv(self.temporal_index), mv(self.temporal_cu), self.temporal_max)
+                              self.spatial_max, mv(self.temporal_index), mv(self.temporal_cu), self.temporal_max,
+                              self.per_sample)
 
 
 def packed_segments(valid: Tensor) -> PackedSegments:
@@ -115,6 +117,8 @@ def packed_segments(valid: Tensor) -> PackedSegments:
     per_slot = valid.sum(dim=1).reshape(-1)                                         # [B*N]
     b, t, n = rows // (T * N), (rows // N) % T, rows % N
     temporal_index = torch.argsort((b * N + n) * T + t).to(torch.int32)
+    per_sample = per_frame.view(B, T).sum(dim=1)                                    # [B]
+    uniform = B > 0 and bool((per_sample == per_sample[0]).all())
     return PackedSegments(
         rows=rows,
         sample=b,
@@ -123,7 +127,8 @@ def packed_segments(valid: Tensor) -> PackedSegments:
         spatial_max=int(per_frame.max()) if per_frame.numel() else 0,
         temporal_index=temporal_index,
         temporal_cu=torch.cat([zero, per_slot.cumsum(0)]).to(torch.int32),
-        temporal_max=int(per_slot.max()) if per_slot.numel() else 0)
+        temporal_max=int(per_slot.max()) if per_slot.numel() else 0,
+        per_sample=int(per_sample[0]) if uniform else None)
 
 
 def num_masked(ratio: float, total: int) -> int:

@@ -66,3 +66,19 @@ def test_bad_arguments():
         MaskGenerator("tube", 1.0, 4, (4, 4))
     with pytest.raises(ValueError, match="equal masked counts"):
         MaskInfo.from_spatial(torch.tensor([[True, False], [True, True]]), 2)
+
+
+def test_packed_segments_per_sample_count():
+    from mam2_fast.masking import MaskGenerator, MaskInfo, packed_segments
+
+    g = torch.Generator().manual_seed(0)
+    for kind in ("random", "frame"):
+        info = MaskGenerator(kind, 0.75, 4, (3, 5))(3, g)
+        seg = info.segments(True)
+        assert seg.per_sample == int(info.mask[0].sum()) and seg.rows.numel() == 3 * seg.per_sample
+        assert info.to(torch.device("cpu")).segments(False).per_sample == 60 - seg.per_sample
+    uneven = torch.zeros(2, 4, 15, dtype=torch.bool)
+    uneven[0, :, :3] = True
+    uneven[1, :, :5] = True
+    assert packed_segments(uneven).per_sample is None
+    assert MaskInfo(uneven).segments(True).rows.numel() == 32

@@ -11,17 +11,20 @@ from mam2_fast.kernels import _testing  # noqa: F401  (sets TRITON_INTERPRET=1 w
 triton = pytest.importorskip("triton")
 
 from mam2_fast.config import ModelConfig  # noqa: E402
-from mam2_fast.masking import MaskGenerator  # noqa: E402
+from mam2_fast.masking import MaskGenerator, MaskInfo  # noqa: E402
 from mam2_fast.models.mam2 import build_model  # noqa: E402
 
 K = 24
 
 
-@pytest.mark.parametrize("kind,drop", [("tube", 0.0), ("random", 0.0), ("frame", 0.0), ("random", 0.3)])
+@pytest.mark.parametrize("kind,drop", [("tube", 0.0), ("random", 0.0), ("frame", 0.0), ("random", 0.3),
+                                       ("uneven", 0.0)])
 def test_fused_step_matches_reference(kind, drop):
-    """tube: compact kernels; random/frame: the fused path packs the encoder's token sets
-    (varlen attention) while the reference keeps the grid, so this is also packed == grid.
-    With drop path, both draw the same per-sample masks from the same seed."""
+    """tube: compact kernels; random/frame: the fused path packs the encoder's token sets,
+    the regressor's queries and the decoders' token sets (varlen attention) while the
+    reference keeps the grid, so this is also packed == grid. uneven: masked counts differ
+    per sample (regressor back on the grid, encoder and decoders packed). With drop path,
+    both draw the same per-sample masks from the same seed."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,7 +34,15 @@ def test_fused_step_matches_reference(kind, drop):
     g = torch.Generator().manual_seed(seed)
     clip = torch.randn(2, 3, 3, 48, 48, generator=g).to(device)
     codes = torch.randint(0, K, (2, 3, 9), generator=g).to(device)
-    info = MaskGenerator(kind, 0.6, 3, (3, 3))(2, g).to(device)
+    if kind == "uneven":
+        mask = torch.zeros(2, 27, dtype=torch.bool)
+        for b, count in enumerate((11, 19)):                    # 11 and 19 of 27 tokens masked
+            mask[b, torch.randperm(27, generator=g)[:count]] = True
+        info = MaskInfo(mask.view(2, 3, 9))
+        assert info.segments(True).per_sample is None
+        info = info.to(device)
+    else:
+        info = MaskGenerator(kind, 0.6, 3, (3, 3))(2, g).to(device)
 
     results = {}
     for backend in ("reference", "fused"):

@@ -20,8 +20,9 @@ which that slot is in the set, spatial attention only the set's slots of the fra
 ``kernels: fused | auto`` the encoder (visible pass and alignment-target pass) and the two
 decoders instead run on the set's tokens packed as ``[Ntok, D]`` (``MaskInfo.segments``)
 with variable-length attention, so at ratio 0.75 the visible pass costs a quarter of the
-grid and the decoders three quarters; results equal the grid path. The regressor keeps the
-grid (one query per position, keys = every position).
+grid and the decoders three quarters; the regressor computes only the masked queries when
+every sample has as many (random and frame masks do; keys stay every position). Results
+equal the grid path.
 
 Targets (``ModelConfig``):
 
@@ -463,15 +464,33 @@ class MAM2(nn.Module):
         x = self.embed_patches(clip) + self.pos_grid()
         return self.encode_tokens(x, None)
 
-    def regress(self, latent: Tensor, info: MaskInfo, valid_vis: Optional[Tensor]) -> Tensor:
+    def regress(self, latent: Tensor, info: MaskInfo, valid_vis: Optional[Tensor],
+                packed: Optional[PackedSegments] = None) -> Tensor:
         """Latent contextual regressor: predicted latents of the masked tokens.
 
         latent: visible latents in decoder width, ``[B, T, Nv, D']`` (tube) or ``[B, T, N, D']``.
-        returns ``[B, T, Nm, D']`` (tube) or ``[B, T, N, D']`` (grid; masked slots meaningful).
+        returns ``[B, T, Nm, D']`` (tube) or ``[B, T, N, D']`` (grid; masked slots meaningful);
+        with ``packed`` (the masked set's segments, equal counts per sample) only the masked
+        queries are computed: ``[M, D']`` in ``packed.rows`` order.
         """
         B, T = latent.shape[:2]
         Dd = self.decoder_dim
         pos = self.pos_to_decoder(self.pos_grid())  # [T, N, D']
+        if packed is not None:
+            # queries = the masked positions only; keys = every position (visible latent or
+            # the current query), as on the grid path
+            TN, M = T * self.num_patches, packed.per_sample
+            idx = (packed.rows - packed.sample * TN).view(B, M)          # [B, M] ascending
+            pos_flat = pos.reshape(TN, Dd)
+            pos_q = pos_flat[idx]                                         # [B, M, D']
+            pos_k = pos_flat.unsqueeze(0).expand(B, TN, Dd)
+            vis = latent.reshape(B, TN, Dd)
+            slots = idx.unsqueeze(-1).expand(B, M, Dd)
+            x = self.mask_query.expand(B, M, Dd)
+            for blk in self.regressor:
+                x = run_block(blk, x, vis.scatter(1, slots, x), pos_q, pos_k,
+                              checkpointed=self.grad_checkpointing)
+            return self.regressor_norm(x).reshape(B * M, Dd)
         pos_q = select_pos(pos, info, masked=True).reshape(B, -1, Dd)  # [B, Lq, D']
         if info.is_tube:
             Lq = pos_q.shape[1]
@@ -618,15 +637,23 @@ class MAM2(nn.Module):
 
         dec_rows = None
         if self.regressor is not None:
-            pred_latent = self.regress(latent, info, valid_vis)            # [B, T, Nm|N, D']
-            dec_in = pred_latent + select_pos(pos, info, masked=True)
-            dec_valid, take = valid_m, None
             if not info.is_tube and self.kernel_backend != "reference":
                 # packed: the decoders run on the masked tokens only (varlen attention), not
-                # on the grid with the visible slots as padding
+                # on the grid with the visible slots as padding; so does the regressor when
+                # every sample has as many masked tokens (random / frame masks do)
                 dec_valid = info.segments(masked=True)
                 dec_rows = dec_valid.rows                                   # [M]
-                dec_in = dec_in.reshape(-1, Dd).index_select(0, dec_rows)   # [M, D']
+                if dec_valid.per_sample is not None:
+                    pred_latent = self.regress(latent, info, valid_vis, packed=dec_valid)  # [M, D']
+                    dec_in = pred_latent + pos.reshape(-1, Dd)[dec_rows % (T * self.num_patches)]
+                else:
+                    pred_latent = self.regress(latent, info, valid_vis)    # [B, T, N, D']
+                    dec_in = (pred_latent + pos).reshape(-1, Dd).index_select(0, dec_rows)  # [M, D']
+                take = None
+            else:
+                pred_latent = self.regress(latent, info, valid_vis)        # [B, T, Nm|N, D']
+                dec_in = pred_latent + select_pos(pos, info, masked=True)
+                dec_valid, take = valid_m, None
         else:
             # w/o regressor (Table 2): decoders see visible latents and mask queries together
             pos_full = pos.unsqueeze(0).expand(B, *pos.shape)
@@ -665,9 +692,15 @@ class MAM2(nn.Module):
         if cfg.use_alignment:
             # regressed latents of masked tokens; without a regressor: first decoder block's
             r = pred_latent if pred_latent is not None else masked_view(first_block)
-            sq = (r.float() - align_target.float()) ** 2
-            err = sq.sum(dim=-1) if cfg.align_reduction == "sum" else sq.mean(dim=-1)  # [B, T, Nm|N]
-            loss_align = err.mean() if info.is_tube else (err * info.mask).sum() / info.mask.sum().clamp(min=1)
+            tgt = align_target
+            if r.dim() == 2:  # packed regressor output [M, D']: the target's masked rows
+                tgt = align_target.reshape(-1, Dd).index_select(0, dec_rows)
+            sq = (r.float() - tgt.float()) ** 2
+            err = sq.sum(dim=-1) if cfg.align_reduction == "sum" else sq.mean(dim=-1)  # [B, T, Nm|N] or [M]
+            if info.is_tube or r.dim() == 2:
+                loss_align = err.mean()
+            else:
+                loss_align = (err * info.mask).sum() / info.mask.sum().clamp(min=1)
             out["loss_align"] = loss_align
             loss = loss + cfg.align_weight * loss_align
 
