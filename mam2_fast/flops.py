@@ -30,7 +30,11 @@ tokenizer (forward only, frozen)
     k-means: nearest-centroid products; pixel targets: 0
 
 Masks whose per-frame sets differ (``random``, ``frame``) keep the full ``N``-slot grid
-with validity masks in the model, so every block then works on ``N`` slots.
+with validity masks in the reference model, so every block then works on ``N`` slots, and
+that is what is counted. With ``model.kernels: fused | auto`` those masks run packed (the
+encoder on its set, the regressor on the masked queries, the decoders on the masked set):
+the GPU then does less than this count, so an MFU from it overstates the random / frame
+mask ablations (tube masks, the default, are counted exactly either way).
 
 ``python -m mam2_fast.flops [--config FILE] [overrides]`` prints the table.
 """
