@@ -33,8 +33,9 @@ Masks whose per-frame sets differ (``random``, ``frame``) keep the full ``N``-sl
 with validity masks in the reference model, so every block then works on ``N`` slots, and
 that is what is counted. With ``model.kernels: fused | auto`` those masks run packed (the
 encoder on its set, the regressor on the masked queries, the decoders on the masked set):
-the GPU then does less than this count, so an MFU from it overstates the random / frame
-mask ablations (tube masks, the default, are counted exactly either way).
+``mam2_step_flops(..., packed=True)`` (``--packed``; the profiler passes it when the
+fused kernels run) counts that instead, with expected attention lengths for random masks.
+Tube masks, the default, are the same either way.
 
 ``python -m mam2_fast.flops [--config FILE] [overrides]`` prints the table.
 """
@@ -142,6 +143,44 @@ def divided_block(B: int, T: int, S: int, D: int, hidden: int) -> int:
     proj = 2 * linear(L, D, 3 * D) + 3 * linear(L, D, D) + linear(L, D, hidden) + linear(L, hidden, D)
     attn = attention(B * S, T, T, D) + attention(B * T, S, S, D)
     return proj + attn
+
+
+def packed_set_sums(kind: str, ratio: float, T: int, N: int, masked: bool) -> tuple[int, float, float]:
+    """Per sample, for the masked (or visible) set of a ``random`` / ``frame`` mask run packed:
+    (tokens, E[sum over frames of L_t^2], E[sum over slots of L_n^2]), where L_t / L_n are the
+    set's tokens in frame t / at slot n (the spatial / temporal attention lengths).
+
+    Random masks draw the set uniformly among the T*N tokens, so a frame's (slot's) count is
+    hypergeometric: E[L^2] = Var + mean^2 with N (T) draws. Frame masks are exact.
+    """
+    from mam2_fast.masking import num_masked
+
+    if kind == "frame":
+        nf = num_masked(ratio, T)
+        f = nf if masked else T - nf
+        return f * N, float(f * N * N), float(N * f * f)
+    if kind != "random":
+        raise ValueError(f"packed_set_sums: mask kind {kind!r} is not packed (random | frame)")
+    total = T * N
+    nm = num_masked(ratio, total)
+    k = nm if masked else total - nm
+    p = k / total
+
+    def sum_sq(draws: int, groups: int) -> float:
+        mean = draws * p
+        var = draws * p * (1 - p) * (total - draws) / max(total - 1, 1)
+        return groups * (var + mean * mean)
+
+    return k, sum_sq(N, T), sum_sq(T, N)
+
+
+def packed_divided_block(B: int, tokens: int, sum_sq_frames: float, sum_sq_slots: float, D: int,
+                         hidden: int) -> int:
+    """:func:`divided_block` on packed token sets (varlen attention): projections on the
+    ``B * tokens`` rows, spatial attention sum_t L_t^2, temporal sum_n L_n^2 (per sample)."""
+    L = B * tokens
+    proj = 2 * linear(L, D, 3 * D) + 3 * linear(L, D, D) + linear(L, D, hidden) + linear(L, hidden, D)
+    return proj + round(4 * B * (sum_sq_frames + sum_sq_slots) * D)
 
 
 def vit_block(B: int, L: int, D: int, hidden: int) -> int:
@@ -299,11 +338,15 @@ def _dims(mcfg):
 
 
 def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] = None,
-                    include_tokenizer: bool = True, include_logging: bool = True) -> StepFlops:
+                    include_tokenizer: bool = True, include_logging: bool = True,
+                    packed: bool = False) -> StepFlops:
     """FLOPs of one MAM^2 training step on ``batch`` clips (default ``cfg.train.batch_size``).
 
     ``cfg`` is a :class:`mam2_fast.config.Config`. ``vocab_size`` overrides the appearance
-    head size (default: the tokenizer's, e.g. 16384 for VQGAN-f16-16384).
+    head size (default: the tokenizer's, e.g. 16384 for VQGAN-f16-16384). ``packed``: count
+    random / frame masks as the fused kernels run them (encoder, alignment target, regressor
+    queries and decoders on packed sets; expected attention lengths for random masks, see
+    :func:`packed_set_sums`) instead of on the grid; tube masks are the same either way.
     """
     from mam2_fast.masking import num_masked
 
@@ -331,11 +374,19 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
         motion_rows = B * T * N
     if not m.use_regressor:
         S_dec = N  # decoders see visible latents + mask queries on the full grid
+    packed = packed and not tube
+    if packed:
+        vis_set = packed_set_sums(k.kind, k.ratio, T, N, masked=False)
+        mask_set = packed_set_sums(k.kind, k.ratio, T, N, masked=True)
 
     embed = 2 * B * T * N * D * C * P * P
     sf.add("patch embed", embed, embed)  # backward: weight grad only (clip has no grad)
-    enc = depth * divided_block(B, T, S_vis, D, hid)
-    sf.add(f"encoder ({depth} blocks, {S_vis} slots)", enc, 2 * enc)
+    if packed:
+        enc = depth * packed_divided_block(B, *vis_set, D, hid)
+        sf.add(f"encoder ({depth} blocks, packed {vis_set[0]} tokens)", enc, 2 * enc)
+    else:
+        enc = depth * divided_block(B, T, S_vis, D, hid)
+        sf.add(f"encoder ({depth} blocks, {S_vis} slots)", enc, 2 * enc)
     if Dd != D:
         e2d = linear(B * T * S_vis, D, Dd)
         sf.add("encoder_to_decoder", e2d, 2 * e2d)
@@ -344,7 +395,8 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
         sf.add("pos_to_decoder", p2d, 2 * p2d)
 
     if m.use_alignment:
-        tgt = depth * divided_block(B, T, S_tgt, D, hid)  # reuses the step's patch embedding
+        tgt = depth * (packed_divided_block(B, *mask_set, D, hid) if packed  # reuses the step's
+                       else divided_block(B, T, S_tgt, D, hid))               # patch embedding
         if Dd != D:
             tgt += linear(B * T * S_tgt, D, Dd)
         sf.add(f"alignment target (no grad, {S_tgt} slots)", tgt, 0, "target")
@@ -352,20 +404,27 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
     if m.use_regressor:
         if tube:
             Lq, Lk = T * nm, T * N
+        elif packed:
+            Lq, Lk = mask_set[0], T * N   # the masked queries only (equal counts per sample)
         else:
             Lq = Lk = T * N
         reg = m.regressor_depth * cross_block(B, Lq, Lk, Dd, dhid)
         sf.add(f"regressor ({m.regressor_depth} blocks, Lq {Lq}, Lk {Lk})", reg, 2 * reg)
 
+    def decoder(depth_: int) -> int:
+        if packed and m.use_regressor:  # without a regressor the decoders see the whole grid
+            return depth_ * packed_divided_block(B, *mask_set, Dd, dhid)
+        return depth_ * divided_block(B, T, S_dec, Dd, dhid)
+
     if m.coupled_decoder:
-        dec = m.appearance_depth * divided_block(B, T, S_dec, Dd, dhid)
+        dec = decoder(m.appearance_depth)
         sf.add(f"coupled decoder ({m.appearance_depth} blocks)", dec, 2 * dec)
     else:
         if m.use_appearance:
-            dec = m.appearance_depth * divided_block(B, T, S_dec, Dd, dhid)
+            dec = decoder(m.appearance_depth)
             sf.add(f"appearance decoder ({m.appearance_depth} blocks)", dec, 2 * dec)
         if m.use_motion:
-            dec = m.motion_depth * divided_block(B, T, S_dec, Dd, dhid)
+            dec = decoder(m.motion_depth)
             sf.add(f"motion decoder ({m.motion_depth} blocks)", dec, 2 * dec)
 
     app_target = getattr(m, "appearance_target", "tokens")
@@ -519,6 +578,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--config", "-c", help="YAML config; omitted: configs/pretrain_base.yaml (ViT-B)")
     p.add_argument("--batch", type=int, help="clips per step (default: train.batch_size)")
     p.add_argument("--vocab-size", type=int)
+    p.add_argument("--packed", action="store_true", help="random / frame masks as the fused kernels run them")
     p.add_argument("overrides", nargs="*")
     a = p.parse_intermixed_args(argv)
     from pathlib import Path
@@ -529,7 +589,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    sf = mam2_step_flops(cfg, batch=a.batch, vocab_size=a.vocab_size)
+    sf = mam2_step_flops(cfg, batch=a.batch, vocab_size=a.vocab_size, packed=a.packed)
     print(f"config: {path} {' '.join(a.overrides)}")
     print(sf.table())
     print(f"total {sf.per_clip() / 1e12:.3f} TFLOP/clip, without tokenizer {sf.per_clip(sf.model) / 1e12:.3f}")

@@ -326,7 +326,9 @@ class MAM2Step:
     def flops(self):
         vocab = self.model.vocab_size
         counted = self.tokenizer is not None and getattr(self.tokenizer, "counts_flops", True)
-        return mam2_step_flops(self.cfg, batch=self.batch, vocab_size=vocab, include_tokenizer=counted)
+        packed = getattr(self.model, "kernel_backend", "reference") != "reference"  # fused: packed sets
+        return mam2_step_flops(self.cfg, batch=self.batch, vocab_size=vocab, include_tokenizer=counted,
+                               packed=packed)
 
 
 class RandomCodes(torch.nn.Module):

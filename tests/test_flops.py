@@ -7,6 +7,8 @@ regressor's attention products from the measurement (not from the count).
 """
 from __future__ import annotations
 
+from mam2_fast.kernels import _testing  # noqa: F401  (TRITON_INTERPRET=1 without CUDA; before triton)
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -146,3 +148,51 @@ def test_flop_counter_agrees_with_flopcountermode():
     with FlopCounter() as ours:
         net(x).sum().backward()
     assert ours.total == ref.get_total_flops()
+
+
+def test_packed_count_matches_fused_model_on_frame_masks():
+    """kernels=fused runs frame masks packed. The flop counter sees every matmul of that run
+    except the varlen attention products (Triton); add those from the drawn mask's actual
+    per-frame / per-slot lengths and the total must equal ``packed=True`` exactly (frame masks
+    have fixed lengths). Pixel head: the token head would be the fused Triton CE."""
+    pytest.importorskip("triton")
+    cfg = config_without_data(None, TINY + ["mask.kind=frame", "model.appearance_target=pixels",
+                                            "model.kernels=fused"], base=demo_config_dict())
+    B, m = 2, cfg.model
+    torch.manual_seed(0)
+    model = build_model(m)
+    info = MaskGenerator("frame", cfg.mask.ratio, m.num_frames, model.grid)(B, torch.Generator().manual_seed(0))
+    clip = torch.randn(B, m.num_frames, 3, m.img_size, m.img_size)
+    with FlopCounter() as fc, sdpa_kernel(SDPBackend.MATH):
+        model(clip, info)["loss"].backward()
+
+    def varlen_attention(valid, depth, width):  # fwd + 2x bwd of QK^T and PV over the set
+        per_frame, per_slot = valid.sum(dim=2).double(), valid.sum(dim=1).double()
+        return 3 * depth * 4 * width * float((per_frame ** 2).sum() + (per_slot ** 2).sum())
+
+    D = model.embed_dim
+    attn = varlen_attention(~info.mask, m.depth, D)                       # encoder, trained
+    attn += varlen_attention(info.mask, m.depth, D) / 3                   # alignment target, no grad
+    attn += varlen_attention(info.mask, m.appearance_depth + m.motion_depth, model.decoder_dim)
+    sf = mam2_step_flops(cfg, batch=B, include_tokenizer=False, packed=True)
+    assert sf.total == pytest.approx(fc.total + attn, rel=REL), sf.table()
+    grid = mam2_step_flops(cfg, batch=B, include_tokenizer=False)
+    assert sf.total < grid.total
+
+
+def test_packed_random_mask_lengths_match_sampled_masks():
+    """E[sum L_t^2], E[sum L_n^2] of packed_set_sums vs the mean over 3000 drawn random masks."""
+    from mam2_fast.flops import packed_set_sums
+
+    T, N = 4, 15
+    mg = MaskGenerator("random", 0.75, T, (3, 5))
+    info = mg(3000, torch.Generator().manual_seed(0))
+    for masked in (True, False):
+        valid = info.mask if masked else ~info.mask
+        tokens, sq_frames, sq_slots = packed_set_sums("random", 0.75, T, N, masked)
+        assert tokens == int(valid[0].sum())
+        got_frames = float((valid.sum(dim=2).double() ** 2).sum(dim=1).mean())
+        got_slots = float((valid.sum(dim=1).double() ** 2).sum(dim=1).mean())
+        assert got_frames == pytest.approx(sq_frames, rel=1e-2) and got_slots == pytest.approx(sq_slots, rel=1e-2)
+    with pytest.raises(ValueError, match="not packed"):
+        packed_set_sums("tube", 0.75, T, N, True)
