@@ -95,10 +95,14 @@ def test_tolerance_discriminates():
     clip = torch.randn(1, 4, 3, 8, 8, device=DEV)
     idx = torch.tensor([[0, 2, 3]], device=DEV)
     pred = torch.randn(1, 4, 3, 48, device=DEV)
+    pred.requires_grad_(True)
     ref = rgb_diff_mse_tube_ref(clip, pred, idx, 4)
     kt.assert_close("loss", rgb_diff_mse_tube(clip, pred, idx, 4, backend="fused"), ref, 1e-5, seed)
-    wrong = rgb_diff_mse_tube(clip.flip(1), pred, idx, 4, backend="fused")
-    assert kt.rel_err(wrong, ref) > 1e-3
+    # compare the gradient, not the scalar loss: two sums of squares can agree by chance (a
+    # 7.7e-4 relative gap was seen once), the per-element gradients of a wrong target cannot
+    (g_ref,) = torch.autograd.grad(ref, pred)
+    (g_wrong,) = torch.autograd.grad(rgb_diff_mse_tube(clip.flip(1), pred, idx, 4, backend="fused"), pred)
+    assert kt.rel_err(g_wrong, g_ref) > 0.1, f"seed {seed}"
 
 
 def test_bad_inputs_raise():
