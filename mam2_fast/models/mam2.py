@@ -675,9 +675,10 @@ class MAM2(nn.Module):
                 return x
             return kernels.gather_tokens(x, info.mask_idx, backend=self.kernel_backend) if info.is_tube else x
 
-        app_feat = motion_feat = first_block = None
+        app_feat = motion_feat = first_block = app_packed = None
         if self.appearance_decoder is not None:
             app_feat, first_block = self.appearance_decoder(dec_in, dec_valid, return_first=True)
+            app_packed = app_feat if dec_rows is not None else None      # [M, D'] (packed path)
             app_feat = masked_view(app_feat)
             if cfg.coupled_decoder:
                 motion_feat = app_feat
@@ -722,8 +723,8 @@ class MAM2(nn.Module):
                 tgt = tgt.reshape(-1)
             else:
                 rows = info.segments(masked=True).rows                      # [M] (no data-dependent shape)
-                feat = app_feat.reshape(-1, Dd).index_select(0, rows)       # [M, D']
-                tgt = codes.reshape(-1).index_select(0, rows)
+                feat = app_packed if app_packed is not None else app_feat.reshape(-1, Dd).index_select(0, rows)
+                tgt = codes.reshape(-1).index_select(0, rows)               # feat [M, D'], tgt [M]
             loss_app = kernels.linear_cross_entropy(feat, self.appearance_head.weight,
                                                     self.appearance_head.bias, tgt, backend=self.kernel_backend)
             with torch.no_grad():
