@@ -12,7 +12,8 @@ forward+backward of
   ``varlen_attn`` (temporal mode pays the gather into segment order and back), and
   FlexAttention with a document mask; work counted over the real segments only;
 * gather_visible_add_pos / gather_tokens: fused vs reference eager vs torch.compile(reference);
-* rgb_diff_mse_tube: fused vs reference eager vs torch.compile(reference);
+* rgb_diff_mse (tube, and packed rows of a random mask): fused vs reference eager vs
+  torch.compile(reference);
 * linear_cross_entropy (K = 16384 by default): fused vs reference (F.linear +
   F.cross_entropy) eager and compiled, with peak memory.
 
@@ -314,10 +315,11 @@ def bench_gather(args, dev, dtype):
 
 
 def bench_rgb(args, dev, dtype):
-    from mam2_fast.kernels import rgb_diff_mse_tube
-    from mam2_fast.kernels.reference import rgb_diff_mse_tube_ref
-    tab = Table(f"rgb_diff_mse_tube (clip fp32, pred {dtype})", "TB/s")
+    from mam2_fast.kernels import rgb_diff_mse_packed, rgb_diff_mse_tube
+    from mam2_fast.kernels.reference import rgb_diff_mse_packed_ref, rgb_diff_mse_tube_ref
+    tab = Table(f"rgb_diff_mse tube and packed (clip fp32, pred {dtype})", "TB/s")
     ref_c = compiled(rgb_diff_mse_tube_ref)
+    ref_pc = compiled(rgb_diff_mse_packed_ref)
     side = args.image
     for B in args.batch:
         for mask in args.masks:
@@ -336,6 +338,20 @@ def bench_rgb(args, dev, dtype):
                 if f is None:
                     continue
                 tab.add(shape, name, *run_variant(f, [pred], args.smoke)[:2], byt_f, byt_fb)
+            # packed rows of a random (per-token) mask at the same ratio: the random-mask path
+            rows = (torch.rand(B * T * N, device=dev) < mask).nonzero().squeeze(1)
+            M = rows.numel()
+            pred_p = torch.randn(M, PATCH * PATCH * 3, device=dev, dtype=dtype, requires_grad=True)
+            n = M * PATCH * PATCH * 3
+            byt_f = n * (2 * 4 + pred_p.element_size())
+            byt_fb = byt_f + byt_f + n * pred_p.element_size()
+            shape = f"packed B{B} m{mask} M{M}"
+            for name, f in (("reference", lambda: rgb_diff_mse_packed_ref(clip, pred_p, rows, PATCH)),
+                            ("compiled reference", (lambda: ref_pc(clip, pred_p, rows, PATCH)) if ref_pc else None),
+                            ("fused (triton)", lambda: rgb_diff_mse_packed(clip, pred_p, rows, PATCH, backend="fused"))):
+                if f is None:
+                    continue
+                tab.add(shape, name, *run_variant(f, [pred_p], args.smoke)[:2], byt_f, byt_fb)
     tab.show()
     return [tab]
 

@@ -118,6 +118,15 @@ def rgb_diff_mse_tube(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int,
     return ref.rgb_diff_mse_tube_ref(clip, pred, mask_idx, patch)
 
 
+def rgb_diff_mse_packed(clip: Tensor, pred: Tensor, rows: Tensor, patch: int,
+                        backend: str = "reference") -> Tensor:
+    """Eq. 3 for packed masked tokens: pred ``[M, P*P*C]`` at flat rows ``[M]``
+    (``b*T*N + t*N + n``); the clip is a constant (fused path: no clip gradient)."""
+    if _use_fused(backend, clip, pred, rows):
+        return _rgb_diff().rgb_diff_mse_packed_fused(clip, pred, rows, patch)
+    return ref.rgb_diff_mse_packed_ref(clip, pred, rows, patch)
+
+
 def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                          backend: str = "reference", *, ignore_index: int = -100) -> Tensor:
     """``F.cross_entropy(x @ W.T + b, target, ignore_index)``; the fused path never holds the

@@ -154,13 +154,16 @@ def _gather_cases(dtype: torch.dtype, D: int):
 
 
 def _rgb_diff_cases(dtype: torch.dtype, patch: int):
-    from mam2_fast.kernels.rgb_diff_loss import rgb_diff_mse_tube_fused
+    from mam2_fast.kernels.rgb_diff_loss import rgb_diff_mse_packed_fused, rgb_diff_mse_tube_fused
 
     B, T, h, w = 2, 4, 3, 2
     clip = torch.randn(B, T, 3, h * patch, w * patch, dtype=dtype)
     idx = torch.stack([torch.randperm(h * w)[:3] for _ in range(B)])
     pred = torch.randn(B, T, 3, 3 * patch * patch, dtype=dtype, requires_grad=True)   # [B, T, Nm, P*P*C]
     rgb_diff_mse_tube_fused(clip, pred, idx, patch).backward()
+    rows = torch.tensor([0, 5, 7, 12, 23, 30, 41])                                     # packed rows
+    pred_p = torch.randn(rows.numel(), 3 * patch * patch, dtype=dtype, requires_grad=True)
+    rgb_diff_mse_packed_fused(clip, pred_p, rows, patch).backward()
 
 
 def _linear_ce_cases(dtype: torch.dtype, K: int):

@@ -198,6 +198,19 @@ def rgb_diff_mse_tube_ref(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: i
     return err.mean()
 
 
+def rgb_diff_mse_packed_ref(clip: Tensor, pred: Tensor, rows: Tensor, patch: int) -> Tensor:
+    """Eq. 3 for packed masked tokens: pred ``[M, P*P*C]`` holds the predictions for the flat
+    token rows ``rows [M]`` (``b*T*N + t*N + n``). Rows of frame 0 have no target and do not
+    count; mean over the counted rows of the per-patch mean squared error (0 when none)."""
+    B, T = clip.shape[:2]
+    target = rgb_diff_target_ref(clip, patch)                       # [B, T, N, PPC]
+    N = target.shape[2]
+    target = target.reshape(B * T * N, -1).index_select(0, rows)    # [M, PPC]
+    counted = (rows // N) % T > 0                                   # [M]
+    err = ((pred.float() - target.float()) ** 2).mean(dim=-1)       # [M]
+    return (err * counted).sum() / counted.sum().clamp(min=1)
+
+
 def linear_cross_entropy_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                              ignore_index: int = -100) -> Tensor:
     """``F.cross_entropy(x @ W.T + b, y)`` (mean over non-ignored rows).

@@ -1,12 +1,19 @@
-"""Fused RGB-difference target + masked MSE for tube masks (Eq. 3 of the paper).
+"""Fused RGB-difference target + masked MSE (Eq. 3 of the paper), for tube masks and for
+packed masked tokens (random / frame masks).
 
-``loss == rgb_diff_mse_tube_ref(clip, pred, mask_idx, patch)`` without materializing the
-patchified clip or the target: each program handles one predicted patch
-(b, t >= 1, masked slot m), reads the two source patches of frames t and t-1 straight from
-``clip [B, T, C, H, W]`` (any strides) and ``pred [B, T, Nm, P*P*C]`` in (ph, pw, c) order.
+* tube: ``loss == rgb_diff_mse_tube_ref(clip, pred, mask_idx, patch)`` with
+  ``pred [B, T, Nm, P*P*C]`` for the masked spatial slots ``mask_idx [B, Nm]`` of every frame;
+* packed: ``loss == rgb_diff_mse_packed_ref(clip, pred, rows, patch)`` with ``pred [M, P*P*C]``
+  the predictions of the masked tokens ``rows [M]`` (flat ``b*T*N + t*N + n``, any order and
+  any count per sample), as the packed decoders produce them.
+
+Neither materializes the patchified clip or the target: each program handles one predicted
+patch, reads the two source patches of frames t and t-1 straight from ``clip [B, T, C, H, W]``
+(any strides) and the prediction in (ph, pw, c) order.
 
 * forward: per-patch fp32 sums of squared error -> one deterministic ``sum`` -> mean over
-  ``B * (T-1) * Nm * P*P*C`` values.
+  ``count`` values (tube: ``B * (T-1) * Nm * P*P*C``; packed: the rows with ``t >= 1`` times
+  ``P*P*C``, counted on device -- no host sync).
 * backward: recomputes the error, ``dpred = 2 * (pred - target) * g / count`` (frame 0 and
   therefore its rows get zero gradient). The incoming grad ``g`` is read on device (no sync).
 
@@ -28,25 +35,35 @@ from mam2_fast.kernels._common import check_device, check_float, next_pow2
 def _rgb_diff_kernel(
     CLIP, PRED, IDX, OUT, SCALE,
     s_cb, s_ct, s_cc, s_ch, s_cw,    # clip strides
-    s_pb, s_pt, s_pm, s_pj,          # pred strides
-    s_ib, s_im,                      # mask_idx strides
-    T, NM, W_PATCHES, C, P, PPC,
-    BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+    s_pb, s_pt, s_pm, s_pj,          # pred strides (packed: s_pm = row stride, s_pb = s_pt = 0)
+    s_ib, s_im,                      # mask_idx strides (packed: rows stride in s_im)
+    T, NM, N_PATCHES, W_PATCHES, C, P, PPC,
+    PACKED: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0)  # forward: over B*(T-1)*Nm (t >= 1); backward: over B*T*Nm
-    m = row % NM
-    bt = row // NM
-    if BACKWARD:
-        t = bt % T
-        b = bt // T
-    else:
-        t = bt % (T - 1) + 1
-        b = bt // (T - 1)
+    # tube   -- forward: one program per (b, t >= 1, m), B*(T-1)*Nm; backward: B*T*Nm
+    # packed -- one program per packed row (forward and backward), M
+    row = tl.program_id(0)
     j = tl.arange(0, BLOCK)
     jm = j < PPC
-    p_off = b.to(tl.int64) * s_pb + t.to(tl.int64) * s_pt + m.to(tl.int64) * s_pm + j * s_pj
-    ld = jm & ((j * 0 + t) > 0)  # backward rows of frame 0 read nothing and get zero gradient
-    n = tl.load(IDX + b.to(tl.int64) * s_ib + m * s_im).to(tl.int32)
+    if PACKED:
+        r = tl.load(IDX + row.to(tl.int64) * s_im).to(tl.int64)  # b*T*N + t*N + n
+        n = (r % N_PATCHES).to(tl.int32)
+        bt = r // N_PATCHES
+        t = (bt % T).to(tl.int32)
+        b = bt // T
+        p_off = row.to(tl.int64) * s_pm + j * s_pj
+    else:
+        m = row % NM
+        bt = row // NM
+        if BACKWARD:
+            t = bt % T
+            b = bt // T
+        else:
+            t = bt % (T - 1) + 1
+            b = bt // (T - 1)
+        p_off = b.to(tl.int64) * s_pb + t.to(tl.int64) * s_pt + m.to(tl.int64) * s_pm + j * s_pj
+        n = tl.load(IDX + b.to(tl.int64) * s_ib + m * s_im).to(tl.int32)
+    ld = jm & ((j * 0 + t) > 0)  # rows of frame 0 read nothing: zero error, zero gradient
     hh = n // W_PATCHES
     ww = n % W_PATCHES
     ph = j // (P * C)   # (ph, pw, c) flattening of the patch
@@ -96,8 +113,8 @@ def _launch(clip, pred, mask_idx, patch, out, scale, backward: bool):
     _rgb_diff_kernel[(rows,)](
         clip, pred, mask_idx, out, scale,
         *clip.stride(), *pred.stride(), *mask_idx.stride(),
-        T, Nm, W // patch, C, patch, PPC,
-        BACKWARD=backward, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8)
+        T, Nm, (H // patch) * (W // patch), W // patch, C, patch, PPC,
+        PACKED=False, BACKWARD=backward, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8)
 
 
 @torch.library.custom_op("mam2_fast::rgb_diff_mse_tube", mutates_args=())
@@ -162,3 +179,101 @@ def rgb_diff_mse_tube_fused(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch:
     if T < 2 or Nm == 0:
         return pred.sum() * 0.0
     return _rgb_op(clip, pred, mask_idx, int(patch))
+
+
+# -- packed masked tokens (random / frame masks) ------------------------------------------
+def _check_packed(clip: Tensor, pred: Tensor, rows: Tensor, patch: int):
+    name = "rgb_diff_mse_packed"
+    if clip.dim() != 5 or pred.dim() != 2 or rows.dim() != 1:
+        raise ValueError(f"{name}: need clip [B,T,C,H,W], pred [M,P*P*C], rows [M]; "
+                         f"got {tuple(clip.shape)}, {tuple(pred.shape)}, {tuple(rows.shape)}")
+    B, T, C, H, W = clip.shape
+    if H % patch or W % patch:
+        raise ValueError(f"{name}: clip size {H}x{W} is not divisible by patch {patch}")
+    if tuple(pred.shape) != (rows.shape[0], patch * patch * C):
+        raise ValueError(f"{name}: pred must be {(rows.shape[0], patch * patch * C)} "
+                         f"(one row per entry of rows), got {tuple(pred.shape)}")
+    if rows.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name}: rows must be int64/int32, got {rows.dtype}")
+    check_float(name, "clip", clip)
+    check_float(name, "pred", pred)
+    check_device(name, clip, pred, rows)
+
+
+def _packed_count(clip: Tensor, rows: Tensor, patch: int) -> Tensor:
+    """fp32 0-dim tensor: the number of averaged values (rows with t >= 1, times P*P*C), >= 1."""
+    B, T, C, H, W = clip.shape
+    N = (H // patch) * (W // patch)
+    counted = ((rows // N) % T > 0).sum().to(torch.float32)
+    return (counted * float(patch * patch * C)).clamp(min=1.0)
+
+
+def _launch_packed(clip, pred, rows, patch, out, scale, backward: bool):
+    B, T, C, H, W = clip.shape
+    M = rows.shape[0]
+    PPC = patch * patch * C
+    if M == 0:
+        return
+    BLOCK = max(16, next_pow2(PPC))
+    _rgb_diff_kernel[(M,)](
+        clip, pred, rows, out, scale,
+        *clip.stride(), 0, 0, pred.stride(0), pred.stride(1), 0, rows.stride(0),
+        T, 1, (H // patch) * (W // patch), W // patch, C, patch, PPC,
+        PACKED=True, BACKWARD=backward, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8)
+
+
+@torch.library.custom_op("mam2_fast::rgb_diff_mse_packed", mutates_args=())
+def _rgb_packed_op(clip: Tensor, pred: Tensor, rows: Tensor, patch: int) -> Tensor:
+    partial = torch.empty(rows.shape[0], device=pred.device, dtype=torch.float32)
+    _launch_packed(clip, pred, rows, patch, partial, partial, backward=False)
+    return partial.sum() / _packed_count(clip, rows, patch)
+
+
+@_rgb_packed_op.register_fake
+def _rgb_packed_fake(clip, pred, rows, patch):
+    return pred.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("mam2_fast::rgb_diff_mse_packed_bwd", mutates_args=())
+def _rgb_packed_bwd_op(grad: Tensor, clip: Tensor, pred: Tensor, rows: Tensor, patch: int) -> Tensor:
+    scale = (grad.to(torch.float32) * 2.0 / _packed_count(clip, rows, patch)).reshape(1)
+    if pred.stride(1) != 1 or pred.stride(0) != pred.shape[1]:
+        pred = pred.contiguous()
+    dpred = torch.empty_like(pred)
+    _launch_packed(clip, pred, rows, patch, dpred, scale, backward=True)
+    return dpred
+
+
+@_rgb_packed_bwd_op.register_fake
+def _rgb_packed_bwd_fake(grad, clip, pred, rows, patch):
+    return torch.empty_like(pred)
+
+
+def _setup_context_packed(ctx, inputs, output):
+    clip, pred, rows, patch = inputs
+    ctx.save_for_backward(clip, pred, rows)
+    ctx.patch = patch
+
+
+def _backward_packed(ctx, grad):
+    clip, pred, rows = ctx.saved_tensors
+    return None, _rgb_packed_bwd_op(grad, clip, pred, rows, ctx.patch), None, None
+
+
+_rgb_packed_op.register_autograd(_backward_packed, setup_context=_setup_context_packed)
+
+
+def rgb_diff_mse_packed_fused(clip: Tensor, pred: Tensor, rows: Tensor, patch: int) -> Tensor:
+    """Fused equivalent of :func:`reference.rgb_diff_mse_packed_ref` (fp32 0-dim loss).
+
+    clip ``[B, T, C, H, W]`` (constant, no grad), pred ``[M, P*P*C]`` the predictions of the
+    masked tokens ``rows [M]`` (flat ``b*T*N + t*N + n``, N the patches of a frame). Rows of
+    frame 0 have no target: they are not counted and get zero gradient.
+    """
+    _check_packed(clip, pred, rows, patch)
+    if clip.requires_grad and torch.is_grad_enabled():
+        raise ValueError("rgb_diff_mse_packed (fused): clip is treated as a constant and gets no "
+                         "gradient; pass clip.detach() (or use backend='reference')")
+    if clip.shape[1] < 2 or rows.shape[0] == 0:
+        return pred.sum() * 0.0
+    return _rgb_packed_op(clip, pred, rows, int(patch))

@@ -102,6 +102,22 @@ def _case_rgb_diff(device, dtype):
     return fused, refr
 
 
+def _case_rgb_diff_packed(device, dtype):
+    clip = torch.randn(2, 4, 3, 48, 48, device=device, dtype=dtype)
+    rows = (torch.rand(2 * 4 * 9, device=device) < 0.7).nonzero().squeeze(1)   # uneven counts
+    p0 = torch.randn(rows.numel(), 768, device=device, dtype=dtype)
+
+    def run(fn):
+        p = p0.clone().requires_grad_(True)
+        loss = fn(p)
+        loss.backward()
+        return loss, p.grad
+
+    fused = run(lambda p: kernels.rgb_diff_mse_packed(clip, p, rows, 16, backend="fused"))
+    refr = run(lambda p: ref.rgb_diff_mse_packed_ref(clip.float(), p.float(), rows, 16))
+    return fused, refr
+
+
 CASES: dict[str, Callable] = {
     "factorized_attention[temporal]": lambda d, t: _case_attention(d, t, "temporal"),
     "factorized_attention[spatial]": lambda d, t: _case_attention(d, t, "spatial"),
@@ -109,6 +125,7 @@ CASES: dict[str, Callable] = {
     "linear_cross_entropy": _case_linear_ce,
     "gather_visible_add_pos": _case_gather,
     "rgb_diff_mse_tube": _case_rgb_diff,
+    "rgb_diff_mse_packed": _case_rgb_diff_packed,
 }
 
 

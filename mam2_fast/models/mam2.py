@@ -21,8 +21,9 @@ which that slot is in the set, spatial attention only the set's slots of the fra
 decoders instead run on the set's tokens packed as ``[Ntok, D]`` (``MaskInfo.segments``)
 with variable-length attention, so at ratio 0.75 the visible pass costs a quarter of the
 grid and the decoders three quarters; the regressor computes only the masked queries when
-every sample has as many (random and frame masks do; keys stay every position). Results
-equal the grid path.
+every sample has as many (random and frame masks do; keys stay every position). The heads
+and losses then read the packed rows too (the RGB-difference loss through its packed fused
+kernel), so nothing returns to the grid. Results equal the grid path.
 
 Targets (``ModelConfig``):
 
@@ -449,15 +450,23 @@ class MAM2(nn.Module):
         elif self.kernel_backend != "reference":
             # packed: only the set's tokens go through the encoder (varlen attention)
             B, T, N, D = x.shape
-            seg = info.segments(masked)
-            pos = self.pos_grid().reshape(T * N, D)[seg.rows % (T * N)]          # [Ntok, D]
-            tokens = x.reshape(B * T * N, D)[seg.rows] + pos                     # [Ntok, D]
-            out = self.encode_tokens(tokens, seg)                                # [Ntok, D]
-            grid = out.new_zeros(B * T * N, D).index_copy(0, seg.rows, out)     # zeros off the set
+            out = self.encode_packed(x, info, masked)                            # [Ntok, D]
+            rows = info.segments(masked).rows
+            grid = out.new_zeros(B * T * N, D).index_copy(0, rows, out)         # zeros off the set
             return grid.view(B, T, N, D), (info.mask if masked else ~info.mask)
         else:
             tokens, valid = select_tokens(x + self.pos_grid(), info, masked)
         return self.encode_tokens(tokens, valid), valid
+
+    def encode_packed(self, patches: Tensor, info: MaskInfo, masked: bool) -> Tensor:
+        """Encoder on the visible (or masked) token set of a random / frame mask, packed:
+        patch embeddings ``[B, T, N, D]`` -> ``[Ntok, D]`` in ``info.segments(masked).rows``
+        order (varlen attention over each sample's frames and slots)."""
+        B, T, N, D = patches.shape
+        seg = info.segments(masked)
+        pos = self.pos_grid().reshape(T * N, D)[seg.rows % (T * N)]              # [Ntok, D]
+        tokens = patches.reshape(B * T * N, D)[seg.rows] + pos                   # [Ntok, D]
+        return self.encode_tokens(tokens, seg)
 
     def forward_features(self, clip: Tensor) -> Tensor:
         """Encoder on all tokens (fine-tuning / probing): ``[B, T, N, D]``."""
@@ -513,13 +522,22 @@ class MAM2(nn.Module):
         return x.reshape(B, T, -1, Dd)
 
     # -- targets ---------------------------------------------------------------------------
-    def masked_patch_mse(self, pred: Tensor, target: Tensor, info: MaskInfo, skip_first_frame: bool) -> Tensor:
+    def masked_patch_mse(self, pred: Tensor, target: Tensor, info: MaskInfo, skip_first_frame: bool,
+                         rows: Optional[Tensor] = None) -> Tensor:
         """Per-patch MSE (mean over the patch's values), averaged over the masked patches
         (frames ``t >= 1`` only when ``skip_first_frame``, as Eq. 3).
 
-        pred: ``[B, T, Nm, Dp]`` (tube) or ``[B, T, N, Dp]`` (grid; masked slots read);
+        pred: ``[B, T, Nm, Dp]`` (tube), ``[B, T, N, Dp]`` (grid; masked slots read), or
+        ``[M, Dp]`` for the flat token ``rows [M]`` (packed path);
         target: full-grid ``[B, T, N, Dp]`` (a constant)."""
         target = target.detach()
+        if rows is not None:
+            B, T, N, Dp = target.shape
+            err = ((pred.float() - target.reshape(-1, Dp).index_select(0, rows).float()) ** 2).mean(dim=-1)
+            if not skip_first_frame:
+                return err.mean() if err.numel() else pred.sum() * 0.0
+            counted = (rows // N) % T > 0                                     # [M]
+            return (err * counted).sum() / counted.sum().clamp(min=1)
         if info.is_tube:
             tgt = kernels.gather_tokens(target, info.mask_idx, backend=self.kernel_backend)  # [B, T, Nm, Dp]
             if skip_first_frame:
@@ -629,15 +647,23 @@ class MAM2(nn.Module):
         pos = self.pos_to_decoder(self.pos_grid())                         # [T, N, D']
         valid_m = None if info.is_tube else info.mask
 
+        # packed decoders (random / frame masks, fused kernels): the regressor, decoders, heads
+        # and losses work on the masked tokens only, [M, .] in info.segments(masked=True).rows
+        # order, instead of the grid with the visible slots as padding
+        packed_dec = self.regressor is not None and not info.is_tube and self.kernel_backend != "reference"
+
         align_target = None
         if cfg.use_alignment:
             with torch.no_grad():
-                target, _ = self.encode(clip, info, masked=True, patches=patches)  # [B, T, Nm|N, D]
+                if packed_dec:
+                    target = self.encode_packed(patches, info, masked=True)          # [M, D]
+                else:
+                    target, _ = self.encode(clip, info, masked=True, patches=patches)  # [B, T, Nm|N, D]
                 align_target = self.encoder_to_decoder(target).detach()
 
         dec_rows = None
         if self.regressor is not None:
-            if not info.is_tube and self.kernel_backend != "reference":
+            if packed_dec:
                 # packed: the decoders run on the masked tokens only (varlen attention), not
                 # on the grid with the visible slots as padding; so does the regressor when
                 # every sample has as many masked tokens (random / frame masks do)
@@ -667,19 +693,15 @@ class MAM2(nn.Module):
             pred_latent = None
 
         def masked_view(x: Tensor) -> Tensor:
-            # decoder output on the full grid -> the masked token set
-            if dec_rows is not None:  # packed [M, D'] -> grid [B, T, N, D'], zeros off the set
-                return x.new_zeros(B * T * self.num_patches, x.shape[-1]).index_copy(
-                    0, dec_rows, x).view(B, T, self.num_patches, -1)
+            # decoder output on the full grid -> the masked token set (packed: already it)
             if take is None:
                 return x
             return kernels.gather_tokens(x, info.mask_idx, backend=self.kernel_backend) if info.is_tube else x
 
-        app_feat = motion_feat = first_block = app_packed = None
+        app_feat = motion_feat = first_block = None
         if self.appearance_decoder is not None:
             app_feat, first_block = self.appearance_decoder(dec_in, dec_valid, return_first=True)
-            app_packed = app_feat if dec_rows is not None else None      # [M, D'] (packed path)
-            app_feat = masked_view(app_feat)
+            app_feat = masked_view(app_feat)                             # [B, T, Nm|N, D'] or [M, D']
             if cfg.coupled_decoder:
                 motion_feat = app_feat
         if self.motion_decoder is not None and not clip_order:
@@ -693,12 +715,11 @@ class MAM2(nn.Module):
         if cfg.use_alignment:
             # regressed latents of masked tokens; without a regressor: first decoder block's
             r = pred_latent if pred_latent is not None else masked_view(first_block)
-            tgt = align_target
-            if r.dim() == 2:  # packed regressor output [M, D']: the target's masked rows
-                tgt = align_target.reshape(-1, Dd).index_select(0, dec_rows)
-            sq = (r.float() - tgt.float()) ** 2
+            if packed_dec and r.dim() != 2:  # grid regressor (uneven counts) -> the masked rows
+                r = r.reshape(-1, Dd).index_select(0, dec_rows)             # [M, D']
+            sq = (r.float() - align_target.float()) ** 2
             err = sq.sum(dim=-1) if cfg.align_reduction == "sum" else sq.mean(dim=-1)  # [B, T, Nm|N] or [M]
-            if info.is_tube or r.dim() == 2:
+            if info.is_tube or packed_dec:
                 loss_align = err.mean()
             else:
                 loss_align = (err * info.mask).sum() / info.mask.sum().clamp(min=1)
@@ -709,7 +730,8 @@ class MAM2(nn.Module):
             with torch.no_grad(), torch.autocast(clip.device.type, enabled=False):
                 from mam2_fast.targets.pixel import pixel_target  # lazy: keep models independent of targets
                 pix = pixel_target(clip, self.patch_size)                   # [B, T, N, P*P*C] float32
-            loss_app = self.masked_patch_mse(self.appearance_head(app_feat), pix, info, skip_first_frame=False)
+            loss_app = self.masked_patch_mse(self.appearance_head(app_feat), pix, info, skip_first_frame=False,
+                                             rows=dec_rows)
             out["loss_app"] = loss_app
             loss = loss + loss_app
         elif cfg.use_appearance:
@@ -723,7 +745,7 @@ class MAM2(nn.Module):
                 tgt = tgt.reshape(-1)
             else:
                 rows = info.segments(masked=True).rows                      # [M] (no data-dependent shape)
-                feat = app_packed if app_packed is not None else app_feat.reshape(-1, Dd).index_select(0, rows)
+                feat = app_feat if packed_dec else app_feat.reshape(-1, Dd).index_select(0, rows)
                 tgt = codes.reshape(-1).index_select(0, rows)               # feat [M, D'], tgt [M]
             loss_app = kernels.linear_cross_entropy(feat, self.appearance_head.weight,
                                                     self.appearance_head.bias, tgt, backend=self.kernel_backend)
@@ -748,9 +770,13 @@ class MAM2(nn.Module):
             out["loss_motion"] = loss_motion
             loss = loss + loss_motion
         elif use_motion:
-            pred = self.motion_head(motion_feat)                            # [B, T, Nm|N, P*P*(C|2)]
+            pred = self.motion_head(motion_feat)                            # [B, T, Nm|N, P*P*(C|2)] or [M, .]
             if self.motion_target == "flow":
-                loss_motion = self.masked_patch_mse(pred, motion_target, info, skip_first_frame=True)
+                loss_motion = self.masked_patch_mse(pred, motion_target, info, skip_first_frame=True,
+                                                    rows=dec_rows)
+            elif packed_dec:
+                loss_motion = kernels.rgb_diff_mse_packed(clip, pred, dec_rows, self.patch_size,
+                                                          backend=self.kernel_backend)
             elif info.is_tube:
                 loss_motion = kernels.rgb_diff_mse_tube(clip, pred, info.mask_idx, self.patch_size,
                                                         backend=self.kernel_backend)
