@@ -378,6 +378,8 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
     if packed:
         vis_set = packed_set_sums(k.kind, k.ratio, T, N, masked=False)
         mask_set = packed_set_sums(k.kind, k.ratio, T, N, masked=True)
+        if m.use_regressor:  # heads and the alignment target's projection read the packed rows
+            motion_rows = app_rows
 
     embed = 2 * B * T * N * D * C * P * P
     sf.add("patch embed", embed, embed)  # backward: weight grad only (clip has no grad)
@@ -398,7 +400,7 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
         tgt = depth * (packed_divided_block(B, *mask_set, D, hid) if packed  # reuses the step's
                        else divided_block(B, T, S_tgt, D, hid))               # patch embedding
         if Dd != D:
-            tgt += linear(B * T * S_tgt, D, Dd)
+            tgt += linear(app_rows if (packed and m.use_regressor) else B * T * S_tgt, D, Dd)
         sf.add(f"alignment target (no grad, {S_tgt} slots)", tgt, 0, "target")
 
     if m.use_regressor:
