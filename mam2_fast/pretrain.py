@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from mam2_fast.data.prefetch import Prefetcher
 from mam2_fast.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, _deep_merge
 from mam2_fast.masking import MaskGenerator, MaskInfo
 from mam2_fast.models.mam2 import build_model
@@ -335,6 +336,10 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     effective_batch = cfg.train.batch_size * accum * world
     peak_lr = scaled_lr(cfg.optim, effective_batch)
     steps_per_epoch = max(1, data.steps_per_epoch // accum)
+    # micro-batches used per epoch: whole optimizer steps only (a remainder is dropped, like
+    # drop_last, so no gradient leaks into the next epoch); an epoch shorter than one step
+    # lets a step span epochs
+    epoch_micro = steps_per_epoch * accum if data.steps_per_epoch >= accum else data.steps_per_epoch
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
@@ -373,7 +378,7 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
         model_sd, optim_sd = D.full_state(wrapped, optimizer)   # collective under DDP/FSDP
         path = None
         if dist_info.is_main:
-            ep, pos = (epoch + 1, 0) if micro_pos >= data.steps_per_epoch else (epoch, micro_pos)
+            ep, pos = (epoch + 1, 0) if micro_pos >= epoch_micro else (epoch, micro_pos)
             state = {"model": model_sd, "optimizer": optim_sd,
                      "tokenizer": tokenizer.state_dict() if tokenizer is not None else None,
                      "step": step, "epoch": ep, "micro_in_epoch": pos,
@@ -390,106 +395,151 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     first_record: Optional[dict] = None
     last_record: Optional[dict] = None
     zero = torch.zeros((), device=device)
-    streak, skipped = zero.clone(), zero.clone()       # non-finite steps: in a row, in total
+    # non-finite steps: in a row now, the longest run since the last check, in total; finite
+    # micro-batches since the last log (the logged loss means leave the skipped ones out)
+    streak, max_streak, skipped, finite_count = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     last_ckpt: Optional[Path] = None
     interrupted = False
     model.train()
     amp = autocast_for(device, cfg.train.precision)
     mean, std = cfg.data.mean, cfg.data.std
+    norm_mean = torch.tensor(mean, device=device).view(1, 1, -1, 1, 1)   # for denormalize, made once
+    norm_std = torch.tensor(std, device=device).view(1, 1, -1, 1, 1)
+    fsdp_sync = dist_info.enabled and hasattr(wrapped, "set_requires_gradient_sync")   # FSDP2
+    graphs = cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and device.type == "cuda"
 
-    with StopRequest() as stop:
-        while step < last_step:
-            micro = micro_pos % accum
-            for pos, batch in data.iter_epoch(epoch, start_step=micro_pos):
-                clip = batch["clip"].to(device, non_blocking=True)       # [B, T, C, H, W]
-                info = make_masks(masker, clip.shape[0], num_sample, cfg.train.seed, epoch, pos,
-                                  rank, world).to(device)
-                codes = None
-                if tokenizer is not None:
-                    with torch.inference_mode():
-                        codes = tokenizer.tokenize(denormalize(clip.float(), mean, std))  # [B, T, h, w]
-                    codes = codes.flatten(2).clone()                      # [B, T, N]
-                extra = {}
-                if flow_target is not None:
-                    with torch.inference_mode():
-                        flow = flow_target(denormalize(clip.float(), mean, std))   # [B, T, N, P*P*2]
-                    extra["motion_target"] = flow.clone()
-                if clip_order:
-                    extra["order_labels"] = make_order_labels(info, num_sample, cfg.train.seed, epoch, pos,
-                                                              rank, world).to(device)
-                last_micro = micro + 1 == accum
-                sync_ctx = wrapped.no_sync() if (dist_info.enabled and not last_micro
-                                                 and hasattr(wrapped, "no_sync")) else contextlib.nullcontext()
-                with sync_ctx:
-                    with amp:
-                        out = step_model(clip, info, **({"codes": codes} if codes is not None else {}), **extra)
-                    (out["loss"] / accum).backward()
-                for k in LOSS_KEYS:
-                    if k in out:
-                        sums[k] = sums.get(k, 0.0) + out[k].detach().float()
-                count += 1
-                clips += clip.shape[0]
-                micro_pos = pos + 1
-                micro += 1
-                if micro < accum:
+    def epoch_batches(ep: int, start: int):
+        """``(pos, batch, masks)`` of epoch ``ep`` from micro-batch ``start`` up to ``epoch_micro``;
+        runs on the prefetch thread (decode polling, upload, augmentation, masks)."""
+        if start >= epoch_micro:
+            return
+        it = data.iter_epoch(ep, start_step=start)
+        try:
+            for pos, batch in it:
+                info = make_masks(masker, batch["clip"].shape[0], num_sample, cfg.train.seed, ep, pos,
+                                  rank, world).to(device)              # host RNG, non-blocking upload
+                yield pos, batch, info
+                if pos + 1 >= epoch_micro:
+                    break
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    micro = 0   # micro-batches accumulated towards the next optimizer step
+    batches: Optional[Prefetcher] = None
+    try:
+        with StopRequest() as stop:
+            while step < last_step:
+                batches = Prefetcher(epoch_batches(epoch, micro_pos), device, depth=cfg.train.prefetch)
+                for pos, batch, info in batches:
+                    clip = batch["clip"].to(device, non_blocking=True)       # [B, T, C, H, W]
+                    codes = None
+                    if tokenizer is not None:
+                        with torch.inference_mode():
+                            pixels = (clip.float() * norm_std + norm_mean).clamp_(0, 1)
+                            codes = tokenizer.tokenize(pixels)                # [B, T, h, w]
+                        codes = codes.flatten(2).clone()                      # [B, T, N]
+                    extra = {}
+                    if flow_target is not None:
+                        with torch.inference_mode():
+                            pixels = (clip.float() * norm_std + norm_mean).clamp_(0, 1)
+                            flow = flow_target(pixels)                        # [B, T, N, P*P*2]
+                        extra["motion_target"] = flow.clone()
+                    if clip_order:
+                        extra["order_labels"] = make_order_labels(info, num_sample, cfg.train.seed, epoch, pos,
+                                                                  rank, world).to(device, non_blocking=True)
+                    last_micro = micro + 1 == accum
+                    sync_ctx = contextlib.nullcontext()
+                    if fsdp_sync:            # FSDP2: reduce-scatter on the last micro-batch only
+                        wrapped.set_requires_gradient_sync(last_micro)
+                    elif dist_info.enabled and not last_micro and hasattr(wrapped, "no_sync"):
+                        sync_ctx = wrapped.no_sync()                          # DDP
+                    if graphs:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    with sync_ctx:
+                        with amp:
+                            out = step_model(clip, info, **({"codes": codes} if codes is not None else {}), **extra)
+                        (out["loss"] / accum).backward()
+                    ok = torch.isfinite(out["loss"].detach())
+                    for k in LOSS_KEYS:
+                        if k in out:
+                            v = out[k].detach().float()
+                            sums[k] = sums.get(k, 0.0) + torch.where(ok, v, 0.0)
+                    finite_count = finite_count + ok.float()
+                    count += 1
+                    clips += clip.shape[0]
+                    micro_pos = pos + 1
+                    micro += 1
+                    if micro < accum:
+                        continue
+                    micro = 0
+
+                    # -- optimizer step (no host sync: a non-finite step is skipped on the device) ----
+                    lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
+                    set_lr(optimizer, lr)
+                    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+                    if hasattr(gnorm, "full_tensor"):
+                        gnorm = gnorm.full_tensor()
+                    found_inf = (~torch.isfinite(gnorm)).float()
+                    if fused_opt:
+                        optimizer.found_inf, optimizer.grad_scale = found_inf, None
+                        optimizer.step()
+                    elif not bool(found_inf.item()):
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    streak = (streak + 1) * found_inf
+                    max_streak = torch.maximum(max_streak, streak)
+                    skipped = skipped + found_inf
+                    sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nan_to_num(gnorm.detach().float(), 0.0)
+                    step += 1
+
+                    if step % cfg.train.log_every == 0 or step == last_step:
+                        dt = time.time() - t_log
+                        n_opt = max(1, count // accum)
+                        n_ok = max(1.0, float(finite_count))
+                        rec = {"step": step, "epoch": epoch, "lr": lr,
+                               **{k: float(v) / (n_opt if k == "grad_norm" else n_ok) for k, v in sums.items()},
+                               "clips_per_s": clips * world / max(dt, 1e-9), "skipped_steps": int(skipped.item()),
+                               **{f"data_{k}": v for k, v in data.stats().items()}}
+                        metrics.log(rec)
+                        first_record = first_record or rec
+                        last_record = rec
+                        text = " ".join(f"{k.replace('loss_', '')} {rec[k]:.4f}" for k in LOSS_KEYS if k in rec)
+                        progress.update(step, text, rec["clips_per_s"])
+                        sums, count, clips, t_log = {}, 0, 0, time.time()
+                        finite_count = zero.clone()
+                        longest = int(max_streak.item())
+                        max_streak = streak.clone()
+                        if longest >= cfg.train.max_nonfinite:
+                            progress.close()
+                            raise FloatingPointError(
+                                f"{longest} non-finite losses/gradients in a row (seen at the log step {step}; "
+                                f"train.max_nonfinite={cfg.train.max_nonfinite}); last good checkpoint: {last_ckpt}")
+                    want_stop = stop.requested
+                    if dist_info.enabled and (step % cfg.train.stop_check_every == 0 or step == last_step):
+                        want_stop = D.all_ranks_agree(want_stop, dist_info, device)
+                    elif dist_info.enabled:
+                        want_stop = False
+                    if step % cfg.train.save_every == 0 or step == last_step or want_stop:
+                        last_ckpt = save() or last_ckpt
+                    if want_stop:
+                        main_log(f"stop requested (SIGTERM): checkpoint written at step {step}")
+                        interrupted = True
+                        break
+                    if step >= last_step:
+                        break
+                else:
+                    batches.close()
+                    epoch += 1
+                    micro_pos = 0
                     continue
-                micro = 0
-
-                # -- optimizer step (no host sync: a non-finite step is skipped on the device) ----
-                lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
-                set_lr(optimizer, lr)
-                max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-                gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                if hasattr(gnorm, "full_tensor"):
-                    gnorm = gnorm.full_tensor()
-                found_inf = (~torch.isfinite(gnorm)).float()
-                if fused_opt:
-                    optimizer.found_inf, optimizer.grad_scale = found_inf, None
-                    optimizer.step()
-                elif not bool(found_inf.item()):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                streak = (streak + 1) * found_inf
-                skipped = skipped + found_inf
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nan_to_num(gnorm.detach().float(), 0.0)
-                step += 1
-
-                if step % cfg.train.log_every == 0 or step == last_step:
-                    dt = time.time() - t_log
-                    n_opt = max(1, count // accum)
-                    rec = {"step": step, "epoch": epoch, "lr": lr,
-                           **{k: float(v) / (n_opt if k == "grad_norm" else max(count, 1)) for k, v in sums.items()},
-                           "clips_per_s": clips * world / max(dt, 1e-9), "skipped_steps": int(skipped.item()),
-                           **{f"data_{k}": v for k, v in data.stats().items()}}
-                    metrics.log(rec)
-                    first_record = first_record or rec
-                    last_record = rec
-                    text = " ".join(f"{k.replace('loss_', '')} {rec[k]:.4f}" for k in LOSS_KEYS if k in rec)
-                    progress.update(step, text, rec["clips_per_s"])
-                    sums, count, clips, t_log = {}, 0, 0, time.time()
-                    if int(streak.item()) >= cfg.train.max_nonfinite:
-                        progress.close()
-                        raise FloatingPointError(
-                            f"{int(streak.item())} non-finite losses/gradients in a row at step {step} "
-                            f"(train.max_nonfinite={cfg.train.max_nonfinite}); last good checkpoint: {last_ckpt}")
-                want_stop = stop.requested
-                if dist_info.enabled and (step % cfg.train.stop_check_every == 0 or step == last_step):
-                    want_stop = D.all_ranks_agree(want_stop, dist_info, device)
-                elif dist_info.enabled:
-                    want_stop = False
-                if step % cfg.train.save_every == 0 or step == last_step or want_stop:
-                    last_ckpt = save() or last_ckpt
-                if want_stop:
-                    main_log(f"stop requested (SIGTERM): checkpoint written at step {step}")
-                    interrupted = True
-                    break
-                if step >= last_step:
-                    break
-            else:
-                epoch += 1
-                micro_pos = 0
-                continue
-            break
+                batches.close()
+                break
+    finally:  # an exception in the step: stop the prefetch thread (and decode polling)
+        if batches is not None:
+            batches.close()
 
     progress.close()
     metrics.close()

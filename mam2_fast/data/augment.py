@@ -44,12 +44,25 @@ def extension_has_cuda() -> bool:
     return bool(ext is not None and ext.has_cuda())
 
 
+_SCALE_BIAS: dict = {}
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host tensor -> ``device`` without blocking the host (pinned staging on CUDA)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _scale_bias(mean: Sequence[float], std: Sequence[float], device) -> tuple:
-    # (v / 255 - mean) / std == v * scale + bias
-    std_t = torch.tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * std_t)).float().to(device)
-    bias = (-torch.tensor(mean, dtype=torch.float64) / std_t).float().to(device)
-    return scale, bias
+    # (v / 255 - mean) / std == v * scale + bias; made once per (mean, std, device)
+    key = (tuple(float(m) for m in mean), tuple(float(s) for s in std), str(device))
+    if key not in _SCALE_BIAS:
+        std_t = torch.tensor(std, dtype=torch.float64)
+        scale = (1.0 / (255.0 * std_t)).float()
+        bias = (-torch.tensor(mean, dtype=torch.float64) / std_t).float()
+        _SCALE_BIAS[key] = (_to_device(scale, torch.device(device)), _to_device(bias, torch.device(device)))
+    return _SCALE_BIAS[key]
 
 
 def make_params(src: Sequence[int], dst: Sequence[int], boxes: Sequence[Sequence[int]],
@@ -113,5 +126,5 @@ def crop_resize_normalize(frames: Tensor, params: Tensor, mean: Sequence[float],
             log.warning("mam2_fast: fused augmentation extension not available (%s); using plain torch", why)
         return crop_resize_normalize_torch(frames, params, mean, std, out)
     scale, bias = _scale_bias(mean, std, frames.device)
-    ext.crop_resize_normalize(frames.contiguous(), params.to(frames.device), scale, bias, out)
+    ext.crop_resize_normalize(frames.contiguous(), _to_device(params, frames.device), scale, bias, out)
     return out

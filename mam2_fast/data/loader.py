@@ -212,8 +212,11 @@ class PretrainData:
             params = make_params(*zip(*rows)) if rows else None
             crop_resize_normalize(src, params, cfg.mean, cfg.std, out, impl=cfg.augment_impl)
         index = torch.tensor([i for _, i, _ in videos], dtype=torch.long).repeat_interleave(S)
-        return {"clip": out, "label": self.labels[index].to(self.device),
-                "index": index.to(self.device)}
+        label = self.labels[index]
+        if self.device.type == "cuda":  # pinned staging: the copies do not block the host
+            label, index = label.pin_memory(), index.pin_memory()
+        return {"clip": out, "label": label.to(self.device, non_blocking=True),
+                "index": index.to(self.device, non_blocking=True)}
 
 
 def build_pretrain_data(cfg: DataConfig, batch_size: int, seed: int = 0, rank: int = 0,

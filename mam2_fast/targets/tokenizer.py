@@ -49,6 +49,7 @@ class KMeansTokenizer(nn.Module):
         self.pool = int(pool)
         self.register_buffer("codebook", torch.zeros(vocab_size, pool * pool * 3))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._known_fitted = False   # host copy of ``fitted`` once seen True (no per-call device sync)
 
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         return height // self.patch_size, width // self.patch_size
@@ -94,10 +95,16 @@ class KMeansTokenizer(nn.Module):
         self.fitted.fill_(True)
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._known_fitted = False   # re-read ``fitted`` from the loaded state
+
     @torch.no_grad()
     def tokenize(self, frames: Tensor) -> Tensor:
-        if not bool(self.fitted):
-            raise RuntimeError("kmeans tokenizer used before fit() or loading a fitted state")
+        if not self._known_fitted:
+            if not bool(self.fitted):   # read from the device once, not every step
+                raise RuntimeError("kmeans tokenizer used before fit() or loading a fitted state")
+            self._known_fitted = True
         feats = self.features(frames)  # [B, T, h, w, F]
         flat = feats.reshape(-1, feats.shape[-1])
         # nearest centroid by ||f||^2 - 2 f.c + ||c||^2 (||f||^2 is constant per row)
