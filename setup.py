@@ -66,7 +66,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["mam2_fast", "mam2_fast.*"]),
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.6",  # torch.library.custom_op, public fully_shard (FSDP2), CPU fused AdamW
         "numpy",
         "av>=11",          # default video decoder (bundles FFmpeg)
         "pillow",          # frame folders

@@ -209,7 +209,8 @@ def prepare_tokenizer(cfg: Config, fit_data, device: torch.device, dist_info, lo
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+    """SIGTERM sets a flag; the loop checkpoints at the next step boundary and exits (SIGINT
+    keeps Python's default: KeyboardInterrupt, no checkpoint)."""
 
     def __init__(self):
         self.requested = False
