@@ -40,7 +40,8 @@ env)
 parity)
     run "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_varlen.py \
         tests/test_kernels_gather.py tests/test_kernels_rgb_diff.py tests/test_kernels_linear_ce.py
-    run "$py" -m pytest -q -p no:cacheprovider tests/test_model_fused.py tests/test_model_targets_fused.py tests/test_engine.py
+    run "$py" -m pytest -q -p no:cacheprovider tests/test_model_fused.py tests/test_model_targets_fused.py tests/test_engine.py \
+        tests/test_engine_loop.py tests/test_data_loader.py
     ;;
 kernels)
     run "$py" benchmarks/bench_kernels.py --models S,B,L --batch 8,32,64 --masks 0.75,0.9
