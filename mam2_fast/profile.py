@@ -1,4 +1,6 @@
 """Profile MAM^2 training steps: ``python -m mam2_fast.profile [--config FILE] [key=value ...]``.
+(``model.arch=videomae`` profiles the VideoMAE baseline: no tokenizer or alignment phase,
+FLOPs from ``flops.videomae_step_flops``.)
 
 Builds the model, tokenizer and AdamW exactly as ``mam2_fast.pretrain`` does, runs
 ``--warmup`` + ``--steps`` steps on synthetic clips (or the configured data with
@@ -8,7 +10,8 @@ Builds the model, tokenizer and AdamW exactly as ``mam2_fast.pretrain`` does, ru
 * the step split: data wait, tokenizer, alignment target, forward (rest), backward,
   optimizer. On CUDA the phases are timed with CUDA events recorded at the phase
   boundaries (no synchronization inside a step; one ``synchronize`` at the end of every
-  step, like the training loop's finite-loss check); on CPU with ``perf_counter``. The
+  step, to close the step's timing window -- the training loop itself does not sync per
+  step); on CPU with ``perf_counter``. The
   alignment target (the no-grad encoder pass on the masked tokens, inside the model's
   forward) is timed by wrapping the model's ``encode`` -- the model file is not touched;
 * FLOPs per step from :mod:`mam2_fast.flops` and MFU against the device's dense bf16
@@ -43,7 +46,7 @@ import torch
 
 from mam2_fast.pretrain import autocast_for, select_device  # the trainer's own rules
 from mam2_fast.config import Config, ConfigError
-from mam2_fast.flops import config_without_data, mam2_step_flops
+from mam2_fast.flops import config_without_data, mam2_step_flops, videomae_step_flops
 
 K400_TRAIN_VIDEOS = 240_000
 
@@ -244,13 +247,24 @@ class MAM2Step:
 
         self.cfg, self.device = cfg, device
         self.batch = cfg.train.batch_size
-        self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for_timing(cfg, device, data, log)
-        vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
-        self.model = build_model(cfg.model, vocab_size=vocab).to(device)
+        self.videomae = getattr(cfg.model, "arch", "mam2") == "videomae"
+        if self.videomae:
+            # the VideoMAE baseline (pixel target, tubelet tubes): no tokenizer, no alignment pass
+            from mam2_fast.pretrain import build_baseline
+            self.tokenizer = None
+            self.model = build_baseline(cfg).to(device)
+            self.masker = self.model.mask_generator()
+            split_alignment = False
+        else:
+            self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for_timing(cfg, device, data, log)
+            vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
+            self.model = build_model(cfg.model, vocab_size=vocab).to(device)
+            self.masker = MaskGenerator(cfg.mask.kind, cfg.mask.ratio, cfg.model.num_frames, self.model.grid,
+                                        cfg.mask.cube_min_block, cfg.mask.cube_max_aspect)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg.optim, scaled_lr(cfg.optim, self.batch), device)
-        self.masker = MaskGenerator(cfg.mask.kind, cfg.mask.ratio, cfg.model.num_frames, self.model.grid,
-                                    cfg.mask.cube_min_block, cfg.mask.cube_max_aspect)
+        self.norm_mean = torch.tensor(cfg.data.mean, device=device).view(1, 1, -1, 1, 1)
+        self.norm_std = torch.tensor(cfg.data.std, device=device).view(1, 1, -1, 1, 1)
         self.gen = torch.Generator().manual_seed(cfg.train.seed)
         self.amp_precision = cfg.train.precision
         self.timer: Optional[PhaseTimer] = None
@@ -297,17 +311,18 @@ class MAM2Step:
         codes = None
         if self.tokenizer is not None:
             with rf("tokenizer"):
-                frames = _denormalize(clip.float(), self.cfg.data.mean, self.cfg.data.std)
+                frames = (clip.float() * self.norm_std + self.norm_mean).clamp_(0, 1)
                 codes = self.tokenizer.tokenize(frames).flatten(2)
             mark("tokenizer")
         extra = {}
-        if getattr(self.cfg.model, "motion_target", "rgb_diff") == "flow" and self.cfg.model.use_motion:
+        if not self.videomae and getattr(self.cfg.model, "motion_target", "rgb_diff") == "flow" \
+                and self.cfg.model.use_motion:
             # the RAFT flow target is not part of this profile: a random stand-in of its shape
             m = self.model
             extra["motion_target"] = torch.randn(clip.shape[0], clip.shape[1], m.num_patches,
                                                  m.patch_size * m.patch_size * 2, device=self.device)
         with rf("forward"), autocast_ctx(self.device, self.amp_precision):
-            out = self.forward_fn(clip, info, codes, **extra)
+            out = self.forward_fn(clip, info) if self.videomae else self.forward_fn(clip, info, codes, **extra)
         mark("forward")
         with rf("backward"):
             out["loss"].backward()
@@ -324,6 +339,8 @@ class MAM2Step:
         return out["loss"].detach()
 
     def flops(self):
+        if self.videomae:
+            return videomae_step_flops(self.model.cfg, batch=self.batch)
         vocab = self.model.vocab_size
         counted = self.tokenizer is not None and getattr(self.tokenizer, "counts_flops", True)
         packed = getattr(self.model, "kernel_backend", "reference") != "reference"  # fused: packed sets

@@ -88,3 +88,20 @@ def test_bench_scripts_smoke(capsys):
     assert _load("bench_videomae").main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "skipped" in out and "ours" in out
+
+
+def test_profile_videomae_baseline(tmp_path):
+    """model.arch=videomae: the baseline model is profiled (no tokenizer or alignment phase)
+    and its FLOPs are VideoMAE's, not MAM^2's."""
+    from mam2_fast.flops import videomae_step_flops
+    args = profile.parse_args(["--config", str(ROOT / "configs" / "videomae_baseline_k400.yaml"),
+                               "model.decoder_dim=32", "model.decoder_heads=2", *TINY])
+    cfg = profile.resolve_config(args)
+    res = profile.run_profile(cfg, warmup=0, steps=1, output_dir=str(tmp_path), trace_steps=0, log=lambda s: None)
+    assert res["phases_ms"].get("tokenizer", 0.0) == 0.0
+    assert res["phases_ms"].get("alignment target", 0.0) == 0.0
+    runner = profile.MAM2Step(cfg, torch.device("cpu"), log=lambda s: None)
+    assert runner.videomae and runner.tokenizer is None
+    want = videomae_step_flops(runner.model.cfg, batch=2)
+    assert res["flops_per_step"] == pytest.approx(want.total)
+    assert res["tokenizer_flops_per_clip"] == 0
