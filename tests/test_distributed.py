@@ -1,5 +1,6 @@
 """torchrun --nproc_per_node 2 (gloo, CPU): ranks end identical and equal to one process with
-the same global batch (same clips, same masks, same tokenizer)."""
+the same global batch (same clips, same masks, same tokenizer), and a 2-rank checkpoint resumed
+in one process matches the 1-process run continued alike."""
 import os
 import subprocess
 import sys
@@ -49,3 +50,14 @@ def test_two_ranks_match_single_process(tmp_path, parallel):
     # the weights did move: not a trivially equal pair
     init_like = a["model"]["blocks.0.mlp.fc1.weight"]
     assert (a["model"]["blocks.0.mlp.fc1.weight"] != 0).any() and torch.isfinite(init_like).all()
+    # resume on a different world size: the 2-rank checkpoint continues in 1 process (global
+    # batch 8 either way) and must match the 1-process run continued alike
+    for run_dir in ("two", "one"):
+        out = _run([sys.executable, "-m", "mam2_fast.pretrain", *common, "train.batch_size=8", "train.max_steps=5",
+                    "train.save_every=5", f"train.output_dir={tmp_path / run_dir}", "--resume"], env)
+        assert "checkpoint-00000003.pt (step 3)" in out, out[-2000:]
+    a = torch.load(tmp_path / "two" / "checkpoint-00000005.pt", weights_only=False)
+    b = torch.load(tmp_path / "one" / "checkpoint-00000005.pt", weights_only=False)
+    assert a["step"] == b["step"] == 5 and a["world_size"] == b["world_size"] == 1
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=4e-5, msg=lambda m: f"{k}: {m}")
