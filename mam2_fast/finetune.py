@@ -183,6 +183,17 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
     effective_batch = cfg.train.batch_size * accum * world
     peak_lr = scaled_lr(cfg.optim, effective_batch)
     steps_per_epoch = max(1, data.steps_per_epoch // accum)
+    # micro-batches used per epoch: whole optimizer steps (the remainder is dropped, so no
+    # gradient leaks into the next epoch's first step), as in pretrain
+    epoch_micro = steps_per_epoch * accum if data.steps_per_epoch >= accum else data.steps_per_epoch
+
+    def epoch_batches(ep: int, start: int):
+        if start >= epoch_micro:
+            return
+        for pos, batch in data.iter_epoch(ep, start_step=start):
+            yield pos, batch
+            if pos + 1 >= epoch_micro:
+                return
     total_steps = steps_per_epoch * cfg.train.epochs
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     last_step = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps else total_steps
@@ -206,7 +217,7 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
         f"peak lr {peak_lr:.2e}, layer decay {cfg.optim.layer_decay}) -> {run_dir}")
 
     def state_dict_for_save() -> dict:
-        ep, pos = (epoch + 1, 0) if micro_pos >= data.steps_per_epoch else (epoch, micro_pos)
+        ep, pos = (epoch + 1, 0) if micro_pos >= epoch_micro else (epoch, micro_pos)
         return {"kind": "finetune", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "step": step, "epoch": ep, "micro_in_epoch": pos, "rng": rng_state(), "config": cfg.to_dict(),
                 "init": cfg.init, "schedule": {"peak_lr": peak_lr, "total_steps": total_steps,
@@ -222,7 +233,7 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
     model.train()
     while step < last_step:
         micro = micro_pos % accum
-        for pos, batch in data.iter_epoch(epoch, start_step=micro_pos):
+        for pos, batch in epoch_batches(epoch, micro_pos):
             clip = batch["clip"].to(device, non_blocking=True)               # [B, T, C, H, W]
             label = batch["label"].to(device)                                # [B]
             rng = np.random.default_rng([cfg.train.seed, step, micro, rank, 0x313])
@@ -273,7 +284,7 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                 sums, count, clips, t_log = {}, 0, 0, time.time()
             if (step % cfg.train.save_every == 0 or step == last_step) and dist_info.is_main:
                 last_ckpt = save_checkpoint(run_dir, step, state_dict_for_save(), cfg.train.keep_last)
-            end_of_epoch = micro_pos >= data.steps_per_epoch
+            end_of_epoch = micro_pos >= epoch_micro
             if (test_list and cfg.test.every_epochs and end_of_epoch and (epoch + 1) % cfg.test.every_epochs == 0
                     and step < last_step):
                 if dist_info.is_main:

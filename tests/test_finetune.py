@@ -210,3 +210,25 @@ def test_demo_encoder_matches_pretraining_demo():
     ft = finetune_config_from_dict(demo_config_dict())
     assert encoder_arch_dict(ft.model) == arch_from_pretrain_config(pretrain_demo())
     assert ft.init == pretrain_demo()["train"]["output_dir"]
+
+
+class RecordingLabeled(LabeledSynthetic):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.calls = []
+
+    def iter_epoch(self, epoch, start_step=0):
+        self.calls.append([])
+        for s, batch in super().iter_epoch(epoch, start_step):
+            self.calls[-1].append((epoch, s))
+            yield s, batch
+
+
+def test_epoch_remainder_dropped_under_accumulation(tmp_path):
+    """3 micro-batches per epoch, accum 2: each epoch makes one optimizer step from 2 of them;
+    the third is dropped instead of leaking its gradient into the next epoch's step."""
+    torch.set_num_threads(1)
+    data = RecordingLabeled(n=12, batch=4)
+    res = train(_tiny_cfg(tmp_path / "r", accum_steps=2), data=data, log=lambda s: None)
+    assert res["steps"] == 2
+    assert data.calls == [[(0, 0), (0, 1)], [(1, 0), (1, 1)]]
