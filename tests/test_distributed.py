@@ -61,3 +61,24 @@ def test_two_ranks_match_single_process(tmp_path, parallel):
     assert a["step"] == b["step"] == 5 and a["world_size"] == b["world_size"] == 1
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=4e-5, msg=lambda m: f"{k}: {m}")
+
+
+_EXIT_SCRIPT = """
+import atexit, sys
+import mam2_fast.train.distributed as D
+atexit.register(lambda: print("atexit-ran", flush=True))
+D._JOINED_GROUP = {joined}
+sys.stdout.write("summary-without-newline")   # block-buffered: a pipe
+D.exit_worker(3)
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_exit_worker_skips_teardown_only_after_joining_a_group(joined):
+    # a torchrun worker leaves with os._exit (DDP leaks its gloo group; normal teardown can
+    # SIGABRT), but flushes what it printed first; a plain process exits normally
+    r = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT.format(joined=joined)], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=120)
+    assert r.returncode == 3, r.stderr
+    assert r.stdout.startswith("summary-without-newline")
+    assert ("atexit-ran" in r.stdout) is (not joined)
