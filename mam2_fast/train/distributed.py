@@ -56,13 +56,16 @@ def exit_worker(code: int) -> None:
 
     DDP keeps its process group alive after ``destroy_process_group`` (torch 2.13, gloo: the
     group's ``pt_gloo_runloop`` and ``gloo_tcp_loop`` threads still run after the DDP module is
-    deleted and ``gc.collect()``; a plain all-reduce does not leak). Exiting normally with
-    those threads alive races with the C++ static destructors: a rank sometimes dies with
+    deleted and ``gc.collect()``; a plain all-reduce does not leak). If the interpreter then
+    finalizes while a ``pt_gloo_runloop`` thread is releasing its last work item, that thread
+    takes the GIL (``PyEval_AcquireThread`` from ``ProcessGroupGloo::runLoop``), Python ends it
+    with ``pthread_exit``, the forced unwind meets a ``noexcept`` frame, and the rank dies with
     SIGABRT ("terminate called without an active exception") after the run has finished and
-    written everything, and torchrun reports the whole job as failed. It happened in 1 of 60
-    launches of a 10-line DDP script on a loaded 2-core machine, and in CI. So a worker that
-    joined a group flushes stdout, stderr and logging, then leaves with ``os._exit`` (every
-    checkpoint, metric file and data worker was closed by the training loop before this).
+    written everything; torchrun then reports the job as failed. Seen in CI and in 2 of about
+    100 launches of a 10-line DDP script on a loaded 2-core machine (native backtrace taken).
+    So a worker that joined a group flushes stdout, stderr and logging, then leaves with
+    ``os._exit`` (the training loop has already closed every checkpoint, metric file and data
+    worker): finalization never starts.
     A process that never joined a group exits normally (``SystemExit``).
     """
     if not _JOINED_GROUP:
