@@ -232,3 +232,56 @@ def test_epoch_remainder_dropped_under_accumulation(tmp_path):
     res = train(_tiny_cfg(tmp_path / "r", accum_steps=2), data=data, log=lambda s: None)
     assert res["steps"] == 2
     assert data.calls == [[(0, 0), (0, 1)], [(1, 0), (1, 1)]]
+
+
+class PoisonedLabeled(LabeledSynthetic):
+    """Clips of the micro-batches in ``bad`` ((epoch, step) pairs) are NaN: their loss and the
+    step's gradients are non-finite."""
+
+    def __init__(self, *a, bad=(), **kw):
+        super().__init__(*a, **kw)
+        self.bad = set(bad)
+
+    def iter_epoch(self, epoch, start_step=0):
+        for s, batch in super().iter_epoch(epoch, start_step):
+            if (epoch, s) in self.bad:
+                batch = {**batch, "clip": torch.full_like(batch["clip"], float("nan"))}
+            yield s, batch
+
+
+def test_nonfinite_step_skipped_on_device_and_left_out_of_logged_means(tmp_path):
+    """One NaN step among 8: training goes on, the step is skipped (the weights equal a run
+    whose skipped step never happened... so check they stay finite), and no logged mean is NaN."""
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg(tmp_path / "p", epochs=4, log_every=4, save_every=100, max_nonfinite=2)
+    res = train(cfg, data=PoisonedLabeled(n=8, batch=4, bad={(1, 0)}), log=lambda s: None)
+    assert res["steps"] == 8 and res["skipped_steps"] == 1
+    from mam2_fast.train.metrics import read_metrics
+    recs = read_metrics(tmp_path / "p" / "run" / "metrics.jsonl")
+    assert [r["skipped_steps"] for r in recs] == [1, 1]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["train_acc"]) for r in recs), recs
+    final = torch.load(res["checkpoint"], weights_only=False)["model"]
+    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+
+
+def test_nonfinite_streak_between_log_steps_stops_the_run(tmp_path):
+    """Steps 1-3 non-finite, logging every 4: the streak ended before the log step and must
+    still stop the run (max_nonfinite=2)."""
+    torch.set_num_threads(1)
+    cfg = _tiny_cfg(tmp_path / "s", epochs=4, log_every=4, save_every=100, max_nonfinite=2)
+    with pytest.raises(FloatingPointError, match="3 non-finite"):
+        train(cfg, data=PoisonedLabeled(n=8, batch=4, bad={(0, 0), (0, 1), (1, 0)}), log=lambda s: None)
+
+
+def test_finetune_no_host_sync_per_step(tmp_path):
+    """Host reads do not grow with the steps between log steps: 8 steps cost what 4 do."""
+    from test_engine_loop import HostSyncCounter
+
+    torch.set_num_threads(1)
+    counts = {}
+    for steps in (4, 8):
+        cfg = _tiny_cfg(tmp_path / f"h{steps}", epochs=4, max_steps=steps, log_every=1000, save_every=1000)
+        with HostSyncCounter() as mode:
+            train(cfg, data=LabeledSynthetic(n=8, batch=4), log=lambda s: None)
+        counts[steps] = mode.count
+    assert counts[8] == counts[4], counts
