@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from mam2_fast.models.classifier import VideoClassifier, build_classifier, param
 from mam2_fast.pretrain import autocast_for, resume_value_as_override, select_device
 from mam2_fast.train.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mam2_fast.train.metrics import MetricsLogger, Progress
-from mam2_fast.train.optim import lr_at, scaled_lr
+from mam2_fast.train.optim import NonFiniteGuard, lr_at, scaled_lr
 
 DEMO_YAML = Path(__file__).resolve().parent.parent / "configs" / "finetune_demo.yaml"
 
@@ -230,14 +229,9 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
     first_record = last_record = None
     last_ckpt: Optional[Path] = None
     evals: list = []
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused_opt = bool(optimizer.defaults.get("fused"))
-    zero = torch.zeros((), device=device)
-    # non-finite steps: in a row now, the longest run since the last log, in total; finite
-    # micro-batches since the last log (the logged means leave the non-finite ones out).
-    # Device tensors, read on the host at log steps only (no per-step sync).
-    streak, max_streak, skipped, finite_count = zero.clone(), zero.clone(), zero.clone(), zero.clone()
-    skipped_at_log = 0
+    # the all-reduced gradient norm is the same on every rank, so all ranks agree on a skip
+    guard = NonFiniteGuard(optimizer, (p for p in model.parameters() if p.requires_grad), cfg.optim.clip_grad,
+                           cfg.train.max_nonfinite, device)
     model.train()
     while step < last_step:
         micro = micro_pos % accum
@@ -254,11 +248,10 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                 loss = soft_target_cross_entropy(logits, soft)
                 (loss / accum).backward()
             with torch.no_grad():
-                ok = torch.isfinite(loss.detach())
+                ok = guard.micro(loss)                      # the logged means leave non-finite ones out
                 acc = (logits.argmax(-1) == label).float().mean()
-                sums["loss"] = sums.get("loss", 0.0) + torch.where(ok, loss.detach().float(), zero)
-                sums["train_acc"] = sums.get("train_acc", 0.0) + torch.where(ok, acc, zero)
-                finite_count = finite_count + ok.float()
+                sums["loss"] = sums.get("loss", 0.0) + torch.where(ok, loss.detach().float(), 0.0)
+                sums["train_acc"] = sums.get("train_acc", 0.0) + torch.where(ok, acc, 0.0)
             count += 1
             clips += clip.shape[0]
             micro_pos = pos + 1
@@ -269,26 +262,12 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
 
             lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
             set_scaled_lr(optimizer, lr)
-            # the all-reduced gradient norm is the same on every rank, so all ranks agree on a
-            # skip; fused AdamW skips on the device (found_inf), so there is no host sync here
-            gnorm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf"))
-            found_inf = (~torch.isfinite(gnorm)).float()
-            if fused_opt:
-                optimizer.found_inf, optimizer.grad_scale = found_inf, None
-                optimizer.step()
-            elif not bool(found_inf.item()):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            streak = (streak + 1) * found_inf
-            max_streak = torch.maximum(max_streak, streak)
-            skipped = skipped + found_inf
+            guard.step()       # a non-finite step is skipped on the device (fused AdamW)
             step += 1
 
             if step % cfg.train.log_every == 0 or step == last_step:
                 dt = time.time() - t_log
-                n_ok = max(1.0, float(finite_count))
-                n_skipped = int(skipped.item())
+                n_ok, n_skipped, new_skips, streak_error = guard.end_log_window(step, last_ckpt)
                 rec = {"step": step, "epoch": epoch, "lr": lr, **{k: float(v) / n_ok for k, v in sums.items()},
                        "clips_per_s": clips / max(dt, 1e-9), "skipped_steps": n_skipped,
                        **{f"data_{k}": v for k, v in data.stats().items()}}
@@ -297,18 +276,11 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                 last_record = rec
                 progress.update(step, f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f} lr {lr:.2e}", rec["clips_per_s"])
                 sums, count, clips, t_log = {}, 0, 0, time.time()
-                finite_count = zero.clone()
-                longest = int(max_streak.item())
-                max_streak = streak.clone()
-                if n_skipped > skipped_at_log:
-                    log(f"step {step}: {n_skipped - skipped_at_log} update(s) skipped since the last log "
-                        f"(non-finite gradients)")
-                    skipped_at_log = n_skipped
-                if longest >= cfg.train.max_nonfinite:
+                if new_skips:
+                    log(f"step {step}: {new_skips} update(s) skipped since the last log (non-finite gradients)")
+                if streak_error is not None:
                     progress.close()
-                    raise FloatingPointError(
-                        f"{longest} non-finite losses/gradients in a row (seen at the log step {step}; "
-                        f"train.max_nonfinite={cfg.train.max_nonfinite}); last good checkpoint: {last_ckpt}")
+                    raise streak_error
             if (step % cfg.train.save_every == 0 or step == last_step) and dist_info.is_main:
                 last_ckpt = save_checkpoint(run_dir, step, state_dict_for_save(), cfg.train.keep_last)
             end_of_epoch = micro_pos >= epoch_micro
@@ -343,7 +315,7 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
         log(f"weights identical across {world} ranks: {ranks_identical}")
         D.cleanup_distributed()
     return {"ranks_identical": ranks_identical, "run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "metrics": str(metrics.jsonl_path), "steps": step, "skipped_steps": int(skipped.item()),
+            "metrics": str(metrics.jsonl_path), "steps": step, "skipped_steps": guard.total_skipped(),
             "first": first_record, "last": last_record,
             "evals": evals, "final_eval": final}
 

@@ -30,7 +30,7 @@ from mam2_fast.models.mam2 import build_model
 from mam2_fast.targets.tokenizer import build_tokenizer
 from mam2_fast.train.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mam2_fast.train.metrics import MetricsLogger, Progress
-from mam2_fast.train.optim import build_optimizer, lr_at, scaled_lr, set_lr
+from mam2_fast.train.optim import NonFiniteGuard, build_optimizer, lr_at, scaled_lr, set_lr
 
 LOSS_KEYS = ("loss", "loss_app", "loss_motion", "loss_align", "app_acc", "order_acc")
 
@@ -389,16 +389,12 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
             path = save_checkpoint(run_dir, step, state, cfg.train.keep_last)
         return path
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused_opt = bool(optimizer.defaults.get("fused"))
+    guard = NonFiniteGuard(optimizer, (p for p in model.parameters() if p.requires_grad), cfg.optim.clip_grad,
+                           cfg.train.max_nonfinite, device)
     sums: dict = {}
     count, clips, t_log = 0, 0, time.time()
     first_record: Optional[dict] = None
     last_record: Optional[dict] = None
-    zero = torch.zeros((), device=device)
-    # non-finite steps: in a row now, the longest run since the last check, in total; finite
-    # micro-batches since the last log (the logged loss means leave the skipped ones out)
-    streak, max_streak, skipped, finite_count = zero.clone(), zero.clone(), zero.clone(), zero.clone()
     last_ckpt: Optional[Path] = None
     interrupted = False
     model.train()
@@ -462,12 +458,11 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
                         with amp:
                             out = step_model(clip, info, **({"codes": codes} if codes is not None else {}), **extra)
                         (out["loss"] / accum).backward()
-                    ok = torch.isfinite(out["loss"].detach())
+                    ok = guard.micro(out["loss"])     # the logged means leave non-finite ones out
                     for k in LOSS_KEYS:
                         if k in out:
                             v = out[k].detach().float()
                             sums[k] = sums.get(k, 0.0) + torch.where(ok, v, 0.0)
-                    finite_count = finite_count + ok.float()
                     count += 1
                     clips += clip.shape[0]
                     micro_pos = pos + 1
@@ -479,30 +474,17 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
                     # -- optimizer step (no host sync: a non-finite step is skipped on the device) ----
                     lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
                     set_lr(optimizer, lr)
-                    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                    if hasattr(gnorm, "full_tensor"):
-                        gnorm = gnorm.full_tensor()
-                    found_inf = (~torch.isfinite(gnorm)).float()
-                    if fused_opt:
-                        optimizer.found_inf, optimizer.grad_scale = found_inf, None
-                        optimizer.step()
-                    elif not bool(found_inf.item()):
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    streak = (streak + 1) * found_inf
-                    max_streak = torch.maximum(max_streak, streak)
-                    skipped = skipped + found_inf
+                    gnorm = guard.step()
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nan_to_num(gnorm.detach().float(), 0.0)
                     step += 1
 
                     if step % cfg.train.log_every == 0 or step == last_step:
                         dt = time.time() - t_log
                         n_opt = max(1, count // accum)
-                        n_ok = max(1.0, float(finite_count))
+                        n_ok, n_skipped, _, streak_error = guard.end_log_window(step, last_ckpt)
                         rec = {"step": step, "epoch": epoch, "lr": lr,
                                **{k: float(v) / (n_opt if k == "grad_norm" else n_ok) for k, v in sums.items()},
-                               "clips_per_s": clips * world / max(dt, 1e-9), "skipped_steps": int(skipped.item()),
+                               "clips_per_s": clips * world / max(dt, 1e-9), "skipped_steps": n_skipped,
                                **{f"data_{k}": v for k, v in data.stats().items()}}
                         metrics.log(rec)
                         first_record = first_record or rec
@@ -510,14 +492,9 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
                         text = " ".join(f"{k.replace('loss_', '')} {rec[k]:.4f}" for k in LOSS_KEYS if k in rec)
                         progress.update(step, text, rec["clips_per_s"])
                         sums, count, clips, t_log = {}, 0, 0, time.time()
-                        finite_count = zero.clone()
-                        longest = int(max_streak.item())
-                        max_streak = streak.clone()
-                        if longest >= cfg.train.max_nonfinite:
+                        if streak_error is not None:
                             progress.close()
-                            raise FloatingPointError(
-                                f"{longest} non-finite losses/gradients in a row (seen at the log step {step}; "
-                                f"train.max_nonfinite={cfg.train.max_nonfinite}); last good checkpoint: {last_ckpt}")
+                            raise streak_error
                     want_stop = stop.requested
                     if dist_info.enabled and (step % cfg.train.stop_check_every == 0 or step == last_step):
                         want_stop = D.all_ranks_agree(want_stop, dist_info, device)
@@ -548,7 +525,7 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
         data.close()  # stop decode workers
     summary = {"run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
                "metrics": str(metrics.jsonl_path), "steps": step, "interrupted": interrupted,
-               "skipped_steps": int(skipped.item()),
+               "skipped_steps": guard.total_skipped(),
                "first": first_record, "last": last_record, "data_stats": data.stats()}
     if dist_info.enabled:
         summary["ranks_identical"] = D.weights_identical_across_ranks(model, dist_info, device)

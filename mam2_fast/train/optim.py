@@ -37,3 +37,69 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+class NonFiniteGuard:
+    """Optimizer steps that skip non-finite gradients on the device, with no per-step host sync.
+
+    ``micro(loss)`` counts a micro-batch's loss as finite or not (the logged means leave the
+    non-finite ones out: weight the sums with the returned mask). ``step()`` clips the
+    gradient norm and steps: fused AdamW gets ``found_inf`` and skips a non-finite step on the
+    device; another optimizer reads the flag on the host (one sync per step). Counters live on
+    the device: the current run of skipped steps, the longest run since the last log step, the
+    total. ``end_log_window()`` reads them at a log step and returns the error to raise when
+    the longest run reached ``max_nonfinite``: a run of skips that ended between two log steps
+    still counts.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params, clip_grad: float, max_nonfinite: int,
+                 device: torch.device):
+        self.optimizer, self.params = optimizer, list(params)
+        self.max_norm = clip_grad if clip_grad > 0 else float("inf")
+        self.max_nonfinite = max_nonfinite
+        self.fused = bool(optimizer.defaults.get("fused"))
+        self.zero = torch.zeros((), device=device)
+        self.streak, self.longest, self.skipped, self.finite = (self.zero.clone() for _ in range(4))
+        self._skipped_at_log = 0
+
+    def micro(self, loss: torch.Tensor) -> torch.Tensor:
+        """Bool scalar: ``loss`` is finite (counted for the log window's means)."""
+        ok = torch.isfinite(loss.detach())
+        self.finite = self.finite + ok.float()
+        return ok
+
+    def step(self) -> torch.Tensor:
+        """Clip, step (or skip) and zero the gradients; returns the gradient norm (device)."""
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor
+            gnorm = gnorm.full_tensor()
+        found_inf = (~torch.isfinite(gnorm)).float()
+        if self.fused:
+            self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, None
+            self.optimizer.step()
+        elif not bool(found_inf.item()):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.streak = (self.streak + 1) * found_inf
+        self.longest = torch.maximum(self.longest, self.streak)
+        self.skipped = self.skipped + found_inf
+        return gnorm
+
+    def end_log_window(self, step: int, last_ckpt=None) -> tuple[float, int, int, "FloatingPointError | None"]:
+        """At a log step: (finite micro-batches in the window (at least 1), skipped steps in
+        total, skipped since the last log step, the error to raise or None); starts a new window."""
+        n_ok = max(1.0, float(self.finite))
+        skipped = int(self.skipped.item())
+        new = skipped - self._skipped_at_log
+        self._skipped_at_log = skipped
+        longest = int(self.longest.item())
+        self.finite, self.longest = self.zero.clone(), self.streak.clone()
+        err = None
+        if longest >= self.max_nonfinite:
+            err = FloatingPointError(
+                f"{longest} non-finite losses/gradients in a row (seen at the log step {step}; "
+                f"train.max_nonfinite={self.max_nonfinite}); last good checkpoint: {last_ckpt}")
+        return n_ok, skipped, new, err
+
+    def total_skipped(self) -> int:
+        return int(self.skipped.item())
