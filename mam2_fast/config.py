@@ -131,7 +131,7 @@ class TrainConfig:
     compile_mode: str = "default"        # default | reduce-overhead (CUDA graphs) | max-autotune
     max_nonfinite: int = 5               # stop after this many non-finite steps in a row
     stop_check_every: int = 10           # steps between distributed agreement on SIGTERM stops
-    prefetch: int = 1                    # batches assembled ahead on a background thread (0: inline)
+    prefetch: int = -1                   # batches assembled ahead on a background thread (0: inline; -1: 1 on CUDA, 0 on CPU)
 
 
 @dataclass
@@ -387,7 +387,7 @@ def validate(cfg: Config) -> None:
                                                    "max-autotune-no-cudagraphs"))
     _check(r.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {r.max_nonfinite}")
     _check(r.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {r.stop_check_every}")
-    _check(r.prefetch >= 0, "train.prefetch", f"must be >= 0, got {r.prefetch}")
+    _check(r.prefetch >= -1, "train.prefetch", f"must be >= 0, or -1 for auto; got {r.prefetch}")
     _check(r.keep_last >= 1, "train.keep_last", f"must be >= 1, got {r.keep_last}")
 
     d = cfg.data

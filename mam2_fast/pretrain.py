@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from mam2_fast.data.prefetch import Prefetcher
+from mam2_fast.data.prefetch import Prefetcher, auto_depth
 from mam2_fast.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, _deep_merge
 from mam2_fast.masking import MaskGenerator, MaskInfo
 from mam2_fast.models.mam2 import build_model
@@ -404,6 +404,7 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     norm_std = torch.tensor(std, device=device).view(1, 1, -1, 1, 1)
     fsdp_sync = dist_info.enabled and hasattr(wrapped, "set_requires_gradient_sync")   # FSDP2
     graphs = cfg.train.compile and cfg.train.compile_mode == "reduce-overhead" and device.type == "cuda"
+    prefetch_depth = auto_depth(cfg.train.prefetch, device)   # -1: 1 on CUDA, 0 on CPU
 
     def epoch_batches(ep: int, start: int):
         """``(pos, batch, masks)`` of epoch ``ep`` from micro-batch ``start`` up to ``epoch_micro``;
@@ -428,7 +429,7 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     try:
         with StopRequest() as stop:
             while step < last_step:
-                batches = Prefetcher(epoch_batches(epoch, micro_pos), device, depth=cfg.train.prefetch)
+                batches = Prefetcher(epoch_batches(epoch, micro_pos), device, depth=prefetch_depth)
                 for pos, batch, info in batches:
                     clip = batch["clip"].to(device, non_blocking=True)       # [B, T, C, H, W]
                     codes = None

@@ -51,6 +51,7 @@ def test_table7_presets():
     (["data.num_frames=4"], "data.num_frames"),
     (["model.use_appearance=false", "model.use_motion=false"], "use_appearance"),
     (["train.device=tpu"], "train.device"),
+    (["train.prefetch=-2"], "train.prefetch"),
 ])
 def test_bad_values_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

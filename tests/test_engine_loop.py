@@ -160,7 +160,15 @@ def test_no_host_sync_per_step(tmp_path, kernels):
         cfg = small_cfg(tmp_path / f"s{steps}", epochs=2, max_steps=steps, log_every=1000, save_every=1000)
         cfg.model.kernels = kernels
         cfg.mask.kind = "random"
+        cfg.train.prefetch = 1   # as on CUDA (auto): batches and masks are built on the prefetch thread
         with HostSyncCounter() as mode:
             train(cfg, data=SyntheticData(16, 4, 4, 32), log=lambda s: None)
         counts[steps] = mode.count
     assert counts[8] == counts[4], counts
+
+
+def test_prefetch_auto_depth():
+    from mam2_fast.data.prefetch import auto_depth
+    assert auto_depth(-1, torch.device("cpu")) == 0
+    assert auto_depth(-1, torch.device("cuda", 0)) == 1
+    assert auto_depth(0, torch.device("cuda")) == 0 and auto_depth(2, torch.device("cpu")) == 2
