@@ -150,18 +150,23 @@ def _rgb_bwd_fake(grad, clip, pred, mask_idx, patch):
     return torch.empty_like(pred)
 
 
-def _setup_context(ctx, inputs, output):
-    clip, pred, mask_idx, patch = inputs
-    ctx.save_for_backward(clip, pred, mask_idx)
-    ctx.patch = patch
+def _register_autograd(op, bwd_op) -> None:
+    """``op(clip, pred, index, patch)`` -> loss; its gradient for ``pred`` is
+    ``bwd_op(grad, clip, pred, index, patch)`` (clip, index and patch get none)."""
+
+    def setup_context(ctx, inputs, output):
+        clip, pred, index, patch = inputs
+        ctx.save_for_backward(clip, pred, index)
+        ctx.patch = patch
+
+    def backward(ctx, grad):
+        clip, pred, index = ctx.saved_tensors
+        return None, bwd_op(grad, clip, pred, index, ctx.patch), None, None
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad):
-    clip, pred, mask_idx = ctx.saved_tensors
-    return None, _rgb_bwd_op(grad, clip, pred, mask_idx, ctx.patch), None, None
-
-
-_rgb_op.register_autograd(_backward, setup_context=_setup_context)
+_register_autograd(_rgb_op, _rgb_bwd_op)
 
 
 def rgb_diff_mse_tube_fused(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int) -> Tensor:
@@ -249,18 +254,7 @@ def _rgb_packed_bwd_fake(grad, clip, pred, rows, patch):
     return torch.empty_like(pred)
 
 
-def _setup_context_packed(ctx, inputs, output):
-    clip, pred, rows, patch = inputs
-    ctx.save_for_backward(clip, pred, rows)
-    ctx.patch = patch
-
-
-def _backward_packed(ctx, grad):
-    clip, pred, rows = ctx.saved_tensors
-    return None, _rgb_packed_bwd_op(grad, clip, pred, rows, ctx.patch), None, None
-
-
-_rgb_packed_op.register_autograd(_backward_packed, setup_context=_setup_context_packed)
+_register_autograd(_rgb_packed_op, _rgb_packed_bwd_op)
 
 
 def rgb_diff_mse_packed_fused(clip: Tensor, pred: Tensor, rows: Tensor, patch: int) -> Tensor:
