@@ -38,6 +38,7 @@ from mam2_fast.models.classifier import VideoClassifier, build_classifier, param
 from mam2_fast.pretrain import autocast_for, resume_value_as_override, select_device
 from mam2_fast.train.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mam2_fast.train.metrics import MetricsLogger, Progress
+from mam2_fast.data.prefetch import Prefetcher, auto_depth
 from mam2_fast.train.optim import NonFiniteGuard, lr_at, scaled_lr
 
 DEMO_YAML = Path(__file__).resolve().parent.parent / "configs" / "finetune_demo.yaml"
@@ -229,77 +230,85 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
     first_record = last_record = None
     last_ckpt: Optional[Path] = None
     evals: list = []
+    prefetch_depth = auto_depth(cfg.train.prefetch, device)   # -1: a background thread on CUDA only
     # the all-reduced gradient norm is the same on every rank, so all ranks agree on a skip
     guard = NonFiniteGuard(optimizer, (p for p in model.parameters() if p.requires_grad), cfg.optim.clip_grad,
                            cfg.train.max_nonfinite, device)
     model.train()
-    while step < last_step:
-        micro = micro_pos % accum
-        for pos, batch in epoch_batches(epoch, micro_pos):
-            clip = batch["clip"].to(device, non_blocking=True)               # [B, T, C, H, W]
-            label = batch["label"].to(device)                                # [B]
-            rng = np.random.default_rng([cfg.train.seed, step, micro, rank, 0x313])
-            clip, soft, _ = mixup(clip, label, rng)                          # soft [B, K]
-            last_micro = micro + 1 == accum
-            sync = wrapped.no_sync() if (dist_info.enabled and not last_micro) else contextlib.nullcontext()
-            with sync:
-                with amp:
-                    logits = wrapped(clip)                                   # [B, K]
-                loss = soft_target_cross_entropy(logits, soft)
-                (loss / accum).backward()
-            with torch.no_grad():
-                ok = guard.micro(loss)                      # the logged means leave non-finite ones out
-                acc = (logits.argmax(-1) == label).float().mean()
-                sums["loss"] = sums.get("loss", 0.0) + torch.where(ok, loss.detach().float(), 0.0)
-                sums["train_acc"] = sums.get("train_acc", 0.0) + torch.where(ok, acc, 0.0)
-            count += 1
-            clips += clip.shape[0]
-            micro_pos = pos + 1
-            micro += 1
-            if micro < accum:
+    batches = None   # the prefetch thread is stopped on every way out of the loop
+    try:
+        while step < last_step:
+            micro = micro_pos % accum
+            batches = Prefetcher(epoch_batches(epoch, micro_pos), device, depth=prefetch_depth)
+            for pos, batch in batches:
+                clip = batch["clip"].to(device, non_blocking=True)               # [B, T, C, H, W]
+                label = batch["label"].to(device)                                # [B]
+                rng = np.random.default_rng([cfg.train.seed, step, micro, rank, 0x313])
+                clip, soft, _ = mixup(clip, label, rng)                          # soft [B, K]
+                last_micro = micro + 1 == accum
+                sync = wrapped.no_sync() if (dist_info.enabled and not last_micro) else contextlib.nullcontext()
+                with sync:
+                    with amp:
+                        logits = wrapped(clip)                                   # [B, K]
+                    loss = soft_target_cross_entropy(logits, soft)
+                    (loss / accum).backward()
+                with torch.no_grad():
+                    ok = guard.micro(loss)                      # the logged means leave non-finite ones out
+                    acc = (logits.argmax(-1) == label).float().mean()
+                    sums["loss"] = sums.get("loss", 0.0) + torch.where(ok, loss.detach().float(), 0.0)
+                    sums["train_acc"] = sums.get("train_acc", 0.0) + torch.where(ok, acc, 0.0)
+                count += 1
+                clips += clip.shape[0]
+                micro_pos = pos + 1
+                micro += 1
+                if micro < accum:
+                    continue
+                micro = 0
+
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
+                set_scaled_lr(optimizer, lr)
+                guard.step()       # a non-finite step is skipped on the device (fused AdamW)
+                step += 1
+
+                if step % cfg.train.log_every == 0 or step == last_step:
+                    dt = time.time() - t_log
+                    n_ok, n_skipped, new_skips, streak_error = guard.end_log_window(step, last_ckpt)
+                    rec = {"step": step, "epoch": epoch, "lr": lr, **{k: float(v) / n_ok for k, v in sums.items()},
+                           "clips_per_s": clips / max(dt, 1e-9), "skipped_steps": n_skipped,
+                           **{f"data_{k}": v for k, v in data.stats().items()}}
+                    metrics.log(rec)
+                    first_record = first_record or rec
+                    last_record = rec
+                    progress.update(step, f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f} lr {lr:.2e}",
+                                    rec["clips_per_s"])
+                    sums, count, clips, t_log = {}, 0, 0, time.time()
+                    if new_skips:
+                        log(f"step {step}: {new_skips} update(s) skipped since the last log (non-finite gradients)")
+                    if streak_error is not None:
+                        progress.close()
+                        raise streak_error
+                if (step % cfg.train.save_every == 0 or step == last_step) and dist_info.is_main:
+                    last_ckpt = save_checkpoint(run_dir, step, state_dict_for_save(), cfg.train.keep_last)
+                end_of_epoch = micro_pos >= epoch_micro
+                if (test_list and cfg.test.every_epochs and end_of_epoch and (epoch + 1) % cfg.test.every_epochs == 0
+                        and step < last_step):
+                    if dist_info.is_main:
+                        ev = evaluate_model(model, cfg, test_list, device, amp, run_dir, f"eval-epoch{epoch + 1}", log)
+                        metrics.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in ev.items()}})
+                        evals.append({"step": step, **ev})
+                        model.train()
+                    if dist_info.enabled:
+                        torch.distributed.barrier()
+                if step >= last_step:
+                    break
+            else:
+                epoch += 1
+                micro_pos = 0
                 continue
-            micro = 0
-
-            lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
-            set_scaled_lr(optimizer, lr)
-            guard.step()       # a non-finite step is skipped on the device (fused AdamW)
-            step += 1
-
-            if step % cfg.train.log_every == 0 or step == last_step:
-                dt = time.time() - t_log
-                n_ok, n_skipped, new_skips, streak_error = guard.end_log_window(step, last_ckpt)
-                rec = {"step": step, "epoch": epoch, "lr": lr, **{k: float(v) / n_ok for k, v in sums.items()},
-                       "clips_per_s": clips / max(dt, 1e-9), "skipped_steps": n_skipped,
-                       **{f"data_{k}": v for k, v in data.stats().items()}}
-                metrics.log(rec)
-                first_record = first_record or rec
-                last_record = rec
-                progress.update(step, f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f} lr {lr:.2e}", rec["clips_per_s"])
-                sums, count, clips, t_log = {}, 0, 0, time.time()
-                if new_skips:
-                    log(f"step {step}: {new_skips} update(s) skipped since the last log (non-finite gradients)")
-                if streak_error is not None:
-                    progress.close()
-                    raise streak_error
-            if (step % cfg.train.save_every == 0 or step == last_step) and dist_info.is_main:
-                last_ckpt = save_checkpoint(run_dir, step, state_dict_for_save(), cfg.train.keep_last)
-            end_of_epoch = micro_pos >= epoch_micro
-            if (test_list and cfg.test.every_epochs and end_of_epoch and (epoch + 1) % cfg.test.every_epochs == 0
-                    and step < last_step):
-                if dist_info.is_main:
-                    ev = evaluate_model(model, cfg, test_list, device, amp, run_dir, f"eval-epoch{epoch + 1}", log)
-                    metrics.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in ev.items()}})
-                    evals.append({"step": step, **ev})
-                    model.train()
-                if dist_info.enabled:
-                    torch.distributed.barrier()
-            if step >= last_step:
-                break
-        else:
-            epoch += 1
-            micro_pos = 0
-            continue
-        break
+            break
+    finally:
+        if batches is not None:
+            batches.close()
 
     progress.close()
     final = None
