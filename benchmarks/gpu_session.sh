@@ -13,11 +13,13 @@
 #              then the largest batch per GPU for B and L
 #   videomae   bench_videomae.py against the official code (needs VIDEOMAE_REPO=<checkout>)
 #   loader     bench_loader.py on the GPU host (PyAV must be importable: carry its wheel)
+#   smoke      the CLIs on CUDA: the pre-training demo (prefetch thread on a side stream,
+#              fused kernels, bf16), fine-tuning from it, then evaluation
 #   profile    python -m mam2_fast.profile on the ViT-B config (phase split + trace)
 # Nothing here needs the network. Every stage runs with PYTHONUNBUFFERED=1 and keeps going
 # after a failing command, so the log shows all of it; the exit status is the first failure.
 set -u
-stage="${1:?usage: gpu_session.sh env|parity|kernels|step|videomae|loader|profile [OUT_DIR]}"
+stage="${1:?usage: gpu_session.sh env|parity|kernels|step|videomae|loader|smoke|profile [OUT_DIR]}"
 out="${2:-gpu_logs}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -57,12 +59,19 @@ videomae)
 loader)
     run "$py" benchmarks/bench_loader.py --device cuda --workers 4,8,12,16 --batches 20
     ;;
+smoke)
+    run "$py" -m mam2_fast.pretrain train.device=cuda train.precision=auto train.max_steps=60 \
+        --output-dir "$out/smoke_pretrain"
+    run "$py" -m mam2_fast.finetune train.device=cuda train.precision=auto --init "$out/smoke_pretrain" \
+        --max-steps 40 --output-dir "$out/smoke_finetune"
+    run "$py" -m mam2_fast.evaluate "$out/smoke_finetune"
+    ;;
 profile)
     run "$py" -m mam2_fast.profile --config configs/k400_vit_b.yaml --steps 20 model.kernels=fused \
         --output-dir "$out/profile_b"
     ;;
 *)
-    echo "unknown stage '$stage' (env | parity | kernels | step | videomae | loader | profile)" >&2
+    echo "unknown stage '$stage' (env | parity | kernels | step | videomae | loader | smoke | profile)" >&2
     exit 2
     ;;
 esac
