@@ -1,7 +1,6 @@
 """The training loop's bookkeeping: background prefetch, epoch boundaries under gradient
 accumulation, non-finite streaks between logging steps, loss means without skipped steps."""
 import threading
-import time
 
 import pytest
 import torch
@@ -65,16 +64,19 @@ def test_prefetcher_early_stop_closes_the_source():
 
 
 def test_prefetcher_overlaps_with_the_consumer():
-    """Producer and consumer each sleep 50 ms per item: overlapped, 6 items take ~0.35 s,
-    serial 0.6 s. (Not a speed target: a check that work really runs concurrently.)"""
-    def slow(x):
-        time.sleep(0.05)
+    """While the consumer still holds item 0, the thread is already preparing item 1 (an
+    event, not a timing: run inline, the wait below would time out)."""
+    import threading
+
+    preparing = {i: threading.Event() for i in range(3)}
+
+    def prepare(x):
+        preparing[x].set()
         return x
 
-    t0 = time.time()
-    for _ in Prefetcher(range(6), "cpu", slow, depth=1):
-        time.sleep(0.05)
-    assert time.time() - t0 < 0.55
+    for x in Prefetcher(range(3), "cpu", prepare, depth=1):
+        if x + 1 in preparing:
+            assert preparing[x + 1].wait(5.0), f"item {x + 1} was not prepared while item {x} was in use"
 
 
 # -- the loop ----------------------------------------------------------------------------------
