@@ -39,9 +39,8 @@ def test_demo_dataset_files_and_idempotence(demo):
     shape, direction = name[:-4].split("_")[1:]
     assert int(label) == meta["shapes"].index(shape) * 4 + meta["directions"].index(direction)
     mtime = os.path.getmtime(path)
-    t = time.time()
     assert make_demo_dataset(root, num_videos=24, seed=0) == demo
-    assert time.time() - t < 1.0 and os.path.getmtime(path) == mtime  # reused, not rebuilt
+    assert os.path.getmtime(path) == mtime  # reused, not rebuilt
 
 
 def test_batch_contract(demo):
@@ -163,7 +162,8 @@ def _bug(self, index, keys):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_hanging_decode_is_abandoned(demo, monkeypatch, workers):
     monkeypatch.setattr(ClipSource, "load", _hang_on_first)  # forked workers inherit it
-    data = build_pretrain_data(_cfg(demo, num_sample=1, num_workers=workers, decode_timeout_s=1.0),
+    # 2 s: far above a normal decode of these small clips, even on a loaded CI machine
+    data = build_pretrain_data(_cfg(demo, num_sample=1, num_workers=workers, decode_timeout_s=2.0),
                                batch_size=2, seed=0)
     batches = _epoch(data, 0)
     data.close()
