@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence

@@ -32,13 +32,10 @@ synthetic data and is fitted on the data with ``--real-data``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 

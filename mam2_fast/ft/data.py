@@ -123,7 +123,6 @@ class FinetuneTrainData(PretrainData):
         B, T = len(videos) * S, cfg.num_frames
         pix = torch.empty(B, T, 3, cfg.input_size, cfg.input_size, dtype=torch.float32, device=self.device)
         pmean, pstd = pixel_scale_std()
-        keys = []
         groups: Dict[Tuple[int, int], List[int]] = {}
         for v, (_, _, frames) in enumerate(videos):
             groups.setdefault(tuple(frames.shape[2:4]), []).append(v)
