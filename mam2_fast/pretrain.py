@@ -564,5 +564,5 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from mam2_fast.train.distributed import exit_worker
-    exit_worker(main())   # a torchrun worker leaves without interpreter teardown (see exit_worker)
+    from mam2_fast.train.distributed import run_cli
+    run_cli(main)   # a torchrun worker leaves without interpreter teardown (see exit_worker)

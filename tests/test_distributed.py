@@ -82,3 +82,24 @@ def test_exit_worker_skips_teardown_only_after_joining_a_group(joined):
     assert r.returncode == 3, r.stderr
     assert r.stdout.startswith("summary-without-newline")
     assert ("atexit-ran" in r.stdout) is (not joined)
+
+
+_FAIL_SCRIPT = """
+import atexit, sys
+import mam2_fast.train.distributed as D
+atexit.register(lambda: print("atexit-ran", flush=True))
+D._JOINED_GROUP = {joined}
+def main():
+    print("before", end="")
+    raise ValueError("bad thing in the step")
+D.run_cli(main)
+"""
+
+
+@pytest.mark.parametrize("joined", [True, False])
+def test_run_cli_reports_a_failed_worker(joined):
+    r = subprocess.run([sys.executable, "-c", _FAIL_SCRIPT.format(joined=joined)], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=120)
+    assert r.returncode == 1
+    assert "ValueError: bad thing in the step" in r.stderr and r.stdout.startswith("before")
+    assert ("atexit-ran" in r.stdout) is (not joined)

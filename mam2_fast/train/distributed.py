@@ -150,3 +150,23 @@ def weights_identical_across_ranks(model: nn.Module, info: DistInfo, device: tor
     same = torch.tensor([1.0 if torch.equal(flat, ref) else 0.0], device=device)
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     return bool(same.item() > 0)
+
+
+def run_cli(main) -> None:
+    """``python -m`` entry of a training CLI: ``exit_worker(main())``. In a torchrun worker an
+    exception is printed with its traceback and ends the process with code 1 through
+    :func:`exit_worker` too (130 for Ctrl-C), so a failed rank reports its error rather than
+    a teardown SIGABRT; outside torchrun it propagates as usual."""
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not _JOINED_GROUP:
+            raise
+    except BaseException as e:  # noqa: BLE001 -- reported here, then the worker exits
+        if not _JOINED_GROUP:
+            raise
+        import traceback
+        traceback.print_exc()
+        code = 130 if isinstance(e, KeyboardInterrupt) else 1
+    exit_worker(code)
