@@ -16,12 +16,10 @@ A video that fails to decode (or times out) is logged with its path, counted in
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections import Counter
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from .augment import crop_resize_normalize, make_params

@@ -10,16 +10,14 @@ dies or hangs is replaced (at most ``max_restarts`` times per run, then the run 
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import signal
 import threading
 import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401  (registers tensor sharing for pipes)
 

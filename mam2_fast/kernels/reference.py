@@ -17,7 +17,6 @@ Layout conventions (shared with the model):
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

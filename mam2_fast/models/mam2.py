@@ -51,7 +51,6 @@ activation memory.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 

@@ -26,7 +26,6 @@ same order as the official ``x[~mask]`` / ``x[mask]``.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
