@@ -250,18 +250,22 @@ class PoisonedLabeled(LabeledSynthetic):
 
 
 def test_nonfinite_step_skipped_on_device_and_left_out_of_logged_means(tmp_path):
-    """One NaN step among 8: training goes on, the step is skipped (the weights equal a run
-    whose skipped step never happened... so check they stay finite), and no logged mean is NaN."""
+    """Step 5 of 8 is NaN: training goes on, that step leaves the weights and AdamW's step
+    count as they were after step 4 (step 6 moves them again), and no logged mean is NaN."""
     torch.set_num_threads(1)
-    cfg = _tiny_cfg(tmp_path / "p", epochs=4, log_every=4, save_every=100, max_nonfinite=2)
-    res = train(cfg, data=PoisonedLabeled(n=8, batch=4, bad={(1, 0)}), log=lambda s: None)
+    cfg = _tiny_cfg(tmp_path / "p", epochs=4, log_every=4, save_every=1, keep_last=100, max_nonfinite=2)
+    res = train(cfg, data=PoisonedLabeled(n=8, batch=4, bad={(2, 0)}), log=lambda s: None)
     assert res["steps"] == 8 and res["skipped_steps"] == 1
     from mam2_fast.train.metrics import read_metrics
     recs = read_metrics(tmp_path / "p" / "run" / "metrics.jsonl")
-    assert [r["skipped_steps"] for r in recs] == [1, 1]
+    assert [r["skipped_steps"] for r in recs] == [0, 1]
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["train_acc"]) for r in recs), recs
-    final = torch.load(res["checkpoint"], weights_only=False)["model"]
-    assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
+    ck = {k: torch.load(tmp_path / "p" / "run" / f"checkpoint-{k:08d}.pt", weights_only=False) for k in (4, 5, 6)}
+    for name, w in ck[4]["model"].items():
+        assert torch.equal(w, ck[5]["model"][name]), name
+    assert any(not torch.equal(w, ck[6]["model"][n]) for n, w in ck[5]["model"].items())
+    steps = lambda c: [float(st["step"]) for st in c["optimizer"]["state"].values()]  # noqa: E731
+    assert steps(ck[5]) == steps(ck[4]) and all(v == 4.0 for v in steps(ck[5]))
 
 
 def test_nonfinite_streak_between_log_steps_stops_the_run(tmp_path):
