@@ -17,10 +17,14 @@ from typing import Any, Optional
 import yaml
 
 from mam2_fast.data.config import DataConfig
+from mam2_fast.errors import UserError
 
 
-class ConfigError(ValueError):
-    """A configuration key or value is invalid; the message names it."""
+class ConfigError(UserError, ValueError):
+    """A configuration key or value is invalid; the message names it (CLI: exit code 2)."""
+
+    exit_code = 2
+    prefix = "config error"
 
 
 # ----------------------------------------------------------------------------------------
@@ -122,6 +126,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500                # optimizer steps between checkpoints
     keep_last: int = 2
+    overwrite: bool = False              # replace another run's files in output_dir (else refused unless --resume)
     progress: bool = True
     tensorboard: bool = True
     threads: int = 0                     # torch CPU threads; 0 keeps torch's default

@@ -36,7 +36,8 @@ from mam2_fast.ft.mixup import build_mixup, soft_target_cross_entropy
 from mam2_fast.ft.weights import WeightsError, check_arch, load_encoder_into, read_encoder_weights
 from mam2_fast.models.classifier import VideoClassifier, build_classifier, param_groups_layer_decay, set_scaled_lr
 from mam2_fast.pretrain import autocast_for, resume_value_as_override, select_device
-from mam2_fast.train.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mam2_fast.train.checkpoint import (find_resumable, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
+                                        set_rng_state)
 from mam2_fast.train.metrics import MetricsLogger, Progress
 from mam2_fast.data.prefetch import Prefetcher, auto_depth
 from mam2_fast.train.optim import NonFiniteGuard, lr_at, scaled_lr
@@ -110,6 +111,15 @@ def resolve_data(cfg: FinetuneConfig, log=print) -> tuple[FinetuneConfig, Option
     return cfg, test_list
 
 
+def check_list_labels(cfg: FinetuneConfig, data, test_list: Optional[str]) -> None:
+    """Training and test labels in ``[0, model.num_classes)`` before anything is trained."""
+    from mam2_fast.data.video_list import check_labels, read_list_file
+    if getattr(data, "records", None) is not None and cfg.data.list_file:
+        check_labels(data.records, cfg.model.num_classes, cfg.data.list_file)
+    if test_list:
+        check_labels(read_list_file(test_list, cfg.data.root, cfg.data.format), cfg.model.num_classes, test_list)
+
+
 def evaluate_model(model, cfg: FinetuneConfig, test_list: str, device, amp, out_dir: Path, tag: str, log) -> dict:
     from mam2_fast.evaluate import classification_metrics, run_views, write_report
     from mam2_fast.ft.data import ViewData, class_names
@@ -148,14 +158,17 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
 
     ckpt = None
     if resume:
-        path = find_latest(run_dir) if resume == "auto" else Path(resume)
-        if path is None:
+        found = find_resumable(run_dir, warn=log) if resume == "auto" else (Path(resume), load_checkpoint(resume))
+        if found is None:
             log(f"--resume: no checkpoint in {run_dir}, starting fresh")
         else:
-            ckpt = load_checkpoint(path)
+            path, ckpt = found
             if ckpt.get("kind") != "finetune":
                 raise WeightsError(f"{path}: not a fine-tuning checkpoint; pass pre-trained weights as init=")
             log(f"resuming from {path} (step {ckpt['step']})")
+    # another run's files are never overwritten (unless train.overwrite); stale .tmp files go
+    prepare_run_dir(run_dir, resuming=bool(resume), overwrite=cfg.train.overwrite, is_main=dist_info.is_main,
+                    log_fn=log)
 
     if data is None:
         cfg, found = resolve_data(cfg, log)
@@ -164,6 +177,7 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
 
         data = FinetuneTrainData(cfg.data, cfg.aug, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
                                  rank=rank, world_size=world, device=device)
+    check_list_labels(cfg, data, test_list)   # a label >= num_classes: an error naming its line, now
 
     if ckpt is not None:
         model = build_classifier(cfg.model)
@@ -273,7 +287,7 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                 if step % cfg.train.log_every == 0 or step == last_step:
                     dt = time.time() - t_log
                     n_ok, n_skipped, new_skips, streak_error = guard.end_log_window(step, last_ckpt)
-                    rec = {"step": step, "epoch": epoch, "lr": lr, **{k: float(v) / n_ok for k, v in sums.items()},
+                    rec = {"step": step, "epoch": epoch, "lr": lr, **{k: float(v) / n_ok if n_ok else float("nan") for k, v in sums.items()},
                            "clips_per_s": clips / max(dt, 1e-9), "skipped_steps": n_skipped,
                            **{f"data_{k}": v for k, v in data.stats().items()}}
                     metrics.log(rec)
@@ -341,6 +355,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="resume from a fine-tuning checkpoint, or (no value) the latest in train.output_dir")
     p.add_argument("--output-dir", help="shorthand for train.output_dir=...")
     p.add_argument("--max-steps", type=int, help="shorthand for train.max_steps=...")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run's files in train.output_dir (shorthand for train.overwrite=true)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 aug.mixup=0")
     args = p.parse_intermixed_args(argv)  # overrides may come before and after options
@@ -355,6 +371,8 @@ def resolve_config(args: argparse.Namespace) -> FinetuneConfig:
         overrides.append(f"train.output_dir={args.output_dir}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    if getattr(args, "overwrite", False):
+        overrides.append("train.overwrite=true")
     if args.config:
         return load_finetune_config(args.config, overrides)
     return finetune_config_from_dict(_deep_merge(demo_config_dict(), parse_overrides(overrides)))

@@ -28,7 +28,8 @@ from mam2_fast.config import Config, ConfigError, config_from_dict, load_config,
 from mam2_fast.masking import MaskGenerator, MaskInfo
 from mam2_fast.models.mam2 import build_model
 from mam2_fast.targets.tokenizer import build_tokenizer
-from mam2_fast.train.checkpoint import find_latest, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mam2_fast.train.checkpoint import (find_resumable, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
+                                        set_rng_state)
 from mam2_fast.train.metrics import MetricsLogger, Progress
 from mam2_fast.train.optim import NonFiniteGuard, build_optimizer, lr_at, scaled_lr, set_lr
 
@@ -69,6 +70,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help="resume from a checkpoint file, or (no value) the latest in train.output_dir")
     p.add_argument("--output-dir", help="shorthand for train.output_dir=...")
     p.add_argument("--max-steps", type=int, help="shorthand for train.max_steps=...")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace another run's files in train.output_dir (shorthand for train.overwrite=true)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.depth=4 mask.ratio=0.9")
     args = p.parse_intermixed_args(argv)  # overrides may come before and after options
@@ -81,6 +84,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         overrides.append(f"train.output_dir={args.output_dir}")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
+    if getattr(args, "overwrite", False):
+        overrides.append("train.overwrite=true")
     if args.config:
         return load_config(args.config, overrides)
     saved = saved_run_config(args)
@@ -262,12 +267,15 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     # -- resume: find the checkpoint first (its tokenizer replaces fitting) -----------------
     ckpt = None
     if resume:
-        path = find_latest(run_dir) if resume == "auto" else Path(resume)
-        if path is None:
+        found = find_resumable(run_dir, warn=main_log) if resume == "auto" else (Path(resume), load_checkpoint(resume))
+        if found is None:
             main_log(f"--resume: no checkpoint in {run_dir}, starting fresh")
         else:
-            ckpt = load_checkpoint(path)
+            path, ckpt = found
             main_log(f"resuming from {path} (step {ckpt['step']})")
+    # another run's files are never overwritten (unless train.overwrite); stale .tmp files go
+    prepare_run_dir(run_dir, resuming=bool(resume), overwrite=cfg.train.overwrite, is_main=dist_info.is_main,
+                    log_fn=main_log)
 
     # -- data --------------------------------------------------------------------------------
     fit_data = lambda: data  # noqa: E731
@@ -484,7 +492,8 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
                         n_opt = max(1, count // accum)
                         n_ok, n_skipped, _, streak_error = guard.end_log_window(step, last_ckpt)
                         rec = {"step": step, "epoch": epoch, "lr": lr,
-                               **{k: float(v) / (n_opt if k == "grad_norm" else n_ok) for k, v in sums.items()},
+                               **{k: float(v) / (n_opt if k == "grad_norm" else n_ok) if n_ok else float("nan")
+                                  for k, v in sums.items()},   # a window without a finite loss: NaN
                                "clips_per_s": clips * world / max(dt, 1e-9), "skipped_steps": n_skipped,
                                **{f"data_{k}": v for k, v in data.stats().items()}}
                         metrics.log(rec)
@@ -560,7 +569,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     summary = train(cfg, resume=args.resume, log=lambda s: print(f"[mam2_fast] {s}", flush=True))
     print(format_summary(summary), flush=True)
-    return 0
+    from mam2_fast.train.distributed import EXIT_SIGTERM
+    return EXIT_SIGTERM if summary.get("interrupted") else 0   # stopped by SIGTERM, checkpoint written
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ def test_demo_cli_runs_end_to_end(tmp_path, capsys):
         assert k in recs[-1]
     assert (tmp_path / "run" / "checkpoint-00000003.pt").exists()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["name"] == "demo"
-    assert (tmp_path / "data" / "train.txt").exists()
+    assert len(list((tmp_path / "data").glob("*/train.txt"))) == 1     # one variant sub-folder
+    assert (tmp_path / "data" / ".mam2_fast_demo").is_file()
 
 
 def test_cli_rejects_bad_config_before_training(tmp_path, capsys):

@@ -51,7 +51,7 @@ def test_streak_reported_at_log_step_even_if_it_ended():
     _grad(w, float("nan"))
     guard.step()
     n_ok, skipped, new, err = guard.end_log_window(step=5)
-    assert (n_ok, skipped, new, err) == (1.0, 4, 1, None)
+    assert (n_ok, skipped, new, err) == (0.0, 4, 1, None)   # no finite loss: the caller logs NaN
     # a run crossing the window boundary counts whole: 1 (before) + 2 (now) = 3
     for _ in range(2):
         _grad(w, float("nan"))

@@ -114,57 +114,108 @@ def _manifest(num_videos: int, seed: int, size: int, num_frames: int) -> dict:
             "num_frames": num_frames}
 
 
+MARKER = ".mam2_fast_demo"      # marks a folder the demo builder owns (it writes only there)
+_LEGACY = {"videos", "train.txt", "labels.json", "manifest.json"}   # single-variant layout (before v4)
+
+
+def variant_name(num_videos: int, seed: int, size: int, num_frames: int) -> str:
+    """Sub-folder of one demo variant: different sizes never share (or delete) files."""
+    return f"n{num_videos}-seed{seed}-{size}px-{num_frames}f-v{_VERSION}"
+
+
+def _complete(folder: str, want: dict) -> bool:
+    """``folder`` holds a finished build of ``want`` (manifest written last, every video there)."""
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            if json.load(f) != want:
+                return False
+        with open(os.path.join(folder, "train.txt")) as f:
+            paths = [line.rsplit(" ", 1)[0] for line in f if line.strip()]
+        return len(paths) == want["num_videos"] and all(os.path.getsize(p) > 0 for p in paths)
+    except (OSError, ValueError):
+        return False
+
+
+def _claim(root: str) -> None:
+    """Make ``root`` the demo builder's folder, or refuse: it must be new, empty, already
+    marked, or a demo cache of the older single-variant layout."""
+    from mam2_fast.errors import UserError
+
+    marker = os.path.join(root, MARKER)
+    if os.path.isfile(marker):
+        return
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise UserError(f"data.demo_dir {root} exists and is not a folder")
+    entries = set(os.listdir(root)) if os.path.isdir(root) else set()
+    foreign = {e for e in entries if not e.startswith(".build-")} - _LEGACY
+    if foreign or (entries and "manifest.json" not in entries):
+        shown = ", ".join(sorted(foreign or entries)[:3])
+        raise UserError(f"data.demo_dir {root} is not empty and is not a demo folder (no {MARKER}; holds {shown}); "
+                        f"the demo builder writes only into a new, empty or demo folder: set data.demo_dir to one")
+    os.makedirs(root, exist_ok=True)
+    with open(marker + f".{os.getpid()}.tmp", "w") as f:
+        f.write("mam2_fast demo dataset cache: the demo builder writes and deletes only inside this folder\n")
+    os.replace(marker + f".{os.getpid()}.tmp", marker)
+
+
 def make_demo_dataset(root: str, num_videos: int = 64, seed: int = 0, size: int = 128,
                       num_frames: int = 32) -> str:
     """Write the demo videos under ``root`` and return the path of their list file.
 
-    Idempotent: a complete cache made with the same arguments is reused as is.
-    Writes ``videos/*.mp4``, ``train.txt`` (``path label``, absolute paths) and
-    ``labels.json`` (the label encoding).
+    ``root`` is the demo builder's own folder: it must be new or empty the first time, and is
+    then marked with a ``.mam2_fast_demo`` file; a non-empty folder without the marker is
+    refused (nothing in it is touched). Each variant (number of videos, seed, size, frames)
+    lives in its own sub-folder (:func:`variant_name`) holding ``videos/*.mp4``,
+    ``train.txt`` (``path label``, absolute paths), ``labels.json`` (the label encoding) and
+    ``manifest.json`` (written last: marks the build complete). Idempotent: a complete variant
+    is reused as is; ``root`` may also name a complete variant folder itself.
     """
-    root = os.path.abspath(os.path.expanduser(root))
-    list_file = os.path.join(root, "train.txt")
-    manifest_file = os.path.join(root, "manifest.json")
+    root = os.path.abspath(os.path.expanduser(str(root)))
     want = _manifest(num_videos, seed, size, num_frames)
-    if os.path.isfile(manifest_file) and os.path.isfile(list_file):
-        try:
-            with open(manifest_file) as f:
-                same = json.load(f) == want
-            with open(list_file) as f:
-                paths = [line.rsplit(" ", 1)[0] for line in f if line.strip()]
-            if same and len(paths) == num_videos and all(os.path.getsize(p) > 0 for p in paths):
-                return list_file
-        except (OSError, ValueError):
-            pass
-    # build in a private folder, then move into place (safe against concurrent builders)
-    os.makedirs(root, exist_ok=True)
-    tmp = os.path.join(root, f".build-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if _complete(root, want):           # a variant folder, or a cache of the older layout
+        return os.path.join(root, "train.txt")
+    _claim(root)
+    final = os.path.join(root, variant_name(num_videos, seed, size, num_frames))
+    list_file = os.path.join(final, "train.txt")
+    if _complete(final, want):
+        return list_file
+    # build in a private folder of the marked root, then move it into place (safe against
+    # concurrent builders: the first rename wins, the others use its result)
+    tmp = os.path.join(root, f".build-{os.getpid()}-{os.urandom(4).hex()}")
     os.makedirs(os.path.join(tmp, "videos"))
-    codec = _codec()
-    rng = np.random.default_rng(seed)
-    labels = np.arange(num_videos) % (len(SHAPES) * len(DIRECTIONS))
-    rng.shuffle(labels)
-    lines = []
-    for i, label in enumerate(labels):
-        frames = render_video(np.random.default_rng([seed, i]), int(label), size, num_frames)
-        name = f"videos/{i:05d}_{SHAPES[label // 4]}_{DIRECTIONS[label % 4]}.mp4"
-        write_video(os.path.join(tmp, name), frames, codec=codec)
-        lines.append((name, int(label)))
-    videos_dir = os.path.join(root, "videos")
-    shutil.rmtree(videos_dir, ignore_errors=True)
-    os.replace(os.path.join(tmp, "videos"), videos_dir)
-    with open(os.path.join(tmp, "labels.json"), "w") as f:
-        json.dump({"num_classes": len(SHAPES) * len(DIRECTIONS), "label": "shape_id * 4 + direction_id",
-                   "shapes": list(SHAPES), "directions": list(DIRECTIONS), "codec": codec,
-                   "names": [f"{s} {d}" for s in SHAPES for d in DIRECTIONS]}, f, indent=1)
-    with open(os.path.join(tmp, "train.txt"), "w") as f:
-        f.writelines(f"{os.path.join(root, name)} {label}\n" for name, label in lines)
-    with open(os.path.join(tmp, "manifest.json"), "w") as f:
-        json.dump(want, f)
-    for name in ("labels.json", "train.txt", "manifest.json"):  # manifest last: marks complete
-        os.replace(os.path.join(tmp, name), os.path.join(root, name))
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        codec = _codec()
+        rng = np.random.default_rng(seed)
+        labels = np.arange(num_videos) % (len(SHAPES) * len(DIRECTIONS))
+        rng.shuffle(labels)
+        lines = []
+        for i, label in enumerate(labels):
+            frames = render_video(np.random.default_rng([seed, i]), int(label), size, num_frames)
+            name = f"videos/{i:05d}_{SHAPES[label // 4]}_{DIRECTIONS[label % 4]}.mp4"
+            write_video(os.path.join(tmp, name), frames, codec=codec)
+            lines.append((name, int(label)))
+        with open(os.path.join(tmp, "labels.json"), "w") as f:
+            json.dump({"num_classes": len(SHAPES) * len(DIRECTIONS), "label": "shape_id * 4 + direction_id",
+                       "shapes": list(SHAPES), "directions": list(DIRECTIONS), "codec": codec,
+                       "names": [f"{s} {d}" for s in SHAPES for d in DIRECTIONS]}, f, indent=1)
+        with open(os.path.join(tmp, "train.txt"), "w") as f:
+            f.writelines(f"{os.path.join(final, name)} {label}\n" for name, label in lines)
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:   # last: marks complete
+            json.dump(want, f)
+        if os.path.isdir(final) and not _complete(final, want):   # an interrupted build of ours
+            stale = os.path.join(root, f".build-stale-{os.getpid()}-{os.urandom(4).hex()}")
+            try:
+                os.replace(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _complete(final, want):   # another builder won the race with a complete set
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return list_file
 
 

@@ -11,7 +11,10 @@ normalization run on ``device`` in one fused pass (:mod:`.augment`). A batch hol
 
 A video that fails to decode (or times out) is logged with its path, counted in
 :meth:`PretrainData.stats`, and replaced by another video drawn deterministically from
-(seed, epoch, rank, position, attempt); too many failures stop the run with a clear error.
+(seed, epoch, rank, position, attempt); too many failures stop the run with a clear error
+(:class:`~mam2_fast.errors.DataError`). A clip whose decode worker died (killed, out of
+memory) is decoded again by the replacement worker, once: the batch is the one an
+uninterrupted run sees; if that worker dies too, the video counts as unreadable.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from collections import Counter
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+
+from mam2_fast.errors import DataError, UserValueError
 
 from .augment import crop_resize_normalize, make_params
 from .config import DataConfig
@@ -43,7 +48,7 @@ def resolve_list_file(cfg: DataConfig) -> str:
     if cfg.demo:
         from .demo import make_demo_dataset
         return make_demo_dataset(cfg.demo_dir, num_videos=cfg.demo_num_videos, seed=0)
-    raise ValueError("data.list_file is required unless data.demo is true")
+    raise UserValueError("data.list_file is required unless data.demo is true")
 
 
 def _decode_threads(cfg: DataConfig) -> int:
@@ -133,6 +138,7 @@ class PretrainData:
         retry: List[Tuple[int, int, int]] = []           # (pos, attempt, index) to resubmit
         next_pos = start_step * vps
         epoch_bad = epoch_done = 0
+        lost_once: set = set()                           # (pos, attempt) whose worker died once
 
         def submit(pos: int, attempt: int, index: int) -> bool:
             self._task_ids += 1
@@ -163,6 +169,13 @@ class PretrainData:
                         if ev.kind == "requeue":
                             retry.append((pos, attempt, index))
                             continue
+                        if ev.kind == "lost" and (pos, attempt) not in lost_once:
+                            # the worker died (killed, OOM): decode the same clip again, once
+                            lost_once.add((pos, attempt))
+                            log.warning("data: decode worker lost while decoding %s (%s); decoding it again",
+                                        self.records[index].path, ev.payload)
+                            retry.append((pos, attempt, index))
+                            continue
                         # bad | timeout | lost: this video failed; draw a replacement
                         key = "decode_timeouts" if ev.kind == "timeout" else "bad_videos"
                         self._stats[key] += 1
@@ -171,11 +184,11 @@ class PretrainData:
                         path = self.records[index].path
                         log.warning("data: skipping unreadable video %s (%s: %s)", path, ev.kind, ev.payload)
                         if attempt + 1 >= _MAX_ATTEMPTS:
-                            raise RuntimeError(f"data: {_MAX_ATTEMPTS} videos in a row failed to decode "
+                            raise DataError(f"data: {_MAX_ATTEMPTS} videos in a row failed to decode "
                                                f"(last: {path}); is the dataset readable with backend "
                                                f"{self.source.backend_name!r}?")
                         if epoch_done >= _MIN_JUDGED and epoch_bad > self.cfg.max_bad_fraction * epoch_done:
-                            raise RuntimeError(f"data: {epoch_bad} of {epoch_done} videos failed to decode "
+                            raise DataError(f"data: {epoch_bad} of {epoch_done} videos failed to decode "
                                                f"this epoch (> data.max_bad_fraction={self.cfg.max_bad_fraction}); "
                                                f"last: {path}")
                         retry.append((pos, attempt + 1, self._replacement(epoch, pos, attempt + 1)))

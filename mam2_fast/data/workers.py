@@ -5,12 +5,24 @@ main process sends ``(task_id, index, keys)``; the worker answers ``start`` (wit
 stamp) and then ``ok`` (uint8 frames), ``bad`` (the file is unreadable: message names it)
 or ``fatal`` (a bug: the traceback). :class:`DecodePool.poll` turns these, plus dead
 processes and decodes running past ``timeout_s``, into :class:`Event`\\ s. A worker that
-dies or hangs is replaced (at most ``max_restarts`` times per run, then the run fails).
+dies or hangs is replaced (at most ``max_restarts`` times per run, then the run fails); the
+clip a dead worker was decoding comes back as a ``lost`` event (the loader decodes it again
+once), the ones queued behind it as ``requeue`` events. A worker found dead when a task is
+sent to it (``BrokenPipeError``) is replaced the same way and the task goes to the new one.
+
+Worker processes end with their parent, whatever killed it (SIGKILL, the OOM killer): on
+Linux each one asks for ``SIGKILL`` when its parent dies (``prctl(PR_SET_PDEATHSIG)``), and a
+watchdog thread in every worker checks every half second that the parent still lives (the
+fallback elsewhere, and for workers started from a non-main thread, whose parent-death
+signal would fire when that *thread* ends). Decoded frames travel as file-descriptor shared
+memory (torch's default on Linux): nothing is left in ``/dev/shm`` or on disk.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -20,6 +32,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers tensor sharing for pipes)
+
+from mam2_fast.errors import DataError
 
 from .backends import DecodeError
 
@@ -58,8 +72,55 @@ def _serve(conn, source, as_tensor: bool) -> None:
             return
 
 
-def _process_main(conn, source) -> None:
+_PR_SET_PDEATHSIG = 1
+WATCHDOG_INTERVAL_S = 0.5
+
+
+def _set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Linux: have the kernel send ``sig`` to this process when its parent (thread) dies."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except Exception:  # noqa: BLE001 -- the watchdog still covers it
+        return False
+
+
+def _parent_gone(parent_pid: int, start_ppid: int) -> bool:
+    """The parent died: this process was re-parented, or ``parent_pid`` no longer exists (a
+    zombie parent still exists, hence the re-parenting test first)."""
+    if os.getppid() != start_ppid:
+        return True
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass
+    return False
+
+
+def _watch_parent(parent_pid: int, start_ppid: int, interval: float = WATCHDOG_INTERVAL_S) -> None:
+    while True:
+        time.sleep(interval)
+        if _parent_gone(parent_pid, start_ppid):
+            os._exit(0)   # nothing to flush: results go to a dead process
+
+
+def _process_main(conn, source, parent_pid: Optional[int] = None, expect_ppid: Optional[int] = None,
+                  death_signal: bool = True) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process
+    if parent_pid is not None:
+        if death_signal:
+            _set_parent_death_signal()
+        start_ppid = os.getppid()
+        # the parent may have died before the death signal was armed
+        if (expect_ppid is not None and start_ppid != expect_ppid) or _parent_gone(parent_pid, start_ppid):
+            os._exit(0)
+        threading.Thread(target=_watch_parent, args=(parent_pid, start_ppid), name="mam2-parent-watch",
+                         daemon=True).start()
     torch.set_num_threads(1)
     _serve(conn, source, as_tensor=True)
 
@@ -71,7 +132,14 @@ class _Worker:
         self.tasks: Dict[int, Task] = {}
         self.use_process = use_process
         if use_process:
-            self.proc = ctx.Process(target=_process_main, args=(child, source), daemon=True)
+            method = ctx.get_start_method()
+            # PR_SET_PDEATHSIG fires when the *thread* that started the worker ends: arm it only
+            # for workers started from the main thread (or by the single-threaded forkserver)
+            on_main = threading.current_thread() is threading.main_thread()
+            death_signal = method == "forkserver" or on_main
+            expect_ppid = os.getpid() if method == "fork" else None
+            self.proc = ctx.Process(target=_process_main, args=(child, source, os.getpid(), expect_ppid,
+                                                                death_signal), daemon=True)
             self.proc.start()
             child.close()
         else:
@@ -123,6 +191,7 @@ class DecodePool:
                 self.ctx.set_forkserver_preload(["torch", "mam2_fast.data.workers"])
         self.workers: List[_Worker] = [self._spawn() for _ in range(max(1, num_workers))]
         self.closed = False
+        self._pending: List[Event] = []   # events of workers replaced while submitting
 
     def _spawn(self) -> _Worker:
         return _Worker(self.ctx, self.source, self.use_process)
@@ -132,10 +201,16 @@ class DecodePool:
         return sum(self.prefetch - len(w.inflight) for w in self.workers)
 
     def submit(self, task: Task) -> bool:
-        w = min(self.workers, key=lambda w: len(w.inflight))
+        i = min(range(len(self.workers)), key=lambda i: len(self.workers[i].inflight))
+        w = self.workers[i]
         if len(w.inflight) >= self.prefetch:
             return False
-        w.conn.send(task)
+        try:
+            w.conn.send(task)
+        except (OSError, EOFError):   # BrokenPipeError: the worker died; replace it, send again
+            self._pending += self._replace(i, f"decode worker died ({w.exit_info()})", "lost")
+            w = self.workers[i]
+            w.conn.send(task)
         w.inflight[task[0]] = None
         w.tasks[task[0]] = task
         return True
@@ -144,8 +219,9 @@ class DecodePool:
     def poll(self, timeout: float = 0.5) -> List[Event]:
         """Wait up to ``timeout`` seconds for results; returns what happened meanwhile."""
         handles = [w.conn for w in self.workers] + [w.sentinel for w in self.workers if w.sentinel is not None]
-        wait(handles, timeout=min(timeout, self._time_to_deadline()))
-        events: List[Event] = []
+        if not self._pending:
+            wait(handles, timeout=min(timeout, self._time_to_deadline()))
+        events, self._pending = self._pending, []
         for i, w in enumerate(self.workers):
             events += self._drain(i, w)
         events += self._check_timeouts()
@@ -192,7 +268,7 @@ class DecodePool:
         if kind == "lost":
             self.restarts += 1
             if self.restarts > self.max_restarts:
-                raise RuntimeError(f"data: {reason}; {self.restarts} worker restarts exceed "
+                raise DataError(f"data: {reason}; {self.restarts} worker restarts exceed "
                                    f"data.max_worker_restarts={self.max_restarts}")
         w.kill()
         events = []

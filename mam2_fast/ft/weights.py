@@ -27,6 +27,7 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor
 
+from mam2_fast.errors import UserError
 from mam2_fast.models.classifier import HEAD_PARAM_PREFIXES, VideoEncoder, is_encoder_key
 from mam2_fast.train.checkpoint import find_latest, load_checkpoint
 
@@ -41,7 +42,7 @@ ARCH_KEYS = ("preset", "img_size", "num_frames", "patch_size", "in_chans", "embe
              "num_heads", "mlp_ratio")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file is unusable; the message names the file and, where it applies, the key."""
 
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mam2_fast.errors import UserError  # noqa: F401  (re-exported: caught by run_cli)
+
 
 @dataclass
 class DistInfo:
@@ -33,6 +35,7 @@ class DistInfo:
 
 
 _JOINED_GROUP = False   # this process joined a torchrun process group (see exit_worker)
+EXIT_SIGTERM = 143      # a run stopped by SIGTERM after writing its checkpoint (128 + 15, as a shell reports it)
 
 
 def init_distributed(device_kind: str) -> DistInfo:
@@ -152,17 +155,39 @@ def weights_identical_across_ranks(model: nn.Module, info: DistInfo, device: tor
     return bool(same.item() > 0)
 
 
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def report_user_error(e: BaseException) -> None:
+    """One line on stderr, from rank 0 only (every rank raises the same error)."""
+    if _is_rank0():
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{getattr(e, 'prefix', 'error')}: {msg}", file=sys.stderr, flush=True)
+
+
 def run_cli(main) -> None:
-    """``python -m`` entry of a training CLI: ``exit_worker(main())``. In a torchrun worker an
-    exception is printed with its traceback and ends the process with code 1 through
-    :func:`exit_worker` too (130 for Ctrl-C), so a failed rank reports its error rather than
-    a teardown SIGABRT; outside torchrun it propagates as usual."""
+    """``python -m`` entry of a training CLI: ``exit_worker(main())``.
+
+    * ``main()`` returns the exit code (0 done, 2 config error, 143 stopped by SIGTERM after
+      writing its checkpoint).
+    * A :class:`~mam2_fast.errors.UserError` (missing or malformed file, too many unreadable
+      videos, unreadable checkpoint, bad weights, output folder of another run, ...) prints
+      ``error: <message>`` as one line from rank 0 and exits with code 1, without a traceback.
+    * Any other exception is a bug: outside torchrun it propagates (traceback, code 1); in a
+      torchrun worker it is printed with its traceback and ends the process with code 1
+      through :func:`exit_worker` (130 for Ctrl-C), so a failed rank reports its error
+      rather than a teardown SIGABRT.
+    """
     try:
         code = main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not _JOINED_GROUP:
             raise
+    except UserError as e:
+        report_user_error(e)
+        code = getattr(e, "exit_code", 1)
     except BaseException as e:  # noqa: BLE001 -- reported here, then the worker exits
         if not _JOINED_GROUP:
             raise

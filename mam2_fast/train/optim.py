@@ -86,9 +86,10 @@ class NonFiniteGuard:
         return gnorm
 
     def end_log_window(self, step: int, last_ckpt=None) -> tuple[float, int, int, "FloatingPointError | None"]:
-        """At a log step: (finite micro-batches in the window (at least 1), skipped steps in
-        total, skipped since the last log step, the error to raise or None); starts a new window."""
-        n_ok = max(1.0, float(self.finite))
+        """At a log step: (finite micro-batches in the window (0 when every loss of the window
+        was non-finite: the caller records its means as NaN, not 0), skipped steps in total,
+        skipped since the last log step, the error to raise or None); starts a new window."""
+        n_ok = float(self.finite)
         skipped = int(self.skipped.item())
         new = skipped - self._skipped_at_log
         self._skipped_at_log = skipped
