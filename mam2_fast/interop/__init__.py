@@ -1,0 +1,2 @@
+"""Converters between this project's weights and other ecosystems (official VideoMAE,
+HuggingFace ``transformers``)."""
