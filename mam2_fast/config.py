@@ -8,6 +8,7 @@ A file may start from another with ``base: other.yaml`` (path relative to the fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -240,11 +241,21 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a config file, following ``base:`` chains."""
+def read_yaml(path: str | Path, _chain: tuple = ()) -> dict:
+    """Read a config file, following ``base:`` chains (a file that includes itself, directly
+    or through others, is an error naming the cycle)."""
+    if not _chain:                       # a packaged preset by name (mam2_fast.presets)
+        from mam2_fast.presets import missing_config_message, resolve_config_path
+        path = resolve_config_path(path)
+        if not path.is_file():
+            raise ConfigError(missing_config_message(path))
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    real = path.resolve()
+    if real in _chain:
+        cycle = " -> ".join(p.name for p in (*_chain, real)[list(_chain).index(real):])
+        raise ConfigError(f"{path}: 'base:' includes itself ({cycle})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -253,7 +264,9 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
     if base is not None:
-        data = _deep_merge(read_yaml(path.parent / base), data)
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+        data = _deep_merge(read_yaml(path.parent / base, (*_chain, real)), data)
     return data
 
 
@@ -302,6 +315,87 @@ def _one_of(value: Any, key: str, choices: tuple) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(map(repr, choices))}")
 
 
+def _at_least(value: Any, key: str, low: float) -> None:
+    _check(value >= low, key, f"must be >= {low:g}, got {value}")   # NaN fails too
+
+
+def validate_data(d: DataConfig, prefix: str = "data") -> None:
+    """Every :class:`DataConfig` value in range (shared by pre-training and fine-tuning)."""
+    from mam2_fast.data.backends import BACKENDS
+    k = lambda name: f"{prefix}.{name}"  # noqa: E731
+    _check(d.list_file is None or d.list_file.strip() != "", k("list_file"), "must not be empty")
+    _one_of(d.format, k("format"), ("video", "frames"))
+    try:
+        d.frame_pattern.format(1)
+        ok = d.frame_pattern.format(1) != d.frame_pattern.format(2)
+    except (IndexError, KeyError, ValueError):
+        ok = False
+    _check(ok, k("frame_pattern"), f"must hold one index field such as 'img_{{:05d}}.jpg', got {d.frame_pattern!r}")
+    _check(d.demo_dir.strip() != "", k("demo_dir"), "must not be empty")
+    _at_least(d.demo_num_videos, k("demo_num_videos"), 1)
+    _at_least(d.num_frames, k("num_frames"), 1)
+    _at_least(d.sampling_stride, k("sampling_stride"), 1)
+    _at_least(d.num_sample, k("num_sample"), 1)
+    _one_of(d.short_video, k("short_video"), ("loop", "pad"))
+    _at_least(d.input_size, k("input_size"), 1)
+    _check(len(d.multiscale_scales) >= 1 and all(isinstance(s, (int, float)) and 0 < s <= 1
+                                                  for s in d.multiscale_scales),
+           k("multiscale_scales"), f"must be one or more numbers in (0, 1], got {d.multiscale_scales}")
+    _at_least(d.max_distort, k("max_distort"), 0)
+    _check(len(d.mean) >= 1 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in d.mean),
+           k("mean"), f"must be one finite number per channel, got {d.mean}")
+    _check(len(d.std) == len(d.mean) and all(isinstance(v, (int, float)) and v > 0 and math.isfinite(v)
+                                             for v in d.std),
+           k("std"), f"must be one number > 0 per channel (as many as data.mean), got {d.std}")
+    _one_of(d.out_dtype, k("out_dtype"), ("float32", "bfloat16"))
+    _one_of(d.augment_impl, k("augment_impl"), ("auto", "extension", "torch"))
+    _one_of(d.backend, k("backend"), tuple(BACKENDS))
+    _at_least(d.num_workers, k("num_workers"), 0)
+    _at_least(d.prefetch, k("prefetch"), 1)
+    _at_least(d.decode_threads, k("decode_threads"), 0)
+    _one_of(d.mp_context, k("mp_context"), ("fork", "forkserver", "spawn"))
+    _check(d.decode_timeout_s > 0, k("decode_timeout_s"), f"must be > 0 seconds, got {d.decode_timeout_s}")
+    _check(0.0 <= d.max_bad_fraction <= 1.0, k("max_bad_fraction"), f"must be in [0, 1], got {d.max_bad_fraction}")
+    _at_least(d.max_worker_restarts, k("max_worker_restarts"), 0)
+
+
+def validate_train(r: "TrainConfig") -> None:
+    """Every :class:`TrainConfig` value in range (shared by pre-training and fine-tuning)."""
+    _at_least(r.epochs, "train.epochs", 1)
+    _at_least(r.batch_size, "train.batch_size", 1)
+    _at_least(r.accum_steps, "train.accum_steps", 1)
+    _check(r.global_batch is None or r.global_batch >= 1, "train.global_batch", f"must be >= 1, got {r.global_batch}")
+    _check(r.max_steps is None or r.max_steps >= 1, "train.max_steps", f"must be >= 1, got {r.max_steps}")
+    _check(0 <= r.seed < 2 ** 32, "train.seed", f"must be in [0, 2**32), got {r.seed}")
+    _one_of(r.device, "train.device", ("auto", "cpu", "cuda"))
+    _one_of(r.precision, "train.precision", ("auto", "bf16", "fp32"))
+    _check(r.output_dir.strip() != "", "train.output_dir", "must not be empty")
+    _at_least(r.log_every, "train.log_every", 1)
+    _at_least(r.save_every, "train.save_every", 1)
+    _at_least(r.keep_last, "train.keep_last", 1)
+    _at_least(r.threads, "train.threads", 0)
+    _one_of(r.parallel, "train.parallel", ("ddp", "fsdp"))
+    _one_of(r.compile_mode, "train.compile_mode", ("default", "reduce-overhead", "max-autotune",
+                                                   "max-autotune-no-cudagraphs"))
+    _at_least(r.max_nonfinite, "train.max_nonfinite", 1)
+    _at_least(r.stop_check_every, "train.stop_check_every", 1)
+    _check(r.prefetch >= -1, "train.prefetch", f"must be >= 0, or -1 for auto; got {r.prefetch}")
+
+
+def validate_optim(o: "OptimConfig") -> None:
+    """Every :class:`OptimConfig` value in range (shared by pre-training and fine-tuning)."""
+    _check(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
+    _check(o.lr is None or o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+    _at_least(o.min_lr, "optim.min_lr", 0)
+    _at_least(o.weight_decay, "optim.weight_decay", 0)
+    _check(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas), "optim.betas",
+           f"must be two numbers in [0, 1), got {o.betas}")
+    _check(o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}")
+    _at_least(o.warmup_epochs, "optim.warmup_epochs", 0)
+    _at_least(o.clip_grad, "optim.clip_grad", 0)
+    _one_of(str(o.fused).lower(), "optim.fused", ("auto", "true", "false"))
+
+
 def validate(cfg: Config) -> None:
     from mam2_fast.models.mam2 import PRESETS  # local import: models import config types
 
@@ -334,6 +428,12 @@ def validate(cfg: Config) -> None:
     _one_of(m.flow_variant, "model.flow_variant", ("raft_large", "raft_small"))
     _check(m.flow_updates >= 1, "model.flow_updates", f"must be >= 1, got {m.flow_updates}")
     _one_of(m.kernels, "model.kernels", ("reference", "fused", "auto"))
+    _at_least(m.tubelet_size, "model.tubelet_size", 1)
+    _at_least(m.in_chans, "model.in_chans", 1)
+    _check(m.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {m.mlp_ratio}")
+    _check(m.layer_scale_init is None or m.layer_scale_init >= 0, "model.layer_scale_init",
+           f"must be >= 0 (or null for the block's default), got {m.layer_scale_init}")
+    _check(m.flow_scale > 0 and math.isfinite(m.flow_scale), "model.flow_scale", f"must be > 0, got {m.flow_scale}")
     _check(m.use_appearance or m.use_motion, "model.use_appearance",
            "at least one of use_appearance / use_motion must be true")
     if m.use_regressor:
@@ -364,6 +464,7 @@ def validate(cfg: Config) -> None:
     _one_of(t.dtype, "tokenizer.dtype", ("bfloat16", "float16", "float32"))
     _one_of(t.resize_mode, "tokenizer.resize_mode", ("lanczos", "bilinear", "bicubic", "area", "nearest"))
     _check(t.chunk_frames >= 1, "tokenizer.chunk_frames", f"must be >= 1, got {t.chunk_frames}")
+    _at_least(t.kmeans_pool, "tokenizer.kmeans_pool", 1)
 
     o = cfg.optim
     _check(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
@@ -408,3 +509,6 @@ def validate(cfg: Config) -> None:
     _check(all(s > 0 for s in d.std), "data.std", f"must be > 0, got {d.std}")
     _check(d.demo or d.list_file is not None, "data.list_file",
            "is required unless data.demo is true")
+    validate_data(d)
+    validate_train(r)
+    validate_optim(o)

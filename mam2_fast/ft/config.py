@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from mam2_fast.config import (ConfigError, TrainConfig, _build, _check, _deep_merge, _one_of, _to_plain,
-                              parse_overrides, read_yaml)
+from mam2_fast.config import (ConfigError, TrainConfig, _at_least, _build, _check, _deep_merge, _one_of, _to_plain,
+                              parse_overrides, read_yaml, validate_data, validate_optim, validate_train)
 from mam2_fast.config import OptimConfig
 from mam2_fast.data.config import DataConfig
 
@@ -120,6 +120,10 @@ def validate(cfg: FinetuneConfig) -> None:
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
     _check(0.0 <= m.head_dropout < 1.0, "model.head_dropout", f"must be in [0, 1), got {m.head_dropout}")
     _one_of(m.kernels, "model.kernels", ("reference", "fused", "auto"))
+    _at_least(m.in_chans, "model.in_chans", 1)
+    _check(m.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {m.mlp_ratio}")
+    _at_least(m.head_init_scale, "model.head_init_scale", 0)
+    _at_least(m.tubelet_size, "model.tubelet_size", 1)
 
     a = cfg.aug
     _one_of(a.sampling, "aug.sampling", ("dense", "segment"))
@@ -128,8 +132,10 @@ def validate(cfg: FinetuneConfig) -> None:
     _check(a.rand_n >= 0, "aug.rand_n", f"must be >= 0, got {a.rand_n}")
     _check(0 <= a.rand_m <= 10, "aug.rand_m", f"must be in [0, 10], got {a.rand_m}")
     _check(a.rand_mstd >= 0, "aug.rand_mstd", f"must be >= 0, got {a.rand_mstd}")
-    _check(a.mixup >= 0 and a.cutmix >= 0, "aug.mixup", "mixup/cutmix alphas must be >= 0")
-    _check(0 <= a.mixup_prob <= 1 and 0 <= a.switch_prob <= 1, "aug.mixup_prob", "probabilities must be in [0, 1]")
+    _at_least(a.mixup, "aug.mixup", 0)
+    _at_least(a.cutmix, "aug.cutmix", 0)
+    _check(0 <= a.mixup_prob <= 1, "aug.mixup_prob", f"must be in [0, 1], got {a.mixup_prob}")
+    _check(0 <= a.switch_prob <= 1, "aug.switch_prob", f"must be in [0, 1], got {a.switch_prob}")
     _check(0 <= a.label_smoothing < 1, "aug.label_smoothing", f"must be in [0, 1), got {a.label_smoothing}")
 
     t = cfg.test
@@ -144,8 +150,7 @@ def validate(cfg: FinetuneConfig) -> None:
     _check(o.lr is None or o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(0 < o.layer_decay <= 1, "optim.layer_decay", f"must be in (0, 1], got {o.layer_decay}")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", f"must be two numbers in [0, 1), got {o.betas}")
-    _check(o.weight_decay >= 0 and o.warmup_epochs >= 0 and o.clip_grad >= 0 and o.min_lr >= 0, "optim",
-           "weight_decay, warmup_epochs, clip_grad and min_lr must be >= 0")
+    validate_optim(o)
 
     r = cfg.train
     _check(r.epochs >= 1, "train.epochs", f"must be >= 1, got {r.epochs}")
@@ -154,8 +159,7 @@ def validate(cfg: FinetuneConfig) -> None:
     _check(r.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {r.accum_steps}")
     _one_of(r.device, "train.device", ("auto", "cpu", "cuda"))
     _one_of(r.precision, "train.precision", ("auto", "bf16", "fp32"))
-    _check(r.log_every >= 1 and r.save_every >= 1 and r.keep_last >= 1, "train.log_every",
-           "log_every, save_every and keep_last must be >= 1")
+    validate_train(r)
 
     d = cfg.data
     _check(d.num_frames == m.num_frames, "data.num_frames", f"{d.num_frames} must equal model.num_frames ({m.num_frames})")
@@ -163,6 +167,7 @@ def validate(cfg: FinetuneConfig) -> None:
     _check(d.num_sample >= 1 and r.batch_size % d.num_sample == 0, "data.num_sample",
            f"train.batch_size ({r.batch_size}) must be a multiple of data.num_sample ({d.num_sample})")
     _check(d.demo or d.list_file is not None, "data.list_file", "is required unless data.demo is true")
+    validate_data(d)
 
 
 def replace_data(cfg: FinetuneConfig, **changes) -> FinetuneConfig:

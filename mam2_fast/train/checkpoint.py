@@ -236,7 +236,7 @@ def prepare_run_dir(run_dir: str | Path, resuming: bool, overwrite: bool = False
 
     A folder holding another run's files is refused unless the run resumes (``--resume``) or
     ``overwrite`` is set (``--overwrite`` / ``train.overwrite=true``): then that run's files
-    (checkpoints and their checksums, ``latest.txt``, metrics, ``config.json``,
+    (checkpoints that carry a checksum file, ``latest.txt``, metrics, ``config.json``,
     ``tokenizer.pt``, ``tb/``) are removed, and nothing else. Stale temporary files of a killed
     writer are removed; a folder that cannot be written is a clear error.
     """
@@ -252,6 +252,8 @@ def prepare_run_dir(run_dir: str | Path, resuming: bool, overwrite: bool = False
                 f"--overwrite (train.overwrite=true) to replace it, or choose another --output-dir")
         if is_main:
             for p in existing:
+                if _CKPT.match(p.name) and not checksum_path(p).is_file():
+                    continue     # not written by this code: left alone
                 p.unlink(missing_ok=True)
                 checksum_path(p).unlink(missing_ok=True)
             if (run_dir / "tb").is_dir():
