@@ -33,12 +33,16 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mam2_fast.train import accel  # noqa: E402
+
 MODELS = {  # name: (embed dim D, heads H); head dim = D / H = 64
     "S": (384, 6),
     "B": (768, 12),
     "L": (1024, 16),
 }
 T_FRAMES, N_PATCHES, PATCH = 16, 196, 16
+SKIP_COMPILED = False  # --skip-compiled: no torch.compile'd variants (their compile time dominates a short session)
 
 
 # ----------------------------------------------------------------------------------------
@@ -106,7 +110,7 @@ def run_variant(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], smo
         ms_fb = bench(fb, smoke)
         return ms_f, ms_fb, ""
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
+        accel.empty_cache()
         return None, None, "OOM"
     except Exception as e:  # unsupported backend / shape: report, keep going
         return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
@@ -115,7 +119,7 @@ def run_variant(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], smo
 # ----------------------------------------------------------------------------------------
 # attention
 # ----------------------------------------------------------------------------------------
-def attention_variants(mode: str):
+def attention_variants(mode: str, dev: torch.device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
     from mam2_fast.kernels import factorized_attention
@@ -148,8 +152,9 @@ def attention_variants(mode: str):
     }
     try:
         from torch.nn.attention.flex_attention import flex_attention
-        flex = torch.compile(flex_attention, dynamic=False)
-        variants["flex (compiled)"] = lambda qkv: from_bhld(flex(*to_bhld(qkv)), qkv)
+        flex = compiled(flex_attention, dev, dynamic=False)
+        if flex is not None:
+            variants["flex (compiled)"] = lambda qkv: from_bhld(flex(*to_bhld(qkv)), qkv)
     except Exception:
         pass
     try:
@@ -172,7 +177,7 @@ def bench_attention(args, dev, dtype):
     tables = []
     for mode in ("spatial", "temporal"):
         tab = Table(f"factorized attention ({mode}), {dtype}", "TFLOP/s")
-        variants = attention_variants(mode)
+        variants = attention_variants(mode, dev)
         for model in args.models:
             D, H = MODELS[model]
             dh = D // H
@@ -206,7 +211,7 @@ def bench_varlen(args, dev, dtype):
         varlen_attn = None
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        flex = torch.compile(flex_attention, dynamic=False)
+        flex = compiled(flex_attention, dev, dynamic=False)
     except Exception:
         flex = None
     for mode in ("spatial", "temporal"):
@@ -219,13 +224,16 @@ def bench_varlen(args, dev, dtype):
                     T, N = args.frames, N_PATCHES
                     side = int(round(N ** 0.5))
                     info = MaskGenerator("random", mask, T, (side, N // side))(B)
-                    seg = info.segments(masked=False).to(dev)
+                    host_seg = info.segments(masked=False)       # built on the host, like the trainer's
+                    host_cu = host_seg.spatial_cu if mode == "spatial" else host_seg.temporal_cu
+                    lens_host = (host_cu[1:] - host_cu[:-1]).double()
+                    flops_f = float(4.0 * H * dh * (lens_host ** 2).sum())
+                    ntok = int(host_seg.rows.numel())
+                    seg = host_seg.to(dev)
                     valid = (~info.mask).to(dev)
                     cu, longest, index = ((seg.spatial_cu, seg.spatial_max, None) if mode == "spatial"
                                           else (seg.temporal_cu, seg.temporal_max, seg.temporal_index))
-                    lens = (cu[1:] - cu[:-1]).double()
-                    flops_f = float(4.0 * H * dh * (lens ** 2).sum())
-                    ntok = int(seg.rows.numel())
+                    lens = lens_host.to(dev)
                     shape = f"ViT-{model} B{B} m{mask} tok{ntok}"
                     packed = torch.randn(ntok, 3 * D, device=dev, dtype=dtype, requires_grad=True)
                     grid = torch.randn(B, T, N, 3 * D, device=dev, dtype=dtype, requires_grad=True)
@@ -269,9 +277,13 @@ def bench_varlen(args, dev, dtype):
 # ----------------------------------------------------------------------------------------
 # memory-bound ops
 # ----------------------------------------------------------------------------------------
-def compiled(fn):
+def compiled(fn, dev: torch.device, **kwargs):
+    """``torch.compile(fn)``, or None where it is not measured: on the stand-in device (dry
+    runs: nothing to time, and Inductor would compile for no device), or if it fails."""
+    if accel.is_stand_in(dev) or SKIP_COMPILED:
+        return None
     try:
-        return torch.compile(fn)
+        return torch.compile(fn, **kwargs)
     except Exception:
         return None
 
@@ -280,7 +292,7 @@ def bench_gather(args, dev, dtype):
     from mam2_fast.kernels import gather_tokens, gather_visible_add_pos
     from mam2_fast.kernels.reference import gather_tokens_ref, gather_visible_add_pos_ref
     tab = Table(f"gather_visible_add_pos / gather_tokens, {dtype}", "TB/s")
-    ref_pos_c, ref_tok_c = compiled(gather_visible_add_pos_ref), compiled(gather_tokens_ref)
+    ref_pos_c, ref_tok_c = compiled(gather_visible_add_pos_ref, dev), compiled(gather_tokens_ref, dev)
     el = torch.tensor([], dtype=dtype).element_size()
     for model in args.models:
         D, _ = MODELS[model]
@@ -318,8 +330,8 @@ def bench_rgb(args, dev, dtype):
     from mam2_fast.kernels import rgb_diff_mse_packed, rgb_diff_mse_tube
     from mam2_fast.kernels.reference import rgb_diff_mse_packed_ref, rgb_diff_mse_tube_ref
     tab = Table(f"rgb_diff_mse tube and packed (clip fp32, pred {dtype})", "TB/s")
-    ref_c = compiled(rgb_diff_mse_tube_ref)
-    ref_pc = compiled(rgb_diff_mse_packed_ref)
+    ref_c = compiled(rgb_diff_mse_tube_ref, dev)
+    ref_pc = compiled(rgb_diff_mse_packed_ref, dev)
     side = args.image
     for B in args.batch:
         for mask in args.masks:
@@ -339,8 +351,9 @@ def bench_rgb(args, dev, dtype):
                     continue
                 tab.add(shape, name, *run_variant(f, [pred], args.smoke)[:2], byt_f, byt_fb)
             # packed rows of a random (per-token) mask at the same ratio: the random-mask path
-            rows = (torch.rand(B * T * N, device=dev) < mask).nonzero().squeeze(1)
-            M = rows.numel()
+            # (drawn with a fixed count: no data-dependent nonzero, so it also dry-runs on meta)
+            M = round(mask * B * T * N)
+            rows = torch.randperm(B * T * N, device=dev)[:M].sort().values
             pred_p = torch.randn(M, PATCH * PATCH * 3, device=dev, dtype=dtype, requires_grad=True)
             n = M * PATCH * PATCH * 3
             byt_f = n * (2 * 4 + pred_p.element_size())
@@ -360,7 +373,7 @@ def bench_ce(args, dev, dtype):
     from mam2_fast.kernels import linear_cross_entropy
     from mam2_fast.kernels.reference import linear_cross_entropy_ref
     tab = Table(f"linear + cross-entropy K={args.classes}, {dtype}", "TFLOP/s")
-    ref_c = compiled(linear_cross_entropy_ref)
+    ref_c = compiled(linear_cross_entropy_ref, dev)
     K = args.classes
     for model in args.models:
         D, _ = MODELS[model]
@@ -379,11 +392,10 @@ def bench_ce(args, dev, dtype):
                                 ("fused (triton)", lambda: linear_cross_entropy(x, w, b, y, backend="fused"))):
                     if f is None:
                         continue
-                    if dev.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
+                    accel.reset_peak_memory(dev)
                     ms_f, ms_fb, note = run_variant(f, [x, w, b], args.smoke)
                     if dev.type == "cuda" and not note:
-                        note = f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+                        note = f"peak {accel.max_memory_gib(dev):.2f} GiB"
                     tab.add(shape, name, ms_f, ms_fb, flops, 3 * flops, note)
                 del x, w, b
     tab.show()
@@ -400,6 +412,8 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=16384)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--ops", default="attention,varlen,gather,rgb,ce")
+    p.add_argument("--skip-compiled", action="store_true",
+                   help="leave out the torch.compile'd variants (flex attention, compiled references)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on CPU under TRITON_INTERPRET=1 (checks the script only)")
     args = p.parse_args(argv)
@@ -407,6 +421,8 @@ def main(argv=None) -> int:
     args.batch = [int(b) for b in args.batch.split(",")]
     args.masks = [float(m) for m in args.masks.split(",")]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    global SKIP_COMPILED
+    SKIP_COMPILED = args.skip_compiled
 
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -415,13 +431,13 @@ def main(argv=None) -> int:
         dtype, dev = torch.float32, torch.device("cpu")
         global N_PATCHES
         N_PATCHES = 12
-    elif not torch.cuda.is_available():
+    elif not accel.cuda_available():
         print("bench_kernels: no CUDA device found; GPU benchmarks skipped "
               "(use --smoke to exercise the script on CPU).")
         return 0
     else:
         dev = torch.device("cuda")
-        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+        print(f"device: {accel.device_name(dev)}  torch {torch.__version__}")
     try:
         import triton
         print(f"triton {triton.__version__}")
@@ -436,5 +452,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     sys.exit(main())

@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mam2_fast.flops import config_without_data  # noqa: E402
+from mam2_fast.train import accel  # noqa: E402
 from mam2_fast.profile import (MAM2Step, RandomCodes, SyntheticClips, device_peak, sync,  # noqa: E402
                                time_steps)
 
@@ -56,13 +57,12 @@ VARIANTS = {  # name: (kernels, compile mode)
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    return accel.is_oom(exc)
 
 
 def free_memory() -> None:
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    accel.empty_cache()
 
 
 def make_config(model: str, batch: int, variant: str, tokenizer: str, smoke: bool, extra: List[str]):
@@ -101,8 +101,7 @@ def bench_one(model: str, batch: int, variant: str, args, device) -> Dict:
             torch.set_num_threads(cfg.train.threads)
         runner = build_runner(cfg, device, variant, args.tokenizer, args.smoke)
         batches = iter(SyntheticClips(batch, cfg, device))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        accel.reset_peak_memory(device)
         warm = 1 if args.smoke else args.warmup + (3 if VARIANTS[variant][1] else 0)
         times = time_steps(lambda: runner.step(batches), device, warm, 1 if args.smoke else args.iters,
                            1 if args.smoke else args.repeats)
@@ -112,7 +111,7 @@ def bench_one(model: str, batch: int, variant: str, args, device) -> Dict:
         row.update(ms=s * 1e3, spread_ms=(max(times) - min(times)) * 1e3, clips_s=batch / s,
                    tflops=sf.total / s / 1e12, mfu=(sf.total / s / 1e12 / peak) if peak else None,
                    flops_per_clip=sf.per_clip(), device=name,
-                   max_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+                   max_gib=accel.max_memory_gib(device))
     except Exception as exc:  # OOM or a variant that does not work here: report, go on
         row["error"] = "OOM" if is_oom(exc) else f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
         if not is_oom(exc) and args.verbose:
@@ -214,10 +213,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--override", nargs="*", default=[], help="extra dotted config overrides")
     args = p.parse_args(argv)
 
-    if not args.smoke and not torch.cuda.is_available():
+    if not args.smoke and not accel.cuda_available():
         print("bench_step: no CUDA device here; nothing to measure (use --smoke to check the script on CPU).")
         return 0
-    device = torch.device("cuda" if (torch.cuda.is_available() and not args.smoke) else "cpu")
+    device = torch.device("cuda" if (accel.cuda_available() and not args.smoke) else "cpu")
     threads = torch.get_num_threads()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [int(b) for b in args.batch.split(",") if b.strip()]
@@ -231,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        print(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+        print(f"device {accel.device_name(device)}, torch {torch.__version__}", flush=True)
 
     rows = []
     t0 = time.time()

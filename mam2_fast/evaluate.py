@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from mam2_fast.config import ConfigError
+from mam2_fast.train import accel
 
 
 # ----------------------------------------------------------------------------------------
@@ -75,9 +76,9 @@ def run_views(model: torch.nn.Module, data, device: torch.device, amp=None, log=
     t0, n = time.time(), 0
     for batch in data:
         with amp or contextlib.nullcontext():
-            probs.append(multiview_probs(model, batch["views"].to(device)).cpu())
-        labels.append(batch["label"].cpu())
-        index.append(batch["index"].cpu())
+            probs.append(accel.to_host(multiview_probs(model, batch["views"].to(device))))
+        labels.append(accel.to_host(batch["label"]))
+        index.append(accel.to_host(batch["index"]))
         n += labels[-1].numel()
         if log is not None:
             log(f"eval: {n}/{len(data)} videos ({time.time() - t0:.0f}s)")
@@ -155,7 +156,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from mam2_fast.ft.data import ViewData, class_names, demo_lists
     from mam2_fast.ft.weights import WeightsError
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+    device = torch.device("cuda" if args.device == "auto" and accel.cuda_available() else
                           ("cpu" if args.device == "auto" else args.device))
     try:
         model, cfg, path = load_finetuned(args.checkpoint, device)

@@ -44,6 +44,7 @@ import torch
 from mam2_fast.pretrain import autocast_for, select_device  # the trainer's own rules
 from mam2_fast.config import Config, ConfigError
 from mam2_fast.flops import config_without_data, mam2_step_flops, videomae_step_flops
+from mam2_fast.train import accel
 
 K400_TRAIN_VIDEOS = 240_000
 
@@ -76,9 +77,9 @@ def peak_for_name(name: str) -> Optional[float]:
 
 def device_peak(device: torch.device, override: Optional[float] = None) -> tuple[str, Optional[float]]:
     """(device name, dense bf16 peak TFLOP/s or None; ``override`` wins)."""
-    if device.type != "cuda":
+    if not accel.is_gpu(device):
         return "cpu", override
-    name = torch.cuda.get_device_name(device)
+    name = accel.device_name(device)
     return name, override if override is not None else peak_for_name(name)
 
 
@@ -87,10 +88,12 @@ def device_peak(device: torch.device, override: Optional[float] = None) -> tuple
 # ----------------------------------------------------------------------------------------
 class PhaseTimer:
     """Per-step phase times. ``mark(name)`` closes the phase that started at the previous
-    mark. CUDA: events (read after the end-of-step synchronize); CPU: ``perf_counter``."""
+    mark. CUDA (and the stand-in device): events (read after the end-of-step synchronize);
+    CPU: ``perf_counter``."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = device
+        self.cuda = accel.is_gpu(device)
         self.steps: List[List[tuple]] = []
         self.host: List[Dict[str, float]] = []
         self._cur: List[tuple] = []
@@ -98,7 +101,7 @@ class PhaseTimer:
 
     def _now(self):
         if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
+            e = accel.new_event(self.device, enable_timing=True)
             e.record()
             return e
         return time.perf_counter()
@@ -124,7 +127,7 @@ class PhaseTimer:
 
     def per_step_ms(self) -> List[Dict[str, float]]:
         if self.cuda:
-            torch.cuda.synchronize()
+            accel.synchronize(self.device)
         out = []
         for step in self.steps:
             d: Dict[str, float] = {}
@@ -194,7 +197,7 @@ def build_tokenizer_for_timing(cfg: Config, device: torch.device, data=None, log
         if data is not None:  # fit on the first clips of the data, as pretrain does
             frames, n = [], 0
             for _, batch in data.iter_epoch(0):
-                frames.append(_denormalize(batch["clip"].float().cpu(), cfg.data.mean, cfg.data.std))
+                frames.append(_denormalize(accel.to_host(batch["clip"]).float(), cfg.data.mean, cfg.data.std))
                 n += frames[-1].shape[0]
                 if n >= t.kmeans_fit_clips:
                     break
@@ -366,8 +369,7 @@ class RandomCodes(torch.nn.Module):
 
 
 def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    accel.synchronize(device)
 
 
 def time_steps(step_fn: Callable[[], object], device: torch.device, warmup: int, iters: int,
@@ -443,7 +445,7 @@ def _run_profile(cfg, warmup, steps, real_data, dataset_size, gpus, peak_tflops,
     phases = timer.median_ms()
     step_s = statistics.median(wall)
     clips_s = B / step_s
-    loss_v = float(loss) if loss is not None else float("nan")
+    loss_v = accel.host_float(loss) if loss is not None else float("nan")
 
     sf = runner.flops()
     name, peak = device_peak(device, peak_tflops)
@@ -465,7 +467,7 @@ def _run_profile(cfg, warmup, steps, real_data, dataset_size, gpus, peak_tflops,
         "dataset_size": dataset_size, "num_sample": cfg.data.num_sample, "gpus": gpus,
         "epochs_per_hour": epochs_h, "epochs": cfg.train.epochs,
         "days_for_epochs": cfg.train.epochs / epochs_h / 24 if epochs_h > 0 else float("inf"),
-        "max_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30) if device.type == "cuda" else None,
+        "max_memory_gib": accel.max_memory_gib(device),
         "flop_notes": sf.notes,
     }
 

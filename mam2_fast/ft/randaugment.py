@@ -48,7 +48,7 @@ def equalize(x: Tensor, _: float = 0.0) -> Tensor:
     """PIL ImageOps.equalize per frame and channel."""
     T, C, H, W = x.shape
     v = x.round().clamp(0, 255).long().reshape(T * C, H * W)                   # [TC, HW]
-    hist = torch.zeros(T * C, 256, dtype=torch.long).scatter_add_(1, v, torch.ones_like(v))
+    hist = torch.zeros(T * C, 256, dtype=torch.long, device=x.device).scatter_add_(1, v, torch.ones_like(v))
     last = hist.shape[1] - 1 - (hist.flip(1) > 0).long().argmax(dim=1)         # last non-empty bin
     step = (hist.sum(1) - hist.gather(1, last[:, None])[:, 0]) // 255           # [TC]
     cum = torch.cumsum(hist, dim=1) - hist                                       # counts below each bin

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mam2_fast.train import accel
 from mam2_fast.targets.vqgan import FrozenCodeTokenizer, check_state_dict, module_tensors, safe_torch_load
 
 
@@ -73,7 +74,7 @@ class _Output(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # dall_e runs this conv in float32 even in its fp16 mode
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with accel.autocast(x.device, enabled=False):
             return self.conv(self.relu(x).float())
 
 

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mam2_fast.train import accel
+
 
 @runtime_checkable
 class Tokenizer(Protocol):
@@ -102,7 +104,7 @@ class KMeansTokenizer(nn.Module):
     @torch.no_grad()
     def tokenize(self, frames: Tensor) -> Tensor:
         if not self._known_fitted:
-            if not bool(self.fitted):   # read from the device once, not every step
+            if not accel.host_bool(self.fitted, stand_in=True):   # read from the device once, not every step
                 raise RuntimeError("kmeans tokenizer used before fit() or loading a fitted state")
             self._known_fitted = True
         feats = self.features(frames)  # [B, T, h, w, F]

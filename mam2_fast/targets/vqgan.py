@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mam2_fast.train import accel
+
 RESIZE_MODES = ("lanczos", "bilinear", "bicubic", "area", "nearest")
 
 
@@ -326,7 +328,7 @@ class FrozenCodeTokenizer(nn.Module):
         return super().train(False)  # always eval: frozen
 
     def _autocast_dtype(self, device: torch.device) -> Optional[torch.dtype]:
-        if device.type != "cuda" or self.dtype_name == "float32":
+        if not accel.is_gpu(device) or self.dtype_name == "float32":
             return None  # CPU: float32 (bf16 convs are slow there)
         return torch.bfloat16 if self.dtype_name == "bfloat16" else torch.float16
 
@@ -361,7 +363,7 @@ class FrozenCodeTokenizer(nn.Module):
             xc = self.map_input(xc)
             if self.channels_last and xc.device.type == "cuda":
                 xc = xc.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=xc.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with accel.autocast(xc.device, amp or torch.float32, enabled=amp is not None):
                 ids = self.codes(xc)
             if ids.shape[-2:] != (h, w):
                 raise RuntimeError(f"{type(self).__name__}: produced a {tuple(ids.shape[-2:])} grid for input "
@@ -535,7 +537,7 @@ class VectorQuantizerCodes(nn.Module):
         e = self.embedding.weight.float()
         e2 = (e * e).sum(dim=1)
         ids = []
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with accel.autocast(z.device, enabled=False):
             for s in range(0, flat.shape[0], _QUANT_ROWS):
                 f = flat[s:s + _QUANT_ROWS]
                 # ||f||^2 + ||e||^2 - 2 f.e, as taming computes it (||f||^2 kept for identical ties)
@@ -560,7 +562,7 @@ class GumbelQuantizerCodes(nn.Module):
         wgt = self.proj.weight.float().reshape(self.proj.out_channels, D)
         bias = self.proj.bias.float()
         ids = []
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        with accel.autocast(z.device, enabled=False):
             for s in range(0, flat.shape[0], _QUANT_ROWS):
                 ids.append(F.linear(flat[s:s + _QUANT_ROWS], wgt, bias).argmax(dim=1))
         return torch.cat(ids).reshape(N, h, w)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from mam2_fast.models.mam2 import param_groups_for_weight_decay
+from mam2_fast.train import accel
 
 
 def scaled_lr(optim_cfg, effective_batch: int) -> float:
@@ -77,7 +78,7 @@ class NonFiniteGuard:
         if self.fused:
             self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, None
             self.optimizer.step()
-        elif not bool(found_inf.item()):
+        elif not accel.host_bool(found_inf):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.streak = (self.streak + 1) * found_inf
@@ -89,11 +90,11 @@ class NonFiniteGuard:
         """At a log step: (finite micro-batches in the window (0 when every loss of the window
         was non-finite: the caller records its means as NaN, not 0), skipped steps in total,
         skipped since the last log step, the error to raise or None); starts a new window."""
-        n_ok = float(self.finite)
-        skipped = int(self.skipped.item())
+        n_ok = accel.host_float(self.finite)
+        skipped = accel.host_int(self.skipped)
         new = skipped - self._skipped_at_log
         self._skipped_at_log = skipped
-        longest = int(self.longest.item())
+        longest = accel.host_int(self.longest)
         self.finite, self.longest = self.zero.clone(), self.streak.clone()
         err = None
         if longest >= self.max_nonfinite:
@@ -103,4 +104,4 @@ class NonFiniteGuard:
         return n_ok, skipped, new, err
 
     def total_skipped(self) -> int:
-        return int(self.skipped.item())
+        return accel.host_int(self.skipped)
