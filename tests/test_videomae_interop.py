@@ -179,7 +179,7 @@ def test_export_hf_videomae_loads_in_transformers(tmp_path):
     with torch.no_grad():
         out = hf(pixel_values=x).last_hidden_state
     ref = reference_tokens(m, x)
-    assert float(m.encoder.blocks[0].attn.q_bias.abs().max()) > 0.01       # biases matter in this check
+    assert float(m.encoder.blocks[0].attn.q_bias.detach().abs().max()) > 0.01       # biases matter in this check
     assert torch.allclose(out, ref, atol=1e-4), float((out - ref).abs().max())
     pre = json.loads((folder / "preprocessor_config.json").read_text())
     assert pre["image_mean"] == [0.485, 0.456, 0.406] and pre["crop_size"]["height"] == 32
@@ -257,3 +257,51 @@ def test_hf_export_refuses_mam2(tmp_path):
     out2 = export_encoder(path, tmp_path / "enc.safetensors")
     assert (tmp_path / "enc.json").is_file() and load_encoder(tmp_path / "enc.json")[1]["arch"]["depth"] == 1
     assert out2.name == "enc.safetensors"
+
+
+def test_official_recipe_final_norm_false_sets_the_pretrained_norm_aside(tmp_path):
+    from mam2_fast.finetune import build_finetune_model
+    m = videomae_pretrain(8)
+    p = tmp_path / "checkpoint.pth"
+    torch.save({"model": m.state_dict()}, p)
+    cfg = finetune_config_from_dict({"init": str(p), "model": {**ARCH, "arch": "videomae", "final_norm": False,
+                                                               "num_classes": 3},
+                                     "data": {"demo": True, "num_frames": 4, "input_size": 32}})
+    model, rep = build_finetune_model(cfg, log=lambda s: None)
+    assert {"norm.weight", "norm.bias"} <= set(rep["dropped"]) and not hasattr(model.norm, "weight")
+    x = clip()
+    with torch.no_grad():
+        x_ref = m.encoder.patch_embed(x.transpose(1, 2)) + m.encoder.pos_embed
+        for blk in m.encoder.blocks:
+            x_ref = blk(x_ref)
+        assert torch.allclose(model.eval().tokens(x), x_ref, atol=1e-5)
+
+
+def test_hf_pretraining_folder_and_official_to_hf_cli(tmp_path):
+    tr = _transformers()
+    c = tr.VideoMAEConfig(image_size=32, patch_size=16, num_frames=4, tubelet_size=2, hidden_size=32,
+                          num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, use_mean_pooling=False,
+                          decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                          decoder_intermediate_size=32, layer_norm_eps=1e-6)
+    pre = tr.VideoMAEForPreTraining(c).eval()
+    _randomize(pre, 9)
+    pre.save_pretrained(str(tmp_path / "hfpre"))
+    w = read_encoder_weights(tmp_path / "hfpre")
+    assert w.kind == "hf-pretrain" and "mask_token" in w.dropped and any(k.startswith("decoder.") for k in w.dropped)
+    x = clip(4)
+    with torch.no_grad():
+        ref = pre.videomae(pixel_values=x).last_hidden_state
+        assert torch.allclose(encoder_from(w).tokens(x), ref, atol=1e-4)
+
+    # official checkpoint.pth -> HuggingFace folder through the CLI (ViT-S width: 6 heads)
+    from mam2_fast.export import main as export_main
+    m = VideoMAE(videomae_config("small", depth=1, decoder_depth=1))      # official sizes: 16 x 224 (what is inferred)
+    _randomize(m, 10)
+    torch.save({"model": m.state_dict()}, tmp_path / "checkpoint.pth")
+    assert export_main([str(tmp_path / "checkpoint.pth"), "--format", "hf-videomae", "-o", str(tmp_path / "hfs")]) == 0
+    hf = tr.VideoMAEModel.from_pretrained(str(tmp_path / "hfs")).eval()
+    assert hf.config.num_attention_heads == 6 and hf.config.hidden_size == 384
+    clip224 = torch.randn(1, 16, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(hf(pixel_values=clip224).last_hidden_state, reference_tokens(m.eval(), clip224),
+                              atol=1e-4)
