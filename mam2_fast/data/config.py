@@ -35,7 +35,7 @@ class DataConfig:
     backend: str = "pyav"               # pyav | decord | opencv | frames | dali
     num_workers: int = 2                # decode processes; 0 decodes in a background thread
     prefetch: int = 4                   # videos queued per worker
-    decode_threads: int = 0             # codec threads per worker; 0: cpu_count // workers
+    decode_threads: int = 0             # codec threads per worker; 0: cpu_count // (workers * LOCAL_WORLD_SIZE)
     mp_context: str = "fork"            # worker start method: fork | forkserver | spawn
     decode_timeout_s: float = 60.0
     max_bad_fraction: float = 0.5       # stop if more than this fraction of a pass is unreadable

@@ -51,10 +51,20 @@ def resolve_list_file(cfg: DataConfig) -> str:
     raise UserValueError("data.list_file is required unless data.demo is true")
 
 
+def local_world_size() -> int:
+    """Processes on this node (torchrun's ``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
 def _decode_threads(cfg: DataConfig) -> int:
+    """``data.decode_threads``, or the node's cores shared by every decode worker of every
+    local rank: ``cpu_count // (num_workers * LOCAL_WORLD_SIZE)`` (at least 1)."""
     if cfg.decode_threads > 0:
         return cfg.decode_threads
-    return max(1, (os.cpu_count() or 1) // max(1, cfg.num_workers))
+    return max(1, (os.cpu_count() or 1) // (max(1, cfg.num_workers) * local_world_size()))
 
 
 class PretrainData:

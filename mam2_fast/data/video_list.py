@@ -8,6 +8,17 @@ Two formats, one record type:
 
 Relative paths are joined to ``root``; with an empty ``root`` they are taken relative to
 the list file's folder. Blank lines and lines starting with ``#`` are ignored.
+
+Also read as ``video`` lists:
+
+* VideoMAE-v2 / MGMAE pre-training lines ``path 0 -1`` (``path start_idx -1``: a video file,
+  no label): label ``-1`` (unlabelled; fine-tuning's label check refuses it);
+* an official Kinetics-400 CSV (header ``label,youtube_id,time_start,time_end,split``): each
+  row is ``{youtube_id}_{start:06d}_{end:06d}.mp4`` under ``root``, labelled by the index of
+  its class in the sorted class names (:mod:`mam2_fast.data.official_lists`).
+
+A ``video`` line ending in two integers other than ``... -1`` (``path 5 3``: a path ending in
+a number, or a start / frame count?) is ambiguous and refused, naming the line.
 """
 from __future__ import annotations
 
@@ -52,12 +63,25 @@ def read_list_file(list_file: str, root: str = "", fmt: str = "video") -> List[V
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UserValueError(f"data: cannot read list file {list_file}: {e}") from None
+    first = next((ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")), "")
+    if fmt == "video" and _is_k400_header(first):
+        from mam2_fast.data.official_lists import read_k400_csv
+        clips, _ = read_k400_csv(list_file)
+        return [VideoRecord(_resolve(c.filename, root, list_dir), c.label, line=c.line) for c in clips]
     for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         # paths may contain spaces: numbers are taken from the right
         parts = _SPLIT.split(line)
+        if fmt == "video" and len(parts) >= 3 and _is_int(parts[-1]) and _is_int(parts[-2]):
+            if int(parts[-1]) != -1:
+                raise UserValueError(f"data: {list_file}:{lineno}: ambiguous line {line!r}: a 'path label' line "
+                                     f"ends in one integer (rename a path ending in a number); 'path start -1' "
+                                     f"is a VideoMAE-v2 pre-training line; frame folders need data.format: frames")
+            path = re.sub(r"[,\s]+[-+]?\d+[,\s]+-1\s*$", "", line)    # VideoMAE-v2: path start_idx -1
+            records.append(VideoRecord(_resolve(path.strip(), root, list_dir), -1, line=lineno))
+            continue
         want = 2 if fmt == "video" else 3
         if len(parts) < want:
             raise UserValueError(f"data: {list_file}:{lineno}: expected {want} fields, got {line!r}")
@@ -77,6 +101,15 @@ def read_list_file(list_file: str, root: str = "", fmt: str = "video") -> List[V
     if not records:
         raise UserValueError(f"data: list file is empty: {list_file}")
     return records
+
+
+def _is_int(s: str) -> bool:
+    return re.fullmatch(r"[-+]?\d+", s) is not None
+
+
+def _is_k400_header(line: str) -> bool:
+    from mam2_fast.data.official_lists import is_k400_header
+    return is_k400_header(line)
 
 
 def check_labels(records: Sequence[VideoRecord], num_classes: int, list_file: str,
