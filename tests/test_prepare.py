@@ -182,3 +182,22 @@ def test_prepare_ssv2_without_resize(tmp_path):
     assert "99.webm\tmissing" in (out / "bad_files.txt").read_text()
     assert prepare_main(["ssv2", "--labels", str(tmp_path / "labels.json"), "--split", "nofile",
                          "--videos", str(vids), "--out", str(out)]) == 2
+
+
+def test_decode_time_short_side_resize(tmp_path):
+    from mam2_fast.config import ConfigError, load_config
+    from mam2_fast.data.dataset import ClipSource, TemporalSampling, resize_short_side
+    from mam2_fast.data.video_list import VideoRecord
+    f = np.random.default_rng(0).integers(0, 255, (3, 60, 80, 3), dtype=np.uint8)
+    r = resize_short_side(f, 30)
+    assert r.shape == (3, 30, 40, 3) and r.dtype == np.uint8
+    assert abs(float(r.mean()) - float(f.mean())) < 2.0
+    assert resize_short_side(f, 64) is f                                     # no upscaling
+    assert resize_short_side(f.transpose(0, 2, 1, 3), 30).shape == (3, 40, 30, 3)   # portrait
+    write_video(tmp_path / "v.mp4", 64, 48, frames=8)
+    full = ClipSource([VideoRecord(str(tmp_path / "v.mp4"), 0)], TemporalSampling("dense", 4, 1)).load(0, (0, 0))
+    small = ClipSource([VideoRecord(str(tmp_path / "v.mp4"), 0)], TemporalSampling("dense", 4, 1),
+                       short_side=24).load(0, (0, 0))
+    assert full.shape == (1, 4, 48, 64, 3) and small.shape == (1, 4, 24, 32, 3)
+    with pytest.raises(ConfigError, match="decode_short_side"):
+        load_config(None, ["data.decode_short_side=-1", "data.list_file=x.txt"])

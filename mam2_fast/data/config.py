@@ -36,6 +36,8 @@ class DataConfig:
     num_workers: int = 2                # decode processes; 0 decodes in a background thread
     prefetch: int = 4                   # videos queued per worker
     decode_threads: int = 0             # codec threads per worker; 0: cpu_count // (workers * LOCAL_WORLD_SIZE)
+    decode_short_side: int = 0          # > 0: decoded frames resized to this short side in the
+                                        # worker (e.g. 320 for un-resized K400); 0: as stored
     mp_context: str = "fork"            # worker start method: fork | forkserver | spawn
     decode_timeout_s: float = 60.0
     max_bad_fraction: float = 0.5       # stop if more than this fraction of a pass is unreadable

@@ -47,10 +47,12 @@ class TemporalSampling:
 
 class ClipSource:
     def __init__(self, records: Sequence[VideoRecord], temporal: TemporalSampling,
-                 backend: str = "pyav", threads: int = 1, frame_pattern: str = "img_{:05d}.jpg"):
+                 backend: str = "pyav", threads: int = 1, frame_pattern: str = "img_{:05d}.jpg",
+                 short_side: int = 0):
         self.records = list(records)
         self.temporal = temporal
         self.backend_name, self.threads, self.frame_pattern = backend, threads, frame_pattern
+        self.short_side = int(short_side or 0)   # > 0: decoded frames resized to this short side
         self._backend: Optional[Backend] = None
 
     def __len__(self) -> int:
@@ -82,4 +84,24 @@ class ClipSource:
             frames = video.read(flat)                          # [S*T, H, W, 3]
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or 0 in frames.shape:
             raise DecodeError(f"{rec.path}: decoder returned frames of shape {frames.shape} {frames.dtype}")
+        if self.short_side > 0:
+            frames = resize_short_side(frames, self.short_side)
         return frames.reshape(len(clips), -1, *frames.shape[1:])
+
+
+def resize_short_side(frames: np.ndarray, short_side: int) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` -> shorter side ``short_side`` (aspect kept, bilinear with
+    antialiasing); frames already at most that size are returned unchanged (no upscaling)."""
+    N, H, W, _ = frames.shape
+    if min(H, W) <= short_side:
+        return frames
+    import torch
+    import torch.nn.functional as F
+
+    if H <= W:
+        size = (short_side, max(1, int(round(W * short_side / H))))
+    else:
+        size = (max(1, int(round(H * short_side / W))), short_side)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    y = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()

@@ -83,7 +83,8 @@ class PretrainData:
         temporal = TemporalSampling("dense", cfg.num_frames, cfg.sampling_stride, cfg.num_sample,
                                     cfg.short_video, train=True)
         backend = "frames" if cfg.format == "frames" else cfg.backend
-        self.source = ClipSource(self.records, temporal, backend, _decode_threads(cfg), cfg.frame_pattern)
+        self.source = ClipSource(self.records, temporal, backend, _decode_threads(cfg), cfg.frame_pattern,
+                                 cfg.decode_short_side)
         self.videos_per_step = batch_size // cfg.num_sample
         self.sampler = ResumableSampler(len(self.records), seed=seed, rank=rank, world_size=world_size,
                                         num_sample=cfg.num_sample, videos_per_step=self.videos_per_step)

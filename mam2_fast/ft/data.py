@@ -115,7 +115,8 @@ class FinetuneTrainData(PretrainData):
         temporal = TemporalSampling(mode, cfg.num_frames, cfg.sampling_stride, cfg.num_sample,
                                     cfg.short_video, train=True)
         backend = "frames" if cfg.format == "frames" else cfg.backend
-        self.source = ClipSource(self.records, temporal, backend, _decode_threads(cfg), cfg.frame_pattern)
+        self.source = ClipSource(self.records, temporal, backend, _decode_threads(cfg), cfg.frame_pattern,
+                                 cfg.decode_short_side)
         self.randaug = RandAugment(aug.rand_n, aug.rand_m, aug.rand_mstd) if aug.rand_augment and aug.rand_n > 0 else None
 
     def _make_batch(self, epoch: int, videos: List[Tuple[int, int, torch.Tensor]]) -> Dict[str, torch.Tensor]:
@@ -168,7 +169,8 @@ class ViewData:
             temporal = TemporalSampling("test", cfg.num_frames, cfg.sampling_stride, num_clips,
                                         cfg.short_video, train=False)
         backend = "frames" if cfg.format == "frames" else cfg.backend
-        self.source = ClipSource(self.records, temporal, backend, _decode_threads(cfg), cfg.frame_pattern)
+        self.source = ClipSource(self.records, temporal, backend, _decode_threads(cfg), cfg.frame_pattern,
+                                 cfg.decode_short_side)
         self.skipped: List[str] = []
 
     @property
