@@ -131,9 +131,11 @@ def _out_paths(out: Path) -> tuple[Path, Path]:
 
 
 def export_encoder(source: str | Path, out: Optional[str | Path] = None, dtype: str = "float32",
-                   fmt: str = "mam2_fast", verify: bool = True, log=lambda s: None) -> Path:
+                   fmt: str = "mam2_fast", verify: bool = True, log=lambda s: None,
+                   arch_override: Optional[dict] = None) -> Path:
     """Write the encoder of ``source``; returns the tensors file (``mam2_fast``) or the folder
-    (``hf-videomae``)."""
+    (``hf-videomae``). ``arch_override`` sets what weights cannot tell (an official VideoMAE
+    checkpoint's ``num_heads`` for a non-standard width, ``num_frames``, ``img_size``)."""
     if fmt not in FORMATS:
         raise WeightsError(f"unknown export format {fmt!r} ({' | '.join(FORMATS)})")
     path = _source_path(source)
@@ -141,6 +143,7 @@ def export_encoder(source: str | Path, out: Optional[str | Path] = None, dtype: 
     if w.arch is None:
         raise WeightsError(f"{path}: checkpoint has no 'config' to record the architecture from")
     arch = {k: v for k, v in w.arch.items() if k != "inferred"}
+    arch.update({k: v for k, v in (arch_override or {}).items() if v is not None})
     base = path if path.is_dir() else path.parent
     if fmt == "hf-videomae":
         if arch.get("arch", "mam2") != "videomae":
@@ -250,10 +253,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--format", default="mam2_fast", choices=FORMATS)
     p.add_argument("--dtype", default="float32", choices=tuple(_DTYPES))
     p.add_argument("--no-verify", action="store_true", help="hf-videomae: skip the check with transformers")
+    for flag in ("num-heads", "num-frames", "img-size"):
+        p.add_argument(f"--{flag}", type=int, help=f"{flag.replace('-', '_')} when the weights cannot tell it "
+                                                   f"(official VideoMAE checkpoints: heads of a non-standard "
+                                                   f"width; 16 frames x 224 assumed)")
     args = p.parse_args(argv)
     log = lambda s: print(f"[mam2_fast] {s}", flush=True)  # noqa: E731
+    over = {"num_heads": args.num_heads, "num_frames": args.num_frames, "img_size": args.img_size}
     try:
-        out = export_encoder(args.source, args.output, args.dtype, args.format, not args.no_verify, log)
+        out = export_encoder(args.source, args.output, args.dtype, args.format, not args.no_verify, log, over)
     except WeightsError as e:
         print(f"export error: {e}", file=sys.stderr)
         return 2

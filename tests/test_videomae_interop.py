@@ -305,3 +305,17 @@ def test_hf_pretraining_folder_and_official_to_hf_cli(tmp_path):
     with torch.no_grad():
         assert torch.allclose(hf(pixel_values=clip224).last_hidden_state, reference_tokens(m.eval(), clip224),
                               atol=1e-4)
+
+
+def test_export_arch_override_for_official_checkpoints(tmp_path):
+    """Weights do not tell heads / frames / size: the CLI flags set them."""
+    from mam2_fast.export import main as export_main
+    m = videomae_pretrain(11)                                  # width 32, 2 heads (not an official width)
+    torch.save({"model": m.state_dict()}, tmp_path / "checkpoint.pth")
+    assert export_main([str(tmp_path / "checkpoint.pth"), "-o", str(tmp_path / "e"), "--num-heads", "2",
+                        "--num-frames", "4", "--img-size", "32"]) == 0
+    enc, conf = load_encoder(tmp_path / "e")
+    assert conf["arch"]["num_heads"] == 2 and conf["input"]["num_frames"] == 4
+    x = clip()
+    with torch.no_grad():
+        assert torch.allclose(enc.tokens(x), reference_tokens(m, x), atol=1e-5)
