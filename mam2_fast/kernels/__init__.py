@@ -8,6 +8,11 @@ Triton implementation (``attention.py``, ``varlen.py``, ``gather.py``,
 * ``"auto"``: fused when the inputs live on a CUDA device and Triton is importable,
   else the reference.
 
+Per op, :func:`fall_back_to_reference` overrides ``"fused"`` / ``"auto"``: the start-of-run
+check (``selfcheck.resolve_backend``) sends an op that fails on the device (or whose launches at
+the run's shapes CUDA would refuse) back to its reference, and the other ops stay fused.
+``meta`` tensors are accepted by ``"fused"``: the custom ops run their fake impls (dry runs).
+
 The fused modules are imported lazily (first fused call), so importing this package never
 imports triton and never fixes the interpreter mode.
 """
@@ -23,6 +28,13 @@ from mam2_fast.kernels._common import interpreting
 
 BACKENDS = ("reference", "fused", "auto")
 
+# the fused ops dispatched here (the names fall_back_to_reference takes)
+FUSED_OPS = ("factorized_attention", "varlen_attention", "gather_visible_add_pos", "gather_tokens",
+             "rgb_diff_mse_tube", "rgb_diff_mse_packed", "linear_cross_entropy")
+
+# op -> why it runs the reference although the model asks for "fused" / "auto"
+_FALLBACKS: dict[str, str] = {}
+
 # find_spec does not import triton (importing it would fix the interpreter mode too early)
 _TRITON_OK: bool = importlib.util.find_spec("triton") is not None
 
@@ -31,11 +43,30 @@ def triton_available() -> bool:
     return _TRITON_OK
 
 
-def _use_fused(backend: str, *tensors: Optional[Tensor]) -> bool:
+def fall_back_to_reference(op: str, reason: str) -> None:
+    """Run ``op`` (one of :data:`FUSED_OPS`) through its reference from now on, whatever
+    backend the caller asks for (the per-op switch of the start-of-run check)."""
+    if op not in FUSED_OPS:
+        raise ValueError(f"kernels: unknown fused op {op!r} (choose from {FUSED_OPS})")
+    _FALLBACKS[op] = reason
+
+
+def fallbacks() -> dict[str, str]:
+    """``{op: reason}`` of the ops sent back to the reference by :func:`fall_back_to_reference`."""
+    return dict(_FALLBACKS)
+
+
+def clear_fallbacks() -> None:
+    _FALLBACKS.clear()
+
+
+def _use_fused(backend: str, *tensors: Optional[Tensor], op: str) -> bool:
     if backend == "reference":
         return False
     if backend not in BACKENDS:
         raise ValueError(f"kernels: unknown backend {backend!r} (choose from {BACKENDS})")
+    if op in _FALLBACKS:
+        return False
     ts = [t for t in tensors if t is not None]
     if backend == "auto":
         return all(t.is_cuda for t in ts) and triton_available()
@@ -46,7 +77,7 @@ def _use_fused(backend: str, *tensors: Optional[Tensor]) -> bool:
             raise RuntimeError("kernels: backend='fused' got CPU tensors; fused kernels run on "
                                "CUDA, or on CPU only under TRITON_INTERPRET=1 (set before "
                                "triton is imported). Use backend='auto' or 'reference'.")
-        if t.device.type not in ("cpu", "cuda"):
+        if t.device.type not in ("cpu", "cuda", "meta"):
             raise RuntimeError(f"kernels: backend='fused' does not support device {t.device}")
     return True
 
@@ -81,7 +112,7 @@ def _linear_ce():
 def factorized_attention(qkv: Tensor, mode: str, valid: Optional[Tensor] = None,
                          scale: Optional[float] = None, backend: str = "reference") -> Tensor:
     """qkv ``[B, T, S, 3, H, dh]`` -> ``[B, T, S, H*dh]``; see ``reference.factorized_attention_ref``."""
-    if _use_fused(backend, qkv, valid):
+    if _use_fused(backend, qkv, valid, op="factorized_attention"):
         return _attention().factorized_attention_fused(qkv, mode, valid, scale)
     return ref.factorized_attention_ref(qkv, mode, valid, scale)
 
@@ -90,7 +121,7 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index: Op
                      scale: Optional[float] = None, backend: str = "reference") -> Tensor:
     """Packed qkv ``[Ntok, 3, H, dh]``, segments ``cu_seqlens [G+1]`` int32, optional position ->
     row ``index [Ntok]`` -> ``[Ntok, H*dh]``; see ``reference.varlen_attention_ref``."""
-    if _use_fused(backend, qkv, cu_seqlens, index):
+    if _use_fused(backend, qkv, cu_seqlens, index, op="varlen_attention"):
         return _varlen().varlen_attention_fused(qkv, cu_seqlens, max_seqlen, index, scale)
     return ref.varlen_attention_ref(qkv, cu_seqlens, max_seqlen, index, scale)
 
@@ -98,14 +129,14 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index: Op
 def gather_visible_add_pos(x: Tensor, pos_t: Tensor, pos_s: Tensor, idx: Tensor,
                            backend: str = "reference") -> Tensor:
     """x ``[B, T, N, D]`` + pos_t ``[T, D]`` + pos_s ``[N, D]`` at idx ``[B, Nv]`` -> ``[B, T, Nv, D]``."""
-    if _use_fused(backend, x, pos_t, pos_s, idx):
+    if _use_fused(backend, x, pos_t, pos_s, idx, op="gather_visible_add_pos"):
         return _gather().gather_visible_add_pos_fused(x, pos_t, pos_s, idx)
     return ref.gather_visible_add_pos_ref(x, pos_t, pos_s, idx)
 
 
 def gather_tokens(x: Tensor, idx: Tensor, backend: str = "reference") -> Tensor:
     """x ``[B, T, N, D]`` at idx ``[B, K]`` (distinct per row) -> ``[B, T, K, D]``."""
-    if _use_fused(backend, x, idx):
+    if _use_fused(backend, x, idx, op="gather_tokens"):
         return _gather().gather_tokens_fused(x, idx)
     return ref.gather_tokens_ref(x, idx)
 
@@ -113,7 +144,7 @@ def gather_tokens(x: Tensor, idx: Tensor, backend: str = "reference") -> Tensor:
 def rgb_diff_mse_tube(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int,
                       backend: str = "reference") -> Tensor:
     """Eq. 3 for tube masks; the clip is a constant (fused path: no clip gradient)."""
-    if _use_fused(backend, clip, pred, mask_idx):
+    if _use_fused(backend, clip, pred, mask_idx, op="rgb_diff_mse_tube"):
         return _rgb_diff().rgb_diff_mse_tube_fused(clip, pred, mask_idx, patch)
     return ref.rgb_diff_mse_tube_ref(clip, pred, mask_idx, patch)
 
@@ -122,7 +153,7 @@ def rgb_diff_mse_packed(clip: Tensor, pred: Tensor, rows: Tensor, patch: int,
                         backend: str = "reference") -> Tensor:
     """Eq. 3 for packed masked tokens: pred ``[M, P*P*C]`` at flat rows ``[M]``
     (``b*T*N + t*N + n``); the clip is a constant (fused path: no clip gradient)."""
-    if _use_fused(backend, clip, pred, rows):
+    if _use_fused(backend, clip, pred, rows, op="rgb_diff_mse_packed"):
         return _rgb_diff().rgb_diff_mse_packed_fused(clip, pred, rows, patch)
     return ref.rgb_diff_mse_packed_ref(clip, pred, rows, patch)
 
@@ -131,6 +162,6 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Optional[Tensor], targ
                          backend: str = "reference", *, ignore_index: int = -100) -> Tensor:
     """``F.cross_entropy(x @ W.T + b, target, ignore_index)``; the fused path never holds the
     full ``[M, K]`` logits."""
-    if _use_fused(backend, x, weight, bias, target):
+    if _use_fused(backend, x, weight, bias, target, op="linear_cross_entropy"):
         return _linear_ce().linear_cross_entropy_fused(x, weight, bias, target, ignore_index)
     return ref.linear_cross_entropy_ref(x, weight, bias, target, ignore_index)

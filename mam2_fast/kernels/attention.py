@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mam2_fast.kernels._common import check_device, check_float, interpreting, next_pow2
+from mam2_fast.kernels._common import check_device, check_float, interpreting, launch, next_pow2
 from mam2_fast.kernels._flash import online_softmax_step, probs_and_score_grads
 
 _LOG2E = 1.4426950408889634
@@ -39,6 +39,20 @@ _SUPPORTED_DH_MAX = 256
 # ----------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------
+# Grid: one flat axis over (batch b, group g, head h, block), the block fastest (the programs of
+# one problem run side by side and share its K/V in L2). B*G*H reaches 75k at ViT-B batch 32, past
+# CUDA's 65535 on grid axes 1 and 2; axis 0 takes 2**31 - 1 (checked at launch, _common.launch).
+@triton.jit
+def _problem(NUM_BLOCKS, G, H):
+    """This program's (block, problem, b, g, h); problem = (b * G + g) * H + h indexes lse rows."""
+    pid = tl.program_id(0)  # over B * G * H * NUM_BLOCKS
+    block = pid % NUM_BLOCKS
+    problem = pid // NUM_BLOCKS
+    h = problem % H
+    bg = problem // H
+    return block, problem, bg // G, bg % G, h
+
+
 @triton.jit
 def _attn_fwd_kernel(
     QKV, O, LSE, VALID,
@@ -46,15 +60,11 @@ def _attn_fwd_kernel(
     s_ob, s_og, s_ol, s_oh, s_od,        # out strides (b, g, l, h, d)
     s_vb, s_vg, s_vl,                    # valid strides (b, g, l)
     G, H, L, DH, qk_scale,               # qk_scale = softmax scale * log2(e)
+    NUM_BLOCKS,                          # query blocks per problem: cdiv(L, BLOCK_M)
     HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid = tl.program_id(1)  # over B * G * H
-    h = pid % H
-    bg = pid // H
-    g = bg % G
-    b = bg // G
+    pid_m, problem, b, g, h = _problem(NUM_BLOCKS, G, H)
     base = b.to(tl.int64) * s_qb + g.to(tl.int64) * s_qg + h.to(tl.int64) * s_qh
     q_ptr = QKV + base
     k_ptr = QKV + base + s_q3
@@ -95,7 +105,7 @@ def _attn_fwd_kernel(
     o_base = O + b.to(tl.int64) * s_ob + g.to(tl.int64) * s_og + h.to(tl.int64) * s_oh
     tl.store(o_base + offs_m[:, None] * s_ol + offs_d[None, :] * s_od,
              out.to(O.dtype.element_ty), mask=m_in[:, None] & d_in[None, :])
-    tl.store(LSE + pid.to(tl.int64) * L + offs_m, lse, mask=m_in)
+    tl.store(LSE + problem.to(tl.int64) * L + offs_m, lse, mask=m_in)
 
 
 @triton.jit
@@ -104,16 +114,11 @@ def _attn_bwd_preprocess(
     s_ob, s_og, s_ol, s_oh, s_od,
     s_db, s_dg, s_dl, s_dh, s_dd,
     s_vb, s_vg, s_vl,
-    G, H, L, DH,
+    G, H, L, DH, NUM_BLOCKS,
     HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta[row] = sum_d dO[row, d] * O[row, d]  (rows of invalid queries -> 0)."""
-    pid_m = tl.program_id(0)
-    pid = tl.program_id(1)
-    h = pid % H
-    bg = pid // H
-    g = bg % G
-    b = bg // G
+    pid_m, problem, b, g, h = _problem(NUM_BLOCKS, G, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_in = offs_m < L
@@ -127,7 +132,7 @@ def _attn_bwd_preprocess(
         q_ok = tl.load(VALID + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vg + offs_m * s_vl,
                        mask=m_in, other=0) != 0
         delta = tl.where(q_ok, delta, 0.0)
-    tl.store(DELTA + pid.to(tl.int64) * L + offs_m, delta, mask=m_in)
+    tl.store(DELTA + problem.to(tl.int64) * L + offs_m, delta, mask=m_in)
 
 
 @triton.jit
@@ -137,20 +142,15 @@ def _attn_bwd_dkdv_kernel(
     s_db, s_dg, s_dl, s_dh, s_dd,        # dO strides
     s_gb, s_gg, s_gl, s_g3, s_gh, s_gd,  # dqkv strides
     s_vb, s_vg, s_vl,
-    G, H, L, DH, qk_scale, sm_scale,
+    G, H, L, DH, qk_scale, sm_scale, NUM_BLOCKS,
     HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid = tl.program_id(1)
-    h = pid % H
-    bg = pid // H
-    g = bg % G
-    b = bg // G
+    pid_n, problem, b, g, h = _problem(NUM_BLOCKS, G, H)
     base = b.to(tl.int64) * s_qb + g.to(tl.int64) * s_qg + h.to(tl.int64) * s_qh
     do_base = DO + b.to(tl.int64) * s_db + g.to(tl.int64) * s_dg + h.to(tl.int64) * s_dh
     v_base = VALID + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vg
-    row_base = pid.to(tl.int64) * L
+    row_base = problem.to(tl.int64) * L
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -195,19 +195,14 @@ def _attn_bwd_dq_kernel(
     s_db, s_dg, s_dl, s_dh, s_dd,
     s_gb, s_gg, s_gl, s_g3, s_gh, s_gd,
     s_vb, s_vg, s_vl,
-    G, H, L, DH, qk_scale, sm_scale,
+    G, H, L, DH, qk_scale, sm_scale, NUM_BLOCKS,
     HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid = tl.program_id(1)
-    h = pid % H
-    bg = pid // H
-    g = bg % G
-    b = bg // G
+    pid_m, problem, b, g, h = _problem(NUM_BLOCKS, G, H)
     base = b.to(tl.int64) * s_qb + g.to(tl.int64) * s_qg + h.to(tl.int64) * s_qh
     v_base = VALID + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vg
-    row_base = pid.to(tl.int64) * L
+    row_base = problem.to(tl.int64) * L
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -287,6 +282,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _shape(qkv: Tensor, valid: Optional[Tensor]) -> str:
+    return f"qkv [B, T, S, 3, H, dh] = {list(qkv.shape)} {qkv.dtype}, valid: {valid is not None}"
+
+
 def _valid_arg(valid: Optional[Tensor], like: Tensor) -> Tensor:
     if valid is None:
         return like  # dummy pointer, never read (HAS_VALID=False)
@@ -301,14 +300,14 @@ def _fwd(qkv: Tensor, valid: Optional[Tensor], mode: str, scale: float) -> Tuple
         return out, lse
     o5 = out.view(B, T, S, H, dh)
     BM, BN, BD, warps = _blocks(L, dh)
-    grid = (triton.cdiv(L, BM), B * G * H)
-    _attn_fwd_kernel[grid](
-        qkv, o5, lse, _valid_arg(valid, qkv),
-        *_map6(qkv.stride(), mode), *_map5(o5.stride(), mode), *_map3(valid, mode),
-        G, H, L, dh, scale * _LOG2E,
-        HAS_VALID=valid is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-        PRECISION=_precision(qkv.dtype), num_warps=warps,
-    )
+    m_blocks = triton.cdiv(L, BM)
+    launch(_attn_fwd_kernel, (B * G * H * m_blocks,),
+           qkv, o5, lse, _valid_arg(valid, qkv),
+           *_map6(qkv.stride(), mode), *_map5(o5.stride(), mode), *_map3(valid, mode),
+           G, H, L, dh, scale * _LOG2E, m_blocks,
+           HAS_VALID=valid is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+           PRECISION=_precision(qkv.dtype), num_warps=warps,
+           op=f"factorized_attention[{mode}] forward", shape=_shape(qkv, valid))
     return out, lse
 
 
@@ -330,17 +329,19 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, valid: Optiona
     vs = _map3(valid, mode)
     has_valid = valid is not None
     qs, ds, gs = _map6(qkv.stride(), mode), _map5(do5.stride(), mode), _map6(dqkv.stride(), mode)
-    _attn_bwd_preprocess[(triton.cdiv(L, BM), B * G * H)](
-        o5, do5, delta, va, *_map5(o5.stride(), mode), *ds, *vs, G, H, L, dh,
-        HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps)
+    m_blocks, n_blocks = triton.cdiv(L, BM), triton.cdiv(L, BN)  # query / key blocks per problem
+    where = dict(op=f"factorized_attention[{mode}] backward", shape=_shape(qkv, valid))
+    launch(_attn_bwd_preprocess, (B * G * H * m_blocks,),
+           o5, do5, delta, va, *_map5(o5.stride(), mode), *ds, *vs, G, H, L, dh, m_blocks,
+           HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps, **where)
     common = dict(HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-                  PRECISION=_precision(qkv.dtype), num_warps=warps)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(L, BN), B * G * H)](
-        qkv, do5, lse, delta, va, dqkv, *qs, *ds, *gs, *vs, G, H, L, dh,
-        scale * _LOG2E, scale, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(L, BM), B * G * H)](
-        qkv, do5, lse, delta, va, dqkv, *qs, *ds, *gs, *vs, G, H, L, dh,
-        scale * _LOG2E, scale, **common)
+                  PRECISION=_precision(qkv.dtype), num_warps=warps, **where)
+    launch(_attn_bwd_dkdv_kernel, (B * G * H * n_blocks,),
+           qkv, do5, lse, delta, va, dqkv, *qs, *ds, *gs, *vs, G, H, L, dh,
+           scale * _LOG2E, scale, n_blocks, **common)
+    launch(_attn_bwd_dq_kernel, (B * G * H * m_blocks,),
+           qkv, do5, lse, delta, va, dqkv, *qs, *ds, *gs, *vs, G, H, L, dh,
+           scale * _LOG2E, scale, m_blocks, **common)
     return dqkv
 
 

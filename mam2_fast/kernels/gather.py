@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mam2_fast.kernels._common import check_device, check_float, interpreting, next_pow2
+from mam2_fast.kernels._common import check_device, check_float, interpreting, launch, next_pow2
 
 
 @triton.jit
@@ -121,11 +121,47 @@ def _gather(x: Tensor, pos_t, pos_s, idx: Tensor, out_dtype: torch.dtype) -> Ten
         return out
     has_pos = pos_t is not None
     BD = _block_d(D)
-    _gather_kernel[(B * T * K, triton.cdiv(D, BD))](
-        x, pos_t if has_pos else x, pos_s if has_pos else x, idx, out,
-        *x.stride(), pos_t.stride(0) if has_pos else 0, pos_s.stride(0) if has_pos else 0,
-        *idx.stride(), T, K, D, HAS_POS=has_pos, BLOCK_D=BD)
+    launch(_gather_kernel, (B * T * K, triton.cdiv(D, BD)),   # rows on axis 0 (2**31 - 1)
+           x, pos_t if has_pos else x, pos_s if has_pos else x, idx, out,
+           *x.stride(), pos_t.stride(0) if has_pos else 0, pos_s.stride(0) if has_pos else 0,
+           *idx.stride(), T, K, D, HAS_POS=has_pos, BLOCK_D=BD,
+           op=f"{'gather_visible_add_pos' if has_pos else 'gather_tokens'} forward",
+           shape=f"x [B, T, N, D] = {list(x.shape)} {x.dtype}, idx [B, K] = {list(idx.shape)}")
     return out
+
+
+def _scatter(dout: Tensor, idx: Tensor, N: int) -> Tensor:
+    """dout ``[B, T, K, D]`` -> dx ``[B, T, N, D]``: dout at the slots ``idx [B, K]``, zeros elsewhere."""
+    B, T, K, D = dout.shape
+    dx = torch.empty(B, T, N, D, device=dout.device, dtype=dout.dtype)
+    if dx.numel() == 0:
+        return dx
+    BD = _block_d(D)
+    launch(_scatter_kernel, (B * T * N, triton.cdiv(D, BD)),  # rows on axis 0 (2**31 - 1)
+           dout, _inverse(idx, N), dx, *dout.stride(), T, N, D, BLOCK_D=BD,
+           op="gather_tokens backward",
+           shape=f"dout [B, T, K, D] = {list(dout.shape)} {dout.dtype}, N {N}")
+    return dx
+
+
+def _gather_pos_bwd(dout: Tensor, idx: Tensor, N: int, write_dx: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> dx [B, T, N, D] (dout's dtype; empty if not write_dx), dpos_t [T, D], dpos_s [N, D] fp32."""
+    B, T, K, D = dout.shape
+    dev = dout.device
+    dx = torch.empty(B, T, N, D, device=dev, dtype=dout.dtype) if write_dx else dout.new_empty(0)
+    dpos_s = torch.empty(N, D, device=dev, dtype=torch.float32)
+    part_t = torch.empty(N, T, D, device=dev, dtype=torch.float32)
+    if N * D == 0 or T == 0:
+        return dx.zero_(), torch.zeros(T, D, device=dev), dpos_s.zero_()
+    if B == 0:
+        return dx, torch.zeros(T, D, device=dev), dpos_s.zero_()
+    BD = _block_d(D)
+    launch(_scatter_pos_kernel, (N, triton.cdiv(D, BD)),
+           dout, _inverse(idx, N), dx if write_dx else dpos_s, dpos_s, part_t,
+           *dout.stride(), B, T, N, D, WRITE_DX=write_dx, BLOCK_D=BD,
+           op="gather_visible_add_pos backward",
+           shape=f"dout [B, T, K, D] = {list(dout.shape)} {dout.dtype}, N {N}, dx: {write_dx}")
+    return dx, part_t.sum(0), dpos_s
 
 
 # ----------------------------------------------------------------------------------------
@@ -144,14 +180,7 @@ def _gather_fake(x, idx):
 
 @torch.library.custom_op("mam2_fast::scatter_tokens", mutates_args=())
 def _scatter_op(dout: Tensor, idx: Tensor, N: int) -> Tensor:
-    B, T, K, D = dout.shape
-    dx = torch.empty(B, T, N, D, device=dout.device, dtype=dout.dtype)
-    if dx.numel() == 0:
-        return dx
-    BD = _block_d(D)
-    _scatter_kernel[(B * T * N, triton.cdiv(D, BD))](
-        dout, _inverse(idx, N), dx, *dout.stride(), T, N, D, BLOCK_D=BD)
-    return dx
+    return _scatter(dout, idx, N)
 
 
 @_scatter_op.register_fake
@@ -188,21 +217,7 @@ def _gather_pos_fake(x, pos_t, pos_s, idx):
 @torch.library.custom_op("mam2_fast::gather_add_pos_bwd", mutates_args=())
 def _gather_pos_bwd_op(dout: Tensor, idx: Tensor, N: int, write_dx: bool
                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> dx [B, T, N, D] (dout's dtype; empty if not write_dx), dpos_t [T, D], dpos_s [N, D] fp32."""
-    B, T, K, D = dout.shape
-    dev = dout.device
-    dx = torch.empty(B, T, N, D, device=dev, dtype=dout.dtype) if write_dx else dout.new_empty(0)
-    dpos_s = torch.empty(N, D, device=dev, dtype=torch.float32)
-    part_t = torch.empty(N, T, D, device=dev, dtype=torch.float32)
-    if N * D == 0 or T == 0:
-        return dx.zero_(), torch.zeros(T, D, device=dev), dpos_s.zero_()
-    if B == 0:
-        return dx, torch.zeros(T, D, device=dev), dpos_s.zero_()
-    BD = _block_d(D)
-    _scatter_pos_kernel[(N, triton.cdiv(D, BD))](
-        dout, _inverse(idx, N), dx if write_dx else dpos_s, dpos_s, part_t,
-        *dout.stride(), B, T, N, D, WRITE_DX=write_dx, BLOCK_D=BD)
-    return dx, part_t.sum(0), dpos_s
+    return _gather_pos_bwd(dout, idx, N, write_dx)
 
 
 @_gather_pos_bwd_op.register_fake

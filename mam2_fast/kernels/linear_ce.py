@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mam2_fast.kernels._common import check_device, check_float, interpreting, next_pow2
+from mam2_fast.kernels._common import check_device, check_float, interpreting, launch, next_pow2
+from mam2_fast.train import accel
 
 
 @triton.jit
@@ -78,6 +79,24 @@ def _chunk_rows(M: int, K: int, chunk_size: Optional[int]) -> int:
     return max(256, min(M, (1 << 26) // K))
 
 
+def _row_chunks(M: int, K: int, chunk_size: Optional[int]):
+    """The ``(start, end)`` row ranges of the chunks of ``M`` rows (each one logits GEMM and one
+    kernel launch)."""
+    C = _chunk_rows(M, K, chunk_size)
+    return [(start, min(M, start + C)) for start in range(0, M, C)]
+
+
+def _launch_rows(logits: Tensor, target: Tensor, row_loss: Tensor, inv_n: Tensor, ignore_index: int,
+                 compute_grad: bool, shape: str) -> None:
+    """Row losses of one chunk ``logits [c, K]`` (and, in place, its dlogits)."""
+    K = logits.shape[1]
+    BLOCK_K = min(next_pow2(K), 1024 if interpreting() else 4096)
+    launch(_ce_rows_kernel, (logits.shape[0],),  # one program per row of the chunk, axis 0
+           logits, logits.stride(0), target, row_loss, K, ignore_index, inv_n,
+           COMPUTE_GRAD=compute_grad, BLOCK_K=BLOCK_K, num_warps=8 if BLOCK_K >= 2048 else 4,
+           op=f"linear_cross_entropy {'forward+backward' if compute_grad else 'forward'}", shape=shape)
+
+
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
              ignore_index: int, compute_grad: bool, chunk_size: Optional[int]):
     """-> loss (fp32 scalar), grad_x [M, D], grad_w [K, D], grad_b [K] (empty when unused)."""
@@ -89,21 +108,17 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
     row_loss = torch.empty(M, device=dev, dtype=torch.float32)
     # distinct empty placeholders (custom-op outputs may not alias each other)
     grad_x, grad_w, grad_b = x.new_empty(0), x.new_empty(0), x.new_empty(0)
-    C = _chunk_rows(M, K, chunk_size)
-    n_chunks = triton.cdiv(M, C) if M else 0
+    chunks = _row_chunks(M, K, chunk_size)
+    n_chunks = len(chunks)
     if compute_grad:
         grad_x = torch.empty_like(x)
         acc_w = None
         grad_b_acc = torch.zeros(K, device=dev, dtype=torch.float32) if bias is not None else None
-    BLOCK_K = min(next_pow2(K), 1024 if interpreting() else 4096)
-    for start in range(0, M, C):
-        end = min(M, start + C)
+    shape = f"x [M, D] = {list(x.shape)} {x.dtype}, weight [K, D] = {list(weight.shape)}, {n_chunks} chunks"
+    for start, end in chunks:
         xc = x[start:end]  # [c, D]
         logits = torch.addmm(bias, xc, weight.t()) if bias is not None else xc @ weight.t()  # [c, K]
-        _ce_rows_kernel[(end - start,)](
-            logits, logits.stride(0), target[start:end], row_loss[start:end],
-            K, ignore_index, inv_n,
-            COMPUTE_GRAD=compute_grad, BLOCK_K=BLOCK_K, num_warps=8 if BLOCK_K >= 2048 else 4)
+        _launch_rows(logits, target[start:end], row_loss[start:end], inv_n, ignore_index, compute_grad, shape)
         if compute_grad:  # logits now hold dlogits [c, K]
             torch.mm(logits, weight, out=grad_x[start:end])  # [c, D]
             gw = torch.mm(logits.t(), xc)                     # [K, D] input dtype
@@ -181,8 +196,8 @@ def linear_cross_entropy_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor]
         raise ValueError(f"{name}: bias must be [K] = [{weight.shape[0]}], got {tuple(bias.shape)}")
     if target.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{name}: target must be int64/int32, got {target.dtype}")
-    if torch.is_autocast_enabled(x.device.type):  # mimic F.linear under autocast
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = accel.autocast_dtype(x.device)   # mimic F.linear under autocast (stand-in device too)
+    if dt is not None:
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
     check_float(name, "x", x)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mam2_fast.kernels._common import check_device, check_float, next_pow2
+from mam2_fast.kernels._common import check_device, check_float, launch, next_pow2
 
 
 @triton.jit
@@ -110,11 +110,13 @@ def _launch(clip, pred, mask_idx, patch, out, scale, backward: bool):
     if rows == 0:
         return
     BLOCK = max(16, next_pow2(PPC))
-    _rgb_diff_kernel[(rows,)](
-        clip, pred, mask_idx, out, scale,
-        *clip.stride(), *pred.stride(), *mask_idx.stride(),
-        T, Nm, (H // patch) * (W // patch), W // patch, C, patch, PPC,
-        PACKED=False, BACKWARD=backward, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8)
+    launch(_rgb_diff_kernel, (rows,),  # one program per predicted patch, axis 0 (2**31 - 1)
+           clip, pred, mask_idx, out, scale,
+           *clip.stride(), *pred.stride(), *mask_idx.stride(),
+           T, Nm, (H // patch) * (W // patch), W // patch, C, patch, PPC,
+           PACKED=False, BACKWARD=backward, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8,
+           op=f"rgb_diff_mse_tube {'backward' if backward else 'forward'}",
+           shape=f"clip {list(clip.shape)} {clip.dtype}, pred {list(pred.shape)}, patch {patch}")
 
 
 @torch.library.custom_op("mam2_fast::rgb_diff_mse_tube", mutates_args=())
@@ -220,11 +222,13 @@ def _launch_packed(clip, pred, rows, patch, out, scale, backward: bool):
     if M == 0:
         return
     BLOCK = max(16, next_pow2(PPC))
-    _rgb_diff_kernel[(M,)](
-        clip, pred, rows, out, scale,
-        *clip.stride(), 0, 0, pred.stride(0), pred.stride(1), 0, rows.stride(0),
-        T, 1, (H // patch) * (W // patch), W // patch, C, patch, PPC,
-        PACKED=True, BACKWARD=backward, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8)
+    launch(_rgb_diff_kernel, (M,),  # one program per packed row, axis 0 (2**31 - 1)
+           clip, pred, rows, out, scale,
+           *clip.stride(), 0, 0, pred.stride(0), pred.stride(1), 0, rows.stride(0),
+           T, 1, (H // patch) * (W // patch), W // patch, C, patch, PPC,
+           PACKED=True, BACKWARD=backward, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8,
+           op=f"rgb_diff_mse_packed {'backward' if backward else 'forward'}",
+           shape=f"clip {list(clip.shape)} {clip.dtype}, pred {list(pred.shape)}, patch {patch}")
 
 
 @torch.library.custom_op("mam2_fast::rgb_diff_mse_packed", mutates_args=())

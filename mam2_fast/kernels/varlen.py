@@ -30,9 +30,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mam2_fast.kernels._common import check_device, check_float
+from mam2_fast.kernels._common import check_device, check_float, launch
 from mam2_fast.kernels._flash import online_softmax_step, probs_and_score_grads
 from mam2_fast.kernels.attention import _LOG2E, _SUPPORTED_DH_MAX, _blocks, _precision  # same tiling rules
+
+
+# Grid: one flat axis over (segment g, head h, block), the block fastest; G*H (segments times
+# heads) passes CUDA's 65535 on grid axes 1 and 2 at ViT-B batch 28 with random masks, axis 0
+# takes 2**31 - 1 (checked at launch, _common.launch).
+@triton.jit
+def _problem(NUM_BLOCKS, H):
+    """This program's (block, segment g, head h)."""
+    pid = tl.program_id(0)  # over G * H * NUM_BLOCKS
+    block = pid % NUM_BLOCKS
+    problem = pid // NUM_BLOCKS
+    return block, problem // H, problem % H
 
 
 @triton.jit
@@ -49,13 +61,11 @@ def _varlen_fwd_kernel(
     s_qr, s_q3, s_qh, s_qd,      # qkv strides (row, which, head, dim)
     s_or, s_oh, s_od,            # out strides (row, head, dim)
     NTOK, H, DH, qk_scale,       # qk_scale = softmax scale * log2(e)
+    NUM_BLOCKS,                  # query blocks per (segment, head): cdiv(max_seqlen, BLOCK_M)
     HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid = tl.program_id(1)  # over G * H
-    h = pid % H
-    g = pid // H
+    pid_m, g, h = _problem(NUM_BLOCKS, H)
     start = tl.load(CU + g)
     L = tl.load(CU + g + 1) - start
     if pid_m * BLOCK_M < L:
@@ -89,14 +99,11 @@ def _varlen_fwd_kernel(
 def _varlen_bwd_preprocess(
     O, DO, DELTA, CU, INDEX,
     s_or, s_oh, s_od, s_dr, s_dh, s_dd,
-    NTOK, H, DH,
+    NTOK, H, DH, NUM_BLOCKS,
     HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta[h, pos] = sum_d dO[row, h, d] * O[row, h, d]."""
-    pid_m = tl.program_id(0)
-    pid = tl.program_id(1)
-    h = pid % H
-    g = pid // H
+    pid_m, g, h = _problem(NUM_BLOCKS, H)
     start = tl.load(CU + g)
     L = tl.load(CU + g + 1) - start
     if pid_m * BLOCK_M < L:
@@ -117,14 +124,11 @@ def _varlen_bwd_dkdv_kernel(
     s_qr, s_q3, s_qh, s_qd,
     s_dr, s_dh, s_dd,
     s_gr, s_g3, s_gh, s_gd,
-    NTOK, H, DH, qk_scale, sm_scale,
+    NTOK, H, DH, qk_scale, sm_scale, NUM_BLOCKS,
     HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid = tl.program_id(1)
-    h = pid % H
-    g = pid // H
+    pid_n, g, h = _problem(NUM_BLOCKS, H)
     start = tl.load(CU + g)
     L = tl.load(CU + g + 1) - start
     if pid_n * BLOCK_N < L:
@@ -168,14 +172,11 @@ def _varlen_bwd_dq_kernel(
     s_qr, s_q3, s_qh, s_qd,
     s_dr, s_dh, s_dd,
     s_gr, s_g3, s_gh, s_gd,
-    NTOK, H, DH, qk_scale, sm_scale,
+    NTOK, H, DH, qk_scale, sm_scale, NUM_BLOCKS,
     HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid = tl.program_id(1)
-    h = pid % H
-    g = pid // H
+    pid_m, g, h = _problem(NUM_BLOCKS, H)
     start = tl.load(CU + g)
     L = tl.load(CU + g + 1) - start
     if pid_m * BLOCK_M < L:
@@ -211,6 +212,11 @@ def _varlen_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------
+def _shape(qkv: Tensor, segments: int, max_seqlen: int, index: Optional[Tensor]) -> str:
+    return (f"qkv [Ntok, 3, H, dh] = {list(qkv.shape)} {qkv.dtype}, {segments} segments, "
+            f"max_seqlen {max_seqlen}, index: {index is not None}")
+
+
 def _index_arg(index: Optional[Tensor], cu: Tensor) -> Tensor:
     return cu if index is None else index  # dummy pointer when HAS_INDEX=False
 
@@ -224,11 +230,13 @@ def _fwd(qkv: Tensor, cu: Tensor, index: Optional[Tensor], max_seqlen: int, scal
         return out, lse
     o3 = out.view(ntok, H, dh)
     BM, BN, BD, warps = _blocks(max_seqlen, dh)
-    _varlen_fwd_kernel[(triton.cdiv(max_seqlen, BM), G * H)](
-        qkv, o3, lse, cu, _index_arg(index, cu), *qkv.stride(), *o3.stride(),
-        ntok, H, dh, scale * _LOG2E,
-        HAS_INDEX=index is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-        PRECISION=_precision(qkv.dtype), num_warps=warps)
+    m_blocks = triton.cdiv(max_seqlen, BM)
+    launch(_varlen_fwd_kernel, (G * H * m_blocks,),
+           qkv, o3, lse, cu, _index_arg(index, cu), *qkv.stride(), *o3.stride(),
+           ntok, H, dh, scale * _LOG2E, m_blocks,
+           HAS_INDEX=index is not None, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
+           PRECISION=_precision(qkv.dtype), num_warps=warps,
+           op="varlen_attention forward", shape=_shape(qkv, G, max_seqlen, index))
     return out, lse
 
 
@@ -245,15 +253,17 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu: Tensor, in
     delta = torch.empty_like(lse)
     BM, BN, BD, warps = _blocks(max_seqlen, dh)
     ia, has_index = _index_arg(index, cu), index is not None
-    _varlen_bwd_preprocess[(triton.cdiv(max_seqlen, BM), G * H)](
-        o3, do3, delta, cu, ia, *o3.stride(), *do3.stride(), ntok, H, dh,
-        HAS_INDEX=has_index, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps)
+    m_blocks, n_blocks = triton.cdiv(max_seqlen, BM), triton.cdiv(max_seqlen, BN)
+    where = dict(op="varlen_attention backward", shape=_shape(qkv, G, max_seqlen, index))
+    launch(_varlen_bwd_preprocess, (G * H * m_blocks,),
+           o3, do3, delta, cu, ia, *o3.stride(), *do3.stride(), ntok, H, dh, m_blocks,
+           HAS_INDEX=has_index, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps, **where)
     args = (qkv, do3, lse, delta, cu, ia, dqkv, *qkv.stride(), *do3.stride(), *dqkv.stride(),
             ntok, H, dh, scale * _LOG2E, scale)
     common = dict(HAS_INDEX=has_index, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-                  PRECISION=_precision(qkv.dtype), num_warps=warps)
-    _varlen_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, BN), G * H)](*args, **common)
-    _varlen_bwd_dq_kernel[(triton.cdiv(max_seqlen, BM), G * H)](*args, **common)
+                  PRECISION=_precision(qkv.dtype), num_warps=warps, **where)
+    launch(_varlen_bwd_dkdv_kernel, (G * H * n_blocks,), *args, n_blocks, **common)
+    launch(_varlen_bwd_dq_kernel, (G * H * m_blocks,), *args, m_blocks, **common)
     return dqkv
 
 
