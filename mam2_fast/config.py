@@ -57,8 +57,15 @@ class ModelConfig:
     use_motion: bool = True
     coupled_decoder: bool = False        # MAM^2-c: one decoder (appearance_depth blocks), two heads
     align_weight: float = 2.0            # alpha in Eq. 4
-    align_reduction: str = "sum"         # Eq. 1: squared L2 summed over channels ("sum") or
-                                         # averaged over channels ("mean", = CAE's MSELoss)
+    align_reduction: str = "mean"        # Eq. 1: squared error averaged over channels ("mean",
+                                         # CAE's released F.mse_loss) or summed ("sum", Eq. 1's
+                                         # squared L2 read literally; ~D' x larger)
+    motion_space: str = "raw"            # RGB-difference target on raw [0, 1] RGB (Sec. 2.2) |
+                                         # normalized (the normalized clip the model sees)
+    regressor_block: str = "cae"         # cae (CAE code: x = norm2(x); x = x + mlp(x), layer
+                                         # scale, xavier init) | prenorm (x = x + mlp(norm2(x)))
+    temporal_fc: bool = False            # TimeSformer's extra D x D linear after temporal attention
+                                         # (off: matches the paper's 114 M / 403 M encoders)
     # targets (Table 1e/1f, Sec. 2.2)
     motion_target: str = "rgb_diff"      # Table 1f: rgb_diff (Eq. 3) | flow (RAFT flow of masked
                                          # patches; the trainer passes forward(motion_target=...))
@@ -74,7 +81,8 @@ class ModelConfig:
     flow_updates: int = 12               # RAFT refinement iterations
     flow_scale: float = 1.0              # multiplier on the flow in pixels
     drop_path: float = 0.0
-    layer_scale_init: float = 0.0        # 0 disables layer scale (regressor, CAE uses 0.1)
+    layer_scale_init: Optional[float] = None  # regressor layer scale; None: 0.1 for cae (CAE's
+                                         # decoder_layer_scale_init_value), 0 (off) for prenorm
     kernels: str = "reference"           # reference | fused | auto
 
 
@@ -353,6 +361,7 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
     _at_least(d.num_workers, k("num_workers"), 0)
     _at_least(d.prefetch, k("prefetch"), 1)
     _at_least(d.decode_threads, k("decode_threads"), 0)
+    _at_least(d.decode_short_side, k("decode_short_side"), 0)
     _one_of(d.mp_context, k("mp_context"), ("fork", "forkserver", "spawn"))
     _check(d.decode_timeout_s > 0, k("decode_timeout_s"), f"must be > 0 seconds, got {d.decode_timeout_s}")
     _check(0.0 <= d.max_bad_fraction <= 1.0, k("max_bad_fraction"), f"must be in [0, 1], got {d.max_bad_fraction}")
@@ -420,6 +429,10 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= m.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {m.drop_path}")
     _check(m.align_weight >= 0, "model.align_weight", f"must be >= 0, got {m.align_weight}")
     _one_of(m.align_reduction, "model.align_reduction", ("sum", "mean"))
+    _one_of(m.motion_space, "model.motion_space", ("raw", "normalized"))
+    _one_of(m.regressor_block, "model.regressor_block", ("cae", "prenorm"))
+    _check(m.layer_scale_init is None or m.layer_scale_init >= 0, "model.layer_scale_init",
+           f"must be >= 0 (0 disables), got {m.layer_scale_init}")
     _one_of(m.motion_target, "model.motion_target", ("rgb_diff", "flow", "clip_order"))
     _one_of(m.appearance_target, "model.appearance_target", ("tokens", "pixels"))
     if m.use_motion and m.motion_target == "flow":

@@ -15,7 +15,7 @@ What the step computes (read off ``mam2_fast/models/mam2.py``; ``B`` clips, ``T`
 trained (backward = 2x forward: grad of inputs + grad of weights)
     patch embedding of all ``T*N`` patches (backward 1x: the clip needs no gradient)
     encoder: ``depth`` divided blocks on ``[B, T, Nv, D]``
-        (qkv 3D^2 + proj D^2 + temporal_fc D^2 + qkv 3D^2 + proj D^2 + MLP 2*D*4D per
+        (qkv 3D^2 + proj D^2 [+ temporal_fc D^2] + qkv 3D^2 + proj D^2 + MLP 2*D*4D per
         token, temporal attention over T, spatial attention over Nv)
     encoder_to_decoder / pos_to_decoder (only when decoder_dim != embed_dim)
     regressor: ``regressor_depth`` cross-attention blocks, queries ``T*Nm`` mask tokens,
@@ -136,10 +136,12 @@ def conv2d(out_h: int, out_w: int, cin: int, cout: int, k: int, n: int = 1) -> i
     return 2 * n * out_h * out_w * cout * cin * k * k
 
 
-def divided_block(B: int, T: int, S: int, D: int, hidden: int) -> int:
-    """One TimeSformer divided block on ``[B, T, S, D]``: projections + both attentions."""
+def divided_block(B: int, T: int, S: int, D: int, hidden: int, temporal_fc: bool = False) -> int:
+    """One TimeSformer divided block on ``[B, T, S, D]``: projections (``temporal_fc``: plus
+    TimeSformer's D x D linear after temporal attention) + both attentions."""
     L = B * T * S
-    proj = 2 * linear(L, D, 3 * D) + 3 * linear(L, D, D) + linear(L, D, hidden) + linear(L, hidden, D)
+    proj = 2 * linear(L, D, 3 * D) + (3 if temporal_fc else 2) * linear(L, D, D) \
+        + linear(L, D, hidden) + linear(L, hidden, D)
     attn = attention(B * S, T, T, D) + attention(B * T, S, S, D)
     return proj + attn
 
@@ -174,11 +176,12 @@ def packed_set_sums(kind: str, ratio: float, T: int, N: int, masked: bool) -> tu
 
 
 def packed_divided_block(B: int, tokens: int, sum_sq_frames: float, sum_sq_slots: float, D: int,
-                         hidden: int) -> int:
+                         hidden: int, temporal_fc: bool = False) -> int:
     """:func:`divided_block` on packed token sets (varlen attention): projections on the
     ``B * tokens`` rows, spatial attention sum_t L_t^2, temporal sum_n L_n^2 (per sample)."""
     L = B * tokens
-    proj = 2 * linear(L, D, 3 * D) + 3 * linear(L, D, D) + linear(L, D, hidden) + linear(L, hidden, D)
+    proj = 2 * linear(L, D, 3 * D) + (3 if temporal_fc else 2) * linear(L, D, D) \
+        + linear(L, D, hidden) + linear(L, hidden, D)
     return proj + round(4 * B * (sum_sq_frames + sum_sq_slots) * D)
 
 
@@ -353,6 +356,7 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
     B = int(batch if batch is not None else cfg.train.batch_size)
     D, depth, heads, Dd = _dims(m)
     hid, dhid = int(D * m.mlp_ratio), int(Dd * m.mlp_ratio)
+    tfc = bool(getattr(m, "temporal_fc", False))
     T, P, C = m.num_frames, m.patch_size, m.in_chans
     g = m.img_size // P
     N = g * g
@@ -383,10 +387,10 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
     embed = 2 * B * T * N * D * C * P * P
     sf.add("patch embed", embed, embed)  # backward: weight grad only (clip has no grad)
     if packed:
-        enc = depth * packed_divided_block(B, *vis_set, D, hid)
+        enc = depth * packed_divided_block(B, *vis_set, D, hid, tfc)
         sf.add(f"encoder ({depth} blocks, packed {vis_set[0]} tokens)", enc, 2 * enc)
     else:
-        enc = depth * divided_block(B, T, S_vis, D, hid)
+        enc = depth * divided_block(B, T, S_vis, D, hid, tfc)
         sf.add(f"encoder ({depth} blocks, {S_vis} slots)", enc, 2 * enc)
     if Dd != D:
         e2d = linear(B * T * S_vis, D, Dd)
@@ -396,8 +400,8 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
         sf.add("pos_to_decoder", p2d, 2 * p2d)
 
     if m.use_alignment:
-        tgt = depth * (packed_divided_block(B, *mask_set, D, hid) if packed  # reuses the step's
-                       else divided_block(B, T, S_tgt, D, hid))               # patch embedding
+        tgt = depth * (packed_divided_block(B, *mask_set, D, hid, tfc) if packed  # reuses the step's
+                       else divided_block(B, T, S_tgt, D, hid, tfc))               # patch embedding
         if Dd != D:
             tgt += linear(app_rows if (packed and m.use_regressor) else B * T * S_tgt, D, Dd)
         sf.add(f"alignment target (no grad, {S_tgt} slots)", tgt, 0, "target")
@@ -414,8 +418,8 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
 
     def decoder(depth_: int) -> int:
         if packed and m.use_regressor:  # without a regressor the decoders see the whole grid
-            return depth_ * packed_divided_block(B, *mask_set, Dd, dhid)
-        return depth_ * divided_block(B, T, S_dec, Dd, dhid)
+            return depth_ * packed_divided_block(B, *mask_set, Dd, dhid, tfc)
+        return depth_ * divided_block(B, T, S_dec, Dd, dhid, tfc)
 
     if m.coupled_decoder:
         dec = decoder(m.appearance_depth)

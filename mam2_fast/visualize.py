@@ -51,7 +51,8 @@ def load_pretrained(path: str | Path):
         tok = build_tokenizer(cfg.tokenizer, cfg.model.patch_size)
         tok.load_state_dict(ckpt["tokenizer"])
         tok.eval()
-    model = build_model(cfg.model, vocab_size=tok.vocab_size if tok is not None else None)
+    model = build_model(cfg.model, vocab_size=tok.vocab_size if tok is not None else None,
+                        pixel_mean=tuple(cfg.data.mean), pixel_std=tuple(cfg.data.std))
     model.load_state_dict(ckpt["model"])
     return model.eval(), tok, cfg, p
 
@@ -84,7 +85,7 @@ def clip_panels(model, tokenizer, clip: torch.Tensor, info, mean, std) -> tuple[
     rows = [("frames", list(frames)), ("mask", list(frames * (1 - 0.7 * cellmask)))]
     stats = {}
 
-    true_diff = rgb_diff_target_ref(clip, P)                            # [1, T, N, PPC]
+    true_diff = rgb_diff_target_ref(model.motion_clip(clip), P)         # [1, T, N, PPC] (model.motion_space)
     C = clip.shape[2]
     scale = float(true_diff.abs().amax()) or 1.0
     to_img = lambda d: unpatchify(d, P, C, *grid)[0].permute(0, 2, 3, 1).numpy()  # noqa: E731

@@ -12,6 +12,13 @@ per frame:
     motion decoder (divided blocks) + head      -> RGB diff     [B, T, Nm, P*P*C] (Eq. 3)
     loss = L_app + L_motion + alpha * L_align   (Eq. 4)
 
+Reductions (one convention for Eq. 1 and Eq. 3): a token's squared error is averaged over
+its values -- the D' channels of a latent (``align_reduction="mean"``, CAE's released
+``F.mse_loss``; ``"sum"`` reads Eq. 1's squared L2 literally, ~D' times larger) and the
+P*P*C values of an RGB-difference patch -- then averaged over the masked tokens (Eq. 1) or
+the masked patches of frames t >= 1 (Eq. 3). The RGB difference is taken on raw [0, 1] RGB
+(``motion_space="raw"``, Sec. 2.2; :meth:`MAM2.motion_clip`) or on the normalized clip.
+
 Token sets: with tube-like masks (``MaskInfo.is_tube``) every frame holds the same spatial
 slots, so the encoder works on ``[B, T, Nv, D]`` and decoders on ``[B, T, Nm, D']`` with no
 padding. Other masks (random space-time, frame) keep the full grid ``[B, T, N, D]`` and a
@@ -65,6 +72,9 @@ from mam2_fast.masking import MaskInfo, PackedSegments
 
 MOTION_TARGETS = ("rgb_diff", "flow", "clip_order")
 APPEARANCE_TARGETS = ("tokens", "pixels")
+MOTION_SPACES = ("raw", "normalized")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # = DataConfig's defaults; build_model takes the run's
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -159,16 +169,23 @@ class FactorizedAttention(nn.Module):
 
 
 class DividedBlock(nn.Module):
-    """TimeSformer divided space-time block: temporal attention (+ zero-initialized
-    ``temporal_fc``), then spatial attention, then MLP; pre-norm, LayerNorm eps 1e-6."""
+    """TimeSformer divided space-time block: temporal attention, then spatial attention, then
+    MLP; pre-norm, LayerNorm eps 1e-6.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    ``temporal_fc=True`` adds TimeSformer's extra zero-initialized ``D x D`` linear after the
+    temporal attention (its temporal branch starts as identity). The paper's encoder sizes
+    (114 M ViT-B, 403 M ViT-L; Tables 3/4) match the block without it, and Table 9 lists only
+    MHA-T, MHA-S and MLP, so ``model.temporal_fc`` defaults to false."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 temporal_fc: bool = False):
         super().__init__()
         self.temporal_norm = nn.LayerNorm(dim, eps=1e-6)
         self.temporal_attn = FactorizedAttention(dim, num_heads, "temporal")
-        self.temporal_fc = nn.Linear(dim, dim)
-        nn.init.zeros_(self.temporal_fc.weight)  # TimeSformer: temporal branch starts as identity
-        nn.init.zeros_(self.temporal_fc.bias)
+        self.temporal_fc = nn.Linear(dim, dim) if temporal_fc else None
+        if self.temporal_fc is not None:
+            nn.init.zeros_(self.temporal_fc.weight)  # TimeSformer: temporal branch starts as identity
+            nn.init.zeros_(self.temporal_fc.bias)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = FactorizedAttention(dim, num_heads, "spatial")
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -179,7 +196,10 @@ class DividedBlock(nn.Module):
         # x: [B, T, S, D] with valid [B, T, S] or None (all slots valid),
         #    or packed tokens [Ntok, D] with valid a PackedSegments
         packed = valid if isinstance(valid, PackedSegments) else None
-        x = x + self.drop_path(self.temporal_fc(self.temporal_attn(self.temporal_norm(x), valid)), packed)
+        t = self.temporal_attn(self.temporal_norm(x), valid)
+        if self.temporal_fc is not None:
+            t = self.temporal_fc(t)
+        x = x + self.drop_path(t, packed)
         x = x + self.drop_path(self.attn(self.norm1(x), valid), packed)
         x = x + self.drop_path(self.mlp(self.norm2(x)), packed)
         return x
@@ -205,13 +225,26 @@ class CrossAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, Lq, D))
 
 
+REGRESSOR_BLOCKS = ("cae", "prenorm")
+
+
 class RegressorBlock(nn.Module):
-    """CAE latent contextual regressor block: queries attend to [visible latents, queries];
-    positions are added to queries and keys, not to values."""
+    """Latent contextual regressor block: queries attend to [visible latents, queries];
+    positions are added to queries and keys, not to values.
+
+    ``style="cae"`` (default) is CAE's released ``RegressorBlock`` (``models/modeling_cae_helper.py``):
+    ``x = x_q + g1 * cross_attn(...)``, then the stream itself is normalized before the MLP
+    residual, ``x = norm2(x); x = x + g2 * mlp(x)``, with layer scale ``g1, g2`` (CAE's
+    ``decoder_layer_scale_init_value`` 0.1). ``style="prenorm"`` is the usual pre-norm residual
+    ``x = x + g2 * mlp(norm2(x))`` (no layer scale unless ``layer_scale_init > 0``).
+    Parameter names are the same in both styles (``norm2``, ``mlp``, ``gamma_1/2``)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 layer_scale_init: float = 0.0):
+                 layer_scale_init: float = 0.0, style: str = "prenorm"):
         super().__init__()
+        if style not in REGRESSOR_BLOCKS:
+            raise ValueError(f"model.regressor_block: {style!r} is not one of {REGRESSOR_BLOCKS}")
+        self.style = style
         self.norm1_q = nn.LayerNorm(dim, eps=1e-6)
         self.norm1_k = nn.LayerNorm(dim, eps=1e-6)
         self.norm1_v = nn.LayerNorm(dim, eps=1e-6)
@@ -229,7 +262,11 @@ class RegressorBlock(nn.Module):
         # x_q [B, Lq, D] current queries; x_kv [B, Lk, D] visible latents ++ queries
         a = self.cross_attn(self.norm1_q(x_q + pos_q), self.norm1_k(x_kv + pos_k), self.norm1_v(x_kv))
         x = x_q + self.drop_path(a if self.gamma_1 is None else self.gamma_1 * a)
-        m = self.mlp(self.norm2(x))
+        if self.style == "cae":
+            x = self.norm2(x)                       # CAE: the stream is normalized, then the MLP residual
+            m = self.mlp(x)
+        else:
+            m = self.mlp(self.norm2(x))
         return x + self.drop_path(m if self.gamma_2 is None else self.gamma_2 * m)
 
 
@@ -273,9 +310,10 @@ class Decoder(nn.Module):
     pre-training-only modules)."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0,
-                 cls_token: bool = False):
+                 cls_token: bool = False, temporal_fc: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList([DividedBlock(dim, num_heads, mlp_ratio, drop_path) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DividedBlock(dim, num_heads, mlp_ratio, drop_path, temporal_fc)
+                                     for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.cls_token = nn.Parameter(torch.zeros(dim)) if cls_token else None
         self.grad_checkpointing = False
@@ -293,7 +331,7 @@ class Decoder(nn.Module):
 class MAM2(nn.Module):
     """MAM^2 pre-training model. Build with :func:`build_model` from a ``ModelConfig``."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, pixel_mean: Optional[tuple] = None, pixel_std: Optional[tuple] = None):
         super().__init__()
         self.cfg = cfg
         preset = PRESETS[cfg.preset]
@@ -310,14 +348,27 @@ class MAM2(nn.Module):
         T, N, P, C = cfg.num_frames, self.num_patches, cfg.patch_size, cfg.in_chans
         self.motion_target = getattr(cfg, "motion_target", "rgb_diff")
         self.appearance_target = getattr(cfg, "appearance_target", "tokens")
+        self.motion_space = getattr(cfg, "motion_space", "raw")
         self._check_target_config(cfg)
+        tfc = bool(getattr(cfg, "temporal_fc", False))
+        reg_style = getattr(cfg, "regressor_block", "cae")
+        ls = getattr(cfg, "layer_scale_init", None)
+        reg_ls = (0.1 if reg_style == "cae" else 0.0) if ls is None else float(ls)
+        # the data pipeline's per-channel normalization: the model sees (x - mean) / std; the
+        # RGB-difference target in raw [0, 1] RGB is std * (n_t - n_{t-1}) (the mean cancels)
+        mean = pixel_mean if pixel_mean is not None else IMAGENET_MEAN
+        std = pixel_std if pixel_std is not None else IMAGENET_STD
+        if len(mean) != C or len(std) != C:
+            raise ValueError(f"pixel_mean / pixel_std need {C} values, got {mean} / {std}")
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32), persistent=False)
 
         # embeddings shared ("multiplexed") by encoder, regressor and decoders
         self.patch_embed = nn.Conv2d(C, D, kernel_size=P, stride=P)
         self.pos_embed_time = nn.Parameter(torch.zeros(T, D))    # e^t [T, D]
         self.pos_embed_space = nn.Parameter(torch.zeros(N, D))   # e^s [N, D]
-        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path, max(depth, 1))]
-        self.blocks = nn.ModuleList([DividedBlock(D, heads, cfg.mlp_ratio, dpr[i]) for i in range(depth)])
+        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path, max(depth, 1), device="cpu")]
+        self.blocks = nn.ModuleList([DividedBlock(D, heads, cfg.mlp_ratio, dpr[i], tfc) for i in range(depth)])
         self.norm = nn.LayerNorm(D, eps=1e-6)
 
         # projection after the encoder when regressor/decoder width differs (Table 1c)
@@ -328,19 +379,19 @@ class MAM2(nn.Module):
         self.regressor = None
         if cfg.use_regressor:
             self.regressor = nn.ModuleList([
-                RegressorBlock(Dd, dheads, cfg.mlp_ratio, 0.0, cfg.layer_scale_init)
+                RegressorBlock(Dd, dheads, cfg.mlp_ratio, 0.0, reg_ls, reg_style)
                 for _ in range(cfg.regressor_depth)])
             self.regressor_norm = nn.LayerNorm(Dd, eps=1e-6)
 
         self.appearance_decoder = self.motion_decoder = None
         if cfg.coupled_decoder:
-            self.appearance_decoder = Decoder(Dd, cfg.appearance_depth, dheads, cfg.mlp_ratio)
+            self.appearance_decoder = Decoder(Dd, cfg.appearance_depth, dheads, cfg.mlp_ratio, temporal_fc=tfc)
         else:
             if cfg.use_appearance:
-                self.appearance_decoder = Decoder(Dd, cfg.appearance_depth, dheads, cfg.mlp_ratio)
+                self.appearance_decoder = Decoder(Dd, cfg.appearance_depth, dheads, cfg.mlp_ratio, temporal_fc=tfc)
             if cfg.use_motion:
                 self.motion_decoder = Decoder(Dd, cfg.motion_depth, dheads, cfg.mlp_ratio,
-                                              cls_token=self.motion_target == "clip_order")
+                                              cls_token=self.motion_target == "clip_order", temporal_fc=tfc)
         self.appearance_head: Optional[nn.Linear] = None
         if cfg.use_appearance and self.appearance_target == "pixels":
             self.appearance_head = nn.Linear(Dd, P * P * C)   # per-patch normalized pixels
@@ -355,9 +406,16 @@ class MAM2(nn.Module):
         w = self.patch_embed.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for m in self.modules():
-            if isinstance(m, DividedBlock):
+            if isinstance(m, DividedBlock) and m.temporal_fc is not None:
                 nn.init.zeros_(m.temporal_fc.weight)
                 nn.init.zeros_(m.temporal_fc.bias)
+        if self.regressor is not None and reg_style == "cae":
+            # CAE's released code: xavier-uniform linears (its _init_weights), zero biases
+            for m in self.regressor.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_uniform_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
         self.set_kernel_backend(cfg.kernels)
         self.set_grad_checkpointing(getattr(cfg, "grad_checkpointing", False))
 
@@ -369,6 +427,9 @@ class MAM2(nn.Module):
             raise ValueError(f"model.motion_target: {mt!r} is not one of {MOTION_TARGETS}")
         if at not in APPEARANCE_TARGETS:
             raise ValueError(f"model.appearance_target: {at!r} is not one of {APPEARANCE_TARGETS}")
+        ms = getattr(cfg, "motion_space", "raw")
+        if ms not in MOTION_SPACES:
+            raise ValueError(f"model.motion_space: {ms!r} is not one of {MOTION_SPACES}")
         if mt == "clip_order" and cfg.use_motion:
             if not cfg.use_regressor:
                 raise ValueError("model.motion_target='clip_order' shuffles the regressor's latents: "
@@ -521,6 +582,18 @@ class MAM2(nn.Module):
         return x.reshape(B, T, -1, Dd)
 
     # -- targets ---------------------------------------------------------------------------
+    def motion_clip(self, clip: Tensor) -> Tensor:
+        """The clip whose adjacent-frame differences are the RGB-difference target (Eq. 3).
+
+        ``motion_space="raw"`` (default; Sec. 2.2 "difference of the raw RGB values"): the
+        normalized clip ``n = (x - mean) / std`` scaled back per channel, ``n * std``; its frame
+        differences equal those of the raw [0, 1] clip ``x = n * std + mean`` exactly (the mean
+        cancels), without the offset's rounding in low precision. ``"normalized"``: the clip
+        as the model sees it (differences of normalized pixels, ~1/std^2 = ~19.6x the raw MSE)."""
+        if self.motion_space == "normalized":
+            return clip
+        return clip * self.pixel_std.to(clip.dtype).view(1, 1, -1, 1, 1)
+
     def masked_patch_mse(self, pred: Tensor, target: Tensor, info: MaskInfo, skip_first_frame: bool,
                          rows: Optional[Tensor] = None) -> Tensor:
         """Per-patch MSE (mean over the patch's values), averaged over the masked patches
@@ -587,10 +660,11 @@ class MAM2(nn.Module):
         spatial attention in that extra "frame" mixes only the [CLS] tokens of the sample's
         tubes, and the real frames never see a [CLS] except through their own tube's
         temporal attention. The decoder output at time step 0 goes through the motion head
-        (``Linear(D', 2)``). Since the [CLS] reads its tube only through temporal attention,
-        whose ``temporal_fc`` starts at zero (TimeSformer init), the very first step trains
+        (``Linear(D', 2)``). The [CLS] reads its tube only through temporal attention; with
+        ``model.temporal_fc=true`` (zero-initialized, TimeSformer) the very first step trains
         ``temporal_fc`` (and the [CLS] / spatial path) but sends no clip-order gradient
-        into the regressor and encoder; from the second step on it does."""
+        into the regressor and encoder; from the second step on it does. Without it (the
+        default) the gradient reaches them from the first step."""
         if not info.is_tube:
             raise ValueError("model.motion_target='clip_order' needs tube-like masks (mask.kind tube or "
                              "cube): every masked slot must be a whole tube over time")
@@ -773,14 +847,16 @@ class MAM2(nn.Module):
             if self.motion_target == "flow":
                 loss_motion = self.masked_patch_mse(pred, motion_target, info, skip_first_frame=True,
                                                     rows=dec_rows)
-            elif packed_dec:
-                loss_motion = kernels.rgb_diff_mse_packed(clip, pred, dec_rows, self.patch_size,
-                                                          backend=self.kernel_backend)
-            elif info.is_tube:
-                loss_motion = kernels.rgb_diff_mse_tube(clip, pred, info.mask_idx, self.patch_size,
-                                                        backend=self.kernel_backend)
             else:
-                loss_motion = ref.rgb_diff_mse_ref(clip, pred, info.mask, self.patch_size)
+                mclip = self.motion_clip(clip)                              # raw: std-scaled clip
+                if packed_dec:
+                    loss_motion = kernels.rgb_diff_mse_packed(mclip, pred, dec_rows, self.patch_size,
+                                                              backend=self.kernel_backend)
+                elif info.is_tube:
+                    loss_motion = kernels.rgb_diff_mse_tube(mclip, pred, info.mask_idx, self.patch_size,
+                                                            backend=self.kernel_backend)
+                else:
+                    loss_motion = ref.rgb_diff_mse_ref(mclip, pred, info.mask, self.patch_size)
             out["loss_motion"] = loss_motion
             loss = loss + loss_motion
 
@@ -818,8 +894,11 @@ class MAM2(nn.Module):
         return res
 
 
-def build_model(cfg, vocab_size: Optional[int] = None) -> MAM2:
-    model = MAM2(cfg)
+def build_model(cfg, vocab_size: Optional[int] = None, pixel_mean: Optional[tuple] = None,
+                pixel_std: Optional[tuple] = None) -> MAM2:
+    """``pixel_mean`` / ``pixel_std``: the data pipeline's normalization (``data.mean`` /
+    ``data.std``; ImageNet's when None), used by the raw-RGB motion target."""
+    model = MAM2(cfg, pixel_mean, pixel_std)
     if vocab_size is not None:
         model.set_vocab_size(vocab_size)
     return model
