@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mam2_fast.ft.weights import WeightsError, encoder_config_from_arch, load_encoder_into, read_encoder_weights
-from mam2_fast.models.classifier import VideoEncoder
+from mam2_fast.models.classifier import VideoEncoder, build_encoder
+from mam2_fast.train import accel
 
 ALIASES = {"shape": "label//4", "direction": "label%4"}
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1)          # logistic: absolute L2
@@ -113,8 +114,8 @@ def extract_features(encoders: dict, data, device: torch.device, chunk: int = 16
         for name, enc in encoders.items():
             f = torch.cat([pool_tokens(enc.forward_features(flat[i:i + chunk]), pool, grid).float()
                            for i in range(0, flat.shape[0], chunk)])
-            feats[name].append(f.view(B, V, -1).cpu())                     # [B, V, D]
-        labels.append(batch["label"].cpu())
+            feats[name].append(accel.to_host(f.view(B, V, -1)))            # [B, V, D]
+        labels.append(accel.to_host(batch["label"]))
         if log:
             log(f"features: {sum(x.shape[0] for x in labels)}/{len(data)} videos ({time.time() - t0:.0f}s)")
     return {name: torch.cat(f) for name, f in feats.items()}, torch.cat(labels)
@@ -214,7 +215,7 @@ def load_frozen_encoder(init: str, log=print) -> tuple[VideoEncoder, dict]:
     w = read_encoder_weights(init)
     if w.arch is None:
         raise WeightsError(f"{w.source}: no architecture recorded (config/metadata missing)")
-    enc = VideoEncoder(encoder_config_from_arch(w.arch))
+    enc = build_encoder(encoder_config_from_arch(w.arch))   # arch mam2 | videomae
     report = load_encoder_into(enc, w, interpolate_pos=False)
     log(f"encoder: {report['loaded']} tensors from {w.source} ({w.kind}), arch {w.arch}")
     return enc.requires_grad_(False).eval(), w.arch
@@ -222,7 +223,7 @@ def load_frozen_encoder(init: str, log=print) -> tuple[VideoEncoder, dict]:
 
 def random_encoder(arch: dict, seed: int) -> VideoEncoder:
     torch.manual_seed(seed)
-    return VideoEncoder(encoder_config_from_arch(arch)).requires_grad_(False).eval()
+    return build_encoder(encoder_config_from_arch(arch)).requires_grad_(False).eval()
 
 
 def demo_probe_lists(demo_dir: str, train_videos: int = DEMO_TRAIN_VIDEOS, test_videos: int = DEMO_TEST_VIDEOS) -> tuple[str, str]:
@@ -292,7 +293,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda s: print(f"[mam2_fast] {s}", file=sys.stderr, flush=True)  # noqa: E731
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if accel.cuda_available() else "cpu")
     try:
         encoder, arch = load_frozen_encoder(args.init, log)
         w = read_encoder_weights(args.init)

@@ -205,10 +205,13 @@ def test_train_checkpoint_and_resume(tmp_path):
 def test_demo_encoder_matches_pretraining_demo():
     from mam2_fast.ft.weights import arch_from_pretrain_config
     from mam2_fast.models.classifier import encoder_arch_dict
+    from mam2_fast.config import config_from_dict
     from mam2_fast.pretrain import demo_config_dict as pretrain_demo
 
     ft = finetune_config_from_dict(demo_config_dict())
-    assert encoder_arch_dict(ft.model) == arch_from_pretrain_config(pretrain_demo())
+    # a checkpoint stores the resolved config (every key), not the demo's sparse dict
+    resolved = config_from_dict(pretrain_demo()).to_dict()
+    assert encoder_arch_dict(ft.model) == arch_from_pretrain_config(resolved)
     assert ft.init == pretrain_demo()["train"]["output_dir"]
 
 

@@ -23,6 +23,7 @@ from mam2_fast.data.config import DataConfig
 
 @dataclass
 class ClassifierConfig:
+    arch: str = "mam2"                   # mam2 (divided space-time) | videomae (plain ViT, tubelets)
     preset: str = "base"                 # tiny | small | base | large
     img_size: int = 224
     num_frames: int = 16
@@ -37,6 +38,11 @@ class ClassifierConfig:
     head_dropout: float = 0.0
     head_init_scale: float = 0.001       # VideoMAE: head weights scaled down at init
     kernels: str = "reference"           # attention backend: reference | fused | auto
+    temporal_fc: bool = False            # arch mam2: TimeSformer's extra linear after temporal
+                                         # attention; must match the pre-trained encoder
+    tubelet_size: int = 2                # arch videomae only: frames per tubelet
+    final_norm: bool = True              # arch videomae only: encoder LayerNorm before pooling
+                                         # (false = official fine-tuning's use_mean_pooling)
 
 
 @dataclass
@@ -109,7 +115,11 @@ def validate(cfg: FinetuneConfig) -> None:
     from mam2_fast.models.mam2 import PRESETS
 
     m = cfg.model
+    _one_of(m.arch, "model.arch", ("mam2", "videomae"))
     _one_of(m.preset, "model.preset", tuple(PRESETS))
+    if m.arch == "videomae":
+        _check(m.tubelet_size >= 1 and m.num_frames % m.tubelet_size == 0, "model.num_frames",
+               f"{m.num_frames} must be a multiple of model.tubelet_size ({m.tubelet_size})")
     _check(m.img_size > 0 and m.patch_size > 0 and m.img_size % m.patch_size == 0, "model.img_size",
            f"{m.img_size} must be a positive multiple of model.patch_size ({m.patch_size})")
     _check(m.num_frames >= 1, "model.num_frames", f"must be >= 1, got {m.num_frames}")

@@ -6,7 +6,13 @@ Accepted sources (:func:`read_encoder_weights`):
   ``"config"``: ``Config.to_dict()``),
 * a run folder (its ``latest.txt`` / newest ``checkpoint-*.pt``),
 * an exported encoder ``*.safetensors`` (:mod:`mam2_fast.export`),
-* a fine-tuning checkpoint (``"kind": "finetune"``; its ``fc_norm.*`` / ``head.*`` are set aside).
+* a fine-tuning checkpoint (``"kind": "finetune"``; its ``fc_norm.*`` / ``head.*`` are set aside),
+* ``model.arch: videomae``: this project's VideoMAE pre-training / fine-tuning checkpoints,
+  official VideoMAE ``checkpoint.pth`` files (``modeling_pretrain`` / ``modeling_finetune``
+  names, under ``model`` or ``module``) and local HuggingFace VideoMAE folders
+  (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``); see
+  :mod:`mam2_fast.interop.videomae`. Their tensors come out under the internal VideoMAE
+  names (official ``modeling_finetune`` names) and ``arch["arch"] == "videomae"``.
 
 Every key of the source is accounted for: encoder keys (``patch_embed.*``,
 ``pos_embed_time``, ``pos_embed_space``, ``blocks.*``, ``norm.*``) are loaded, the known
@@ -39,7 +45,7 @@ PRETRAIN_ONLY_PREFIXES = ("encoder_to_decoder.", "pos_to_decoder.", "mask_query"
                           "regressor_norm.", "appearance_decoder.", "motion_decoder.",
                           "appearance_head.", "motion_head.")
 ARCH_KEYS = ("preset", "img_size", "num_frames", "patch_size", "in_chans", "embed_dim", "depth",
-             "num_heads", "mlp_ratio")
+             "num_heads", "mlp_ratio", "arch", "tubelet_size", "final_norm", "temporal_fc")
 
 
 class WeightsError(UserError, ValueError):
@@ -100,12 +106,57 @@ def arch_from_pretrain_config(config: dict) -> dict:
     from mam2_fast.models.mam2 import PRESETS
 
     m = dict(config["model"])
+    if m.get("arch", "mam2") == "videomae":
+        return _videomae_arch_from_config(m)
     preset = PRESETS[m.get("preset", "base")]
     return {"preset": m.get("preset", "base"), "img_size": m.get("img_size", 224),
             "num_frames": m.get("num_frames", 16), "patch_size": m.get("patch_size", 16),
             "in_chans": m.get("in_chans", 3), "embed_dim": m.get("embed_dim") or preset.embed_dim,
             "depth": m["depth"] if m.get("depth") is not None else preset.depth,
-            "num_heads": m.get("num_heads") or preset.num_heads, "mlp_ratio": float(m.get("mlp_ratio", 4.0))}
+            "num_heads": m.get("num_heads") or preset.num_heads, "mlp_ratio": float(m.get("mlp_ratio", 4.0)),
+            # configs from before model.temporal_fc existed always built it
+            "temporal_fc": bool(m.get("temporal_fc", True))}
+
+
+def _videomae_arch_from_config(m: dict) -> dict:
+    from mam2_fast.models.mam2 import PRESETS
+    from mam2_fast.models.videomae import VIDEOMAE_PRESETS
+
+    name = m.get("preset", "base")
+    vp = VIDEOMAE_PRESETS.get(name)
+    mp = PRESETS.get(name)
+    pick = lambda k, attr: m.get(k) or (vp[k] if vp and k in vp else getattr(mp, attr))  # noqa: E731
+    depth = m["depth"] if m.get("depth") is not None else (vp["depth"] if vp and "depth" in vp else mp.depth)
+    return {"preset": name, "img_size": m.get("img_size", 224), "num_frames": m.get("num_frames", 16),
+            "patch_size": m.get("patch_size", 16), "in_chans": m.get("in_chans", 3),
+            "embed_dim": pick("embed_dim", "embed_dim"), "depth": depth, "num_heads": pick("num_heads", "num_heads"),
+            "mlp_ratio": float(m.get("mlp_ratio", 4.0)), "arch": "videomae",
+            "tubelet_size": int(m.get("tubelet_size", 2)), "final_norm": bool(m.get("final_norm", True))}
+
+
+def _read_videomae_source(p: Path) -> Optional[EncoderWeights]:
+    """A HuggingFace folder or an official VideoMAE checkpoint; None when ``p`` is neither."""
+    from mam2_fast.interop import videomae as vm
+
+    try:
+        if p.is_dir():
+            if not vm.is_hf_folder(p):
+                return None
+            enc, arch, dropped, kind = vm.read_hf_folder(p)
+            return EncoderWeights(enc, str(p), f"hf-{kind}", arch, dropped, {"format": "huggingface"})
+        try:
+            state = vm.load_official(p)
+        except Exception:  # noqa: BLE001 - not an official checkpoint either: the caller reports
+            return None
+        if vm.looks_like_hf(state):
+            enc, dropped, kind = vm.split_hf(state, str(p))
+        elif vm.looks_like_videomae(state):
+            enc, dropped, kind = vm.split_official(_strip_module(state), str(p))
+        else:
+            return None
+    except vm.InteropError as e:
+        raise WeightsError(str(e)) from e
+    return EncoderWeights(enc, str(p), f"videomae-{kind}", vm.infer_arch(enc), dropped, {"format": "videomae"})
 
 
 def read_safetensors(path: Path) -> tuple[dict, dict]:
@@ -122,6 +173,18 @@ def read_safetensors(path: Path) -> tuple[dict, dict]:
 
 def read_encoder_weights(path: str | Path) -> EncoderWeights:
     """Read the encoder tensors of any accepted source (see module docstring)."""
+    hf = Path(path).expanduser()
+    if hf.is_dir() and (hf / "config.json").is_file():
+        if (hf / "model.safetensors").is_file() and not any(hf.glob("checkpoint-*.pt")):
+            try:
+                is_export = json.loads((hf / "config.json").read_text()).get("format") == EXPORT_FORMAT
+            except (OSError, ValueError):
+                is_export = False
+            if is_export:                      # a python -m mam2_fast.export folder
+                return read_encoder_weights(hf / "model.safetensors")
+        w = _read_videomae_source(hf)
+        if w is not None:
+            return w
     p = resolve_weights_path(path)
     if p.suffix == ".safetensors":
         state, meta = read_safetensors(p)
@@ -130,11 +193,30 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
                                f"expected {EXPORT_FORMAT!r} (write it with python -m mam2_fast.export)")
         arch = json.loads(meta["arch"]) if "arch" in meta else None
         enc, dropped = _split_keys(_strip_module(state), p, allow_head=False)
-        return EncoderWeights(enc, str(p), "export", arch, dropped, meta)
+        return EncoderWeights(enc, str(p), "export", _with_temporal_fc(arch, enc), dropped, meta)
     try:
         ckpt = load_checkpoint(p)
     except (RuntimeError, FileNotFoundError) as e:
+        w = _read_videomae_source(p) if p.is_file() else None   # e.g. official ckpt with 'args'
+        if w is not None:
+            return w
         raise WeightsError(str(e)) from e
+    if isinstance(ckpt, dict) and not isinstance(ckpt.get("config"), dict):
+        from mam2_fast.interop import videomae as vm
+        inner = next((ckpt[k] for k in ("model", "module") if isinstance(ckpt.get(k), dict)), ckpt)
+        if vm.looks_like_videomae(_strip_module(inner)) or vm.looks_like_hf(inner):
+            w = _read_videomae_source(p)
+            if w is not None:
+                return w
+    if (isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("config"), dict)
+            and ckpt["config"].get("model", {}).get("arch") == "videomae"):
+        from mam2_fast.interop import videomae as vm
+        try:
+            enc, dropped, _ = vm.split_official(_strip_module(ckpt["model"]), str(p))
+        except vm.InteropError as e:
+            raise WeightsError(str(e)) from e
+        return EncoderWeights(enc, str(p), ckpt.get("kind", "pretrain"), arch_from_pretrain_config(ckpt["config"]),
+                              dropped, {"step": ckpt.get("step"), "config": ckpt.get("config")})
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise WeightsError(f"{p}: not a mam2_fast checkpoint (no 'model' state dict; top-level: {keys})")
@@ -144,7 +226,14 @@ def read_encoder_weights(path: str | Path) -> EncoderWeights:
     if isinstance(ckpt.get("config"), dict) and "model" in ckpt["config"]:
         arch = arch_from_pretrain_config(ckpt["config"])
     meta = {"step": ckpt.get("step"), "config": ckpt.get("config")}
-    return EncoderWeights(enc, str(p), kind, arch, dropped, meta)
+    return EncoderWeights(enc, str(p), kind, _with_temporal_fc(arch, enc), dropped, meta)
+
+
+def _with_temporal_fc(arch: Optional[dict], enc: dict) -> Optional[dict]:
+    """A MAM^2 encoder's ``temporal_fc`` read from its keys (older exports do not record it)."""
+    if arch is None or arch.get("arch", "mam2") == "videomae":
+        return arch
+    return {**arch, "temporal_fc": any(k.startswith("blocks.") and ".temporal_fc." in k for k in enc)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -176,6 +265,11 @@ def load_encoder_into(model: VideoEncoder, weights: EncoderWeights, interpolate_
         raise WeightsError(f"{weights.source}: missing encoder key '{missing[0]}'"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     unexpected = [k for k in weights.state if k not in own]
+    set_aside = []
+    if getattr(model, "arch", "mam2") == "videomae" and not getattr(model, "final_norm", True):
+        # the official VideoMAE fine-tuning (use_mean_pooling) drops the pre-trained final norm
+        set_aside = [k for k in unexpected if k.startswith("norm.")]
+        unexpected = [k for k in unexpected if not k.startswith("norm.")]
     if unexpected:
         raise WeightsError(f"{weights.source}: unexpected key '{unexpected[0]}' for this model "
                            f"(depth {model.depth})" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
@@ -197,7 +291,7 @@ def load_encoder_into(model: VideoEncoder, weights: EncoderWeights, interpolate_
     result = model.load_state_dict(state, strict=False)
     left = [k for k in result.missing_keys if is_encoder_key(k)]
     assert not left and not result.unexpected_keys, (left, result.unexpected_keys)
-    return {"loaded": len(state), "dropped": list(weights.dropped), "interpolated": interpolated,
+    return {"loaded": len(state), "dropped": list(weights.dropped) + set_aside, "interpolated": interpolated,
             "source": weights.source, "kind": weights.kind}
 
 
@@ -209,7 +303,22 @@ def check_arch(weights: EncoderWeights, model_cfg) -> None:
     from mam2_fast.models.classifier import encoder_arch_dict
 
     mine = encoder_arch_dict(model_cfg)
-    for k in ("embed_dim", "depth", "num_heads", "patch_size", "in_chans", "mlp_ratio"):
+    theirs_arch, my_arch = weights.arch.get("arch", "mam2"), mine.get("arch", "mam2")
+    if theirs_arch != my_arch:
+        raise WeightsError(f"{weights.source}: encoder arch is {theirs_arch} but model.arch is {my_arch}; "
+                           f"set model.arch={theirs_arch}")
+    inferred = set(weights.arch.get("inferred", ()))
+    if my_arch == "mam2" and "temporal_fc" in mine:
+        has_fc = any(k.startswith("blocks.") and ".temporal_fc." in k for k in weights.state)
+        if has_fc != mine["temporal_fc"]:
+            raise WeightsError(f"{weights.source}: the encoder {'has' if has_fc else 'has no'} temporal_fc "
+                               f"(TimeSformer's linear after temporal attention) but model.temporal_fc is "
+                               f"{str(mine['temporal_fc']).lower()}; set model.temporal_fc={str(has_fc).lower()}")
+    if my_arch == "videomae" and weights.arch.get("final_norm") and not mine.get("final_norm", True):
+        inferred.add("final_norm")   # final_norm false on a normed encoder: the norm is set aside
+    for k in ("embed_dim", "depth", "num_heads", "patch_size", "in_chans", "mlp_ratio", "tubelet_size", "final_norm"):
+        if k in inferred or k not in mine:
+            continue
         if k in weights.arch and weights.arch[k] != mine[k]:
             raise WeightsError(f"{weights.source}: encoder {k} is {weights.arch[k]} but model.{k} resolves to "
                                f"{mine[k]}; set model.* to match the pre-trained encoder")

@@ -56,7 +56,8 @@ class VideoEncoder(nn.Module):
         self.pos_embed_time = nn.Parameter(torch.zeros(T, D))    # [T, D]
         self.pos_embed_space = nn.Parameter(torch.zeros(N, D))   # [N, D]
         dpr = [x.item() for x in torch.linspace(0, drop_path, max(depth, 1))]
-        self.blocks = nn.ModuleList([DividedBlock(D, heads, cfg.mlp_ratio, dpr[i]) for i in range(depth)])
+        self.blocks = nn.ModuleList([DividedBlock(D, heads, cfg.mlp_ratio, dpr[i], bool(getattr(cfg, "temporal_fc", False)))
+                                     for i in range(depth)])
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self._init_encoder()
         self.set_kernel_backend(getattr(cfg, "kernels", "reference"))
@@ -77,8 +78,9 @@ class VideoEncoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
         for blk in self.blocks:
-            nn.init.zeros_(blk.temporal_fc.weight)
-            nn.init.zeros_(blk.temporal_fc.bias)
+            if blk.temporal_fc is not None:
+                nn.init.zeros_(blk.temporal_fc.weight)
+                nn.init.zeros_(blk.temporal_fc.bias)
 
     def set_kernel_backend(self, backend: str) -> None:
         for m in self.modules():
@@ -128,7 +130,20 @@ class VideoClassifier(VideoEncoder):
 
 
 def build_classifier(cfg) -> VideoClassifier:
+    """``cfg.arch``: ``mam2`` -> :class:`VideoClassifier`; ``videomae`` -> the plain-ViT
+    :class:`~mam2_fast.models.videomae_classifier.VideoMAEClassifier`."""
+    if getattr(cfg, "arch", "mam2") == "videomae":
+        from mam2_fast.models.videomae_classifier import VideoMAEClassifier
+        return VideoMAEClassifier(cfg)
     return VideoClassifier(cfg)
+
+
+def build_encoder(cfg):
+    """The encoder alone (no head) for ``cfg.arch`` (probe, export)."""
+    if getattr(cfg, "arch", "mam2") == "videomae":
+        from mam2_fast.models.videomae_classifier import VideoMAEEncoder
+        return VideoMAEEncoder(cfg)
+    return VideoEncoder(cfg)
 
 
 # ----------------------------------------------------------------------------------------
@@ -174,9 +189,15 @@ def set_scaled_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def encoder_arch_dict(cfg) -> dict:
     """The fields that define the encoder's parameters (stored in exports)."""
     D, depth, heads = resolve_arch(cfg)
-    return {"preset": cfg.preset, "img_size": cfg.img_size, "num_frames": cfg.num_frames,
+    arch = {"preset": cfg.preset, "img_size": cfg.img_size, "num_frames": cfg.num_frames,
             "patch_size": cfg.patch_size, "in_chans": cfg.in_chans, "embed_dim": D, "depth": depth,
             "num_heads": heads, "mlp_ratio": float(cfg.mlp_ratio)}
+    if getattr(cfg, "arch", "mam2") != "videomae":
+        arch["temporal_fc"] = bool(getattr(cfg, "temporal_fc", False))
+    if getattr(cfg, "arch", "mam2") == "videomae":   # mam2 exports keep their original fields
+        arch.update(arch="videomae", tubelet_size=int(cfg.tubelet_size),
+                    final_norm=bool(getattr(cfg, "final_norm", True)))
+    return arch
 
 
 def count_params(model: nn.Module, prefix: Optional[tuple] = None) -> int:
