@@ -28,9 +28,11 @@ from mam2_fast.config import Config, ConfigError, config_from_dict, load_config,
 from mam2_fast.masking import MaskGenerator, MaskInfo
 from mam2_fast.models.mam2 import build_model
 from mam2_fast.targets.tokenizer import build_tokenizer
+from mam2_fast.train import accel
 from mam2_fast.train.checkpoint import (find_resumable, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
                                         set_rng_state)
 from mam2_fast.train.metrics import MetricsLogger, Progress
+from mam2_fast.train.collapse import CollapseWatch, FeatureTap, collapse_stats, encoder_output_module
 from mam2_fast.train.optim import NonFiniteGuard, build_optimizer, lr_at, scaled_lr, set_lr
 
 LOSS_KEYS = ("loss", "loss_app", "loss_motion", "loss_align", "app_acc", "order_acc")
@@ -114,21 +116,21 @@ def saved_run_config(args: argparse.Namespace) -> Optional[dict]:
 # ----------------------------------------------------------------------------------------
 def select_device(cfg: Config) -> torch.device:
     want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
+    if want == "cuda" and not accel.cuda_available():
         raise ConfigError("train.device: 'cuda' requested but no CUDA device is available")
     if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(want)
+        return torch.device("cuda" if accel.cuda_available() else "cpu")
+    return torch.device(want)   # also the stand-in "meta" (dry runs, see mam2_fast.train.accel)
 
 
 def autocast_for(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if accel.is_gpu(device) and accel.bf16_supported(device):
+            return accel.autocast(device, torch.bfloat16)
         return contextlib.nullcontext()  # CPU: fp32 unless bf16 is asked for
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return accel.autocast(device, torch.bfloat16)
 
 
 def _generator(*key) -> torch.Generator:
@@ -200,7 +202,7 @@ def prepare_tokenizer(cfg: Config, fit_data, device: torch.device, dist_info, lo
         if dist_info.is_main:
             frames, n = [], 0
             for _, batch in fit_data().iter_epoch(0):
-                frames.append(denormalize(batch["clip"].float().cpu(), cfg.data.mean, cfg.data.std))
+                frames.append(denormalize(accel.to_host(batch["clip"]).float(), cfg.data.mean, cfg.data.std))
                 n += frames[-1].shape[0]
                 if n >= cfg.tokenizer.kmeans_fit_clips:
                     break
@@ -311,11 +313,12 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     if cfg.model.arch == "videomae":
         model = build_baseline(cfg).to(device)
     else:
-        model = build_model(cfg.model, vocab_size=tokenizer.vocab_size if tokenizer is not None else None).to(device)
+        model = build_model(cfg.model, vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
+                            pixel_mean=tuple(cfg.data.mean), pixel_std=tuple(cfg.data.std)).to(device)
     if cfg.model.kernels != "reference" and hasattr(model, "set_kernel_backend"):
         from mam2_fast.kernels.selfcheck import resolve_backend
         run_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" or (
-            cfg.train.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())) \
+            cfg.train.precision == "auto" and accel.is_gpu(device) and accel.bf16_supported(device))) \
             else torch.float32
         model.set_kernel_backend(resolve_backend(cfg.model.kernels, device, run_dtype, main_log))
     n_params = sum(p.numel() for p in model.parameters())
@@ -406,6 +409,11 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
     last_ckpt: Optional[Path] = None
     interrupted = False
     model.train()
+    # collapse monitor: the encoder's output on the visible tokens of each log step (train/collapse.py);
+    # off under torch.compile (a hook armed per step would re-trace the graph)
+    tap_at = encoder_output_module(model) if dist_info.is_main and not cfg.train.compile else None
+    feature_tap = FeatureTap(tap_at) if tap_at is not None else None
+    collapse_watch = CollapseWatch()
     amp = autocast_for(device, cfg.train.precision)
     mean, std = cfg.data.mean, cfg.data.std
     norm_mean = torch.tensor(mean, device=device).view(1, 1, -1, 1, 1)   # for denormalize, made once
@@ -463,6 +471,9 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
                         sync_ctx = wrapped.no_sync()                          # DDP
                     if graphs:
                         torch.compiler.cudagraph_mark_step_begin()
+                    if feature_tap is not None and last_micro and (
+                            (step + 1) % cfg.train.log_every == 0 or step + 1 == last_step):
+                        feature_tap.arm()                             # the step that logs: keep its features
                     with sync_ctx:
                         with amp:
                             out = step_model(clip, info, **({"codes": codes} if codes is not None else {}), **extra)
@@ -492,14 +503,24 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
                         n_opt = max(1, count // accum)
                         n_ok, n_skipped, _, streak_error = guard.end_log_window(step, last_ckpt)
                         rec = {"step": step, "epoch": epoch, "lr": lr,
-                               **{k: float(v) / (n_opt if k == "grad_norm" else n_ok) if n_ok else float("nan")
+                               **{k: accel.host_float(v) / (n_opt if k == "grad_norm" else n_ok) if n_ok
+                                  else float("nan")
                                   for k, v in sums.items()},   # a window without a finite loss: NaN
                                "clips_per_s": clips * world / max(dt, 1e-9), "skipped_steps": n_skipped,
                                **{f"data_{k}": v for k, v in data.stats().items()}}
+                        feats = feature_tap.take() if feature_tap is not None else None
+                        if feats is not None and not feats.is_meta and bool(torch.isfinite(feats).all()):
+                            rec.update(collapse_stats(feats))       # feat_std, feat_rank (not of a NaN step)
+                            for k in ("feat_std", "feat_rank"):
+                                warning = collapse_watch.update(k, rec[k])
+                                if warning:
+                                    main_log(f"warning: step {step}: {warning}")
                         metrics.log(rec)
                         first_record = first_record or rec
                         last_record = rec
                         text = " ".join(f"{k.replace('loss_', '')} {rec[k]:.4f}" for k in LOSS_KEYS if k in rec)
+                        if "feat_std" in rec:
+                            text += f" | feat std {rec['feat_std']:.3f} rank {rec['feat_rank']:.1f}"
                         progress.update(step, text, rec["clips_per_s"])
                         sums, count, clips, t_log = {}, 0, 0, time.time()
                         if streak_error is not None:
@@ -549,8 +570,8 @@ def format_summary(summary: dict) -> str:
     first, last = summary.get("first"), summary.get("last")
     if first and last:
         lines.append(f"{'term':<12}{'first':>10}{'last':>10}")
-        for k in LOSS_KEYS:
-            if k in first:
+        for k in LOSS_KEYS + ("feat_std", "feat_rank"):
+            if k in first and k in last:
                 lines.append(f"{k:<12}{first[k]:>10.4f}{last[k]:>10.4f}")
     lines.append(f"checkpoint: {summary['checkpoint']}")
     lines.append(f"metrics:    {summary['metrics']} (CSV beside it, TensorBoard in tb/)")

@@ -1,0 +1,496 @@
+"""The paper's Table-2 ablations at a scale anyone can run: pre-train, fine-tune, linear probe.
+
+    python -m mam2_fast.study --budget smoke                       # minutes on 2 CPU cores
+    python -m mam2_fast.study --budget small --out runs/study_small  # longer, same grid
+    python -m mam2_fast.study --budget full --device cuda           # the same command at GPU scale
+    python -m mam2_fast.study --budget smoke --variants mam2,random --seeds 1   # part of the grid
+
+Data: :mod:`mam2_fast.data.synthetic_study` -- a generated video set with two labels per video,
+a **motion** label (the target object's direction; a clip and its time reversal differ only
+in it, SSv2-like) and an **appearance** label (the target's identity, K400-like), over a
+textured, panning background with moving distractor objects. One training split (pre-training
+without labels, then fine-tuning and probe training) and one held-out test split.
+
+Grid (``VARIANTS``): ``mam2`` (the model as configured), ``mam2_c`` (one coupled decoder),
+``no_motion``, ``no_appearance``, ``no_regressor``, ``no_alignment``, ``pixel`` (the
+appearance target is per-patch normalized pixels, MAE-style, motion kept), ``videomae``
+(the VideoMAE baseline through the engine, ``model.arch=videomae``) and ``random`` (no
+pre-training: a randomly initialized encoder for the probe, training from scratch for
+fine-tuning). For every variant and seed:
+
+1. pre-train (``mam2_fast.pretrain.train``) for the budget's steps; the last log's collapse
+   monitor (``feat_std``, ``feat_rank``) is kept;
+2. linear probe (``mam2_fast.probe``): frozen encoder, ``grid`` pooling (keeps where and when),
+   ridge classifier on the training split, accuracy on the test split for each label;
+3. fine-tune (``mam2_fast.finetune.train``, the paper's recipe scaled down) on the joint label
+   ``identity * 4 + direction``; the test split's predictions give the motion accuracy
+   (``pred % 4``) and the appearance accuracy (``pred // 4``).
+
+Resumable: every finished stage of every cell is written at once to ``results.json`` in the
+study folder (atomically); a killed study started again with the same command skips what is
+recorded and continues a half-done pre-training or fine-tuning from its last checkpoint. A
+different budget or grid in the same folder is refused (use another ``--out``).
+
+Output in the study folder: ``results.json`` (every cell and stage), ``table.md`` (mean +- std
+over seeds per variant, and the issue's targets checked), ``study.png`` (bars with std).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+VARIANTS: dict = {
+    "mam2": {},
+    "mam2_c": {"model": {"coupled_decoder": True}},
+    "no_motion": {"model": {"use_motion": False}},
+    "no_appearance": {"model": {"use_appearance": False}},
+    "no_regressor": {"model": {"use_regressor": False}},
+    "no_alignment": {"model": {"use_alignment": False}},
+    "pixel": {"model": {"appearance_target": "pixels"}},
+    "videomae": {"model": {"arch": "videomae"}},
+    "random": None,                      # no pre-training
+}
+LABELS = ("motion", "appearance")
+N_DIRECTIONS = 4
+
+# Budgets: data, model and schedule sizes. "micro" exists for the test suite.
+BUDGETS: dict = {
+    "micro": dict(train_videos=32, test_videos=16, video_size=36, video_frames=8, identities=2, distractors=1,
+                  input_size=32, patch_size=16, num_frames=4, stride=2, embed_dim=32, depth=1, num_heads=2,
+                  regressor_depth=1, appearance_depth=1, motion_depth=1, vocab_size=16,
+                  pretrain_steps=4, pretrain_batch=8, pretrain_lr=5e-4, finetune_epochs=1, finetune_batch=8,
+                  finetune_lr=5e-4, probe_clips=1, test_clips=1, seeds=1),
+    "smoke": dict(train_videos=128, test_videos=64, video_size=40, video_frames=16, identities=4, distractors=2,
+                  input_size=32, patch_size=8, num_frames=4, stride=3, embed_dim=64, depth=2, num_heads=2,
+                  regressor_depth=1, appearance_depth=1, motion_depth=1, vocab_size=32,
+                  pretrain_steps=120, pretrain_batch=8, pretrain_lr=5e-4, finetune_epochs=4, finetune_batch=8,
+                  finetune_lr=5e-4, probe_clips=2, test_clips=2, seeds=3),
+    "small": dict(train_videos=512, test_videos=192, video_size=56, video_frames=24, identities=4, distractors=2,
+                  input_size=48, patch_size=8, num_frames=8, stride=2, embed_dim=128, depth=3, num_heads=4,
+                  regressor_depth=2, appearance_depth=2, motion_depth=1, vocab_size=64,
+                  pretrain_steps=1500, pretrain_batch=16, pretrain_lr=5e-4, finetune_epochs=10, finetune_batch=16,
+                  finetune_lr=5e-4, probe_clips=2, test_clips=2, seeds=3),
+    "full": dict(train_videos=4000, test_videos=800, video_size=112, video_frames=32, identities=6, distractors=3,
+                 input_size=96, patch_size=16, num_frames=16, stride=2, embed_dim=192, depth=4, num_heads=3,
+                 regressor_depth=2, appearance_depth=2, motion_depth=1, vocab_size=128,
+                 pretrain_steps=20000, pretrain_batch=32, pretrain_lr=5e-4, finetune_epochs=30, finetune_batch=32,
+                 finetune_lr=5e-4, probe_clips=2, test_clips=2, seeds=3),
+}
+
+
+# ----------------------------------------------------------------------------------------
+# results file
+# ----------------------------------------------------------------------------------------
+class Results:
+    """``results.json``: {"meta": {...}, "cells": {"<variant>/seed<k>": {stage: result}}};
+    written atomically after every change."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        if path.is_file():
+            data = json.loads(path.read_text())
+            old = data.get("meta", {})
+            for key in ("budget", "sizes"):
+                if old.get(key) != meta.get(key):
+                    raise SystemExit(f"study: {path} was made with another {key} ({old.get(key)!r}); "
+                                     f"use another --out or delete it")
+            self.data = data
+        else:
+            self.data = {"meta": meta, "cells": {}}
+            self.save()
+
+    def get(self, cell: str, stage: str):
+        return self.data["cells"].get(cell, {}).get(stage)
+
+    def put(self, cell: str, stage: str, value) -> None:
+        self.data["cells"].setdefault(cell, {})[stage] = value
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+# ----------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def model_dict(b: dict) -> dict:
+    return {"preset": "tiny", "img_size": b["input_size"], "num_frames": b["num_frames"],
+            "patch_size": b["patch_size"], "embed_dim": b["embed_dim"], "depth": b["depth"],
+            "num_heads": b["num_heads"]}
+
+
+def data_dict(b: dict, list_file: str, num_sample: int = 1) -> dict:
+    return {"list_file": list_file, "num_frames": b["num_frames"], "sampling_stride": b["stride"],
+            "input_size": b["input_size"], "num_sample": num_sample, "num_workers": 1, "flip": False}
+
+
+def pretrain_config(b: dict, variant: str, seed: int, list_file: str, out_dir: Path, device: str,
+                    extra: Optional[dict] = None):
+    from mam2_fast.config import config_from_dict
+
+    d = {"name": f"study-{variant}",
+         "model": {**model_dict(b), "regressor_depth": b["regressor_depth"],
+                   "appearance_depth": b["appearance_depth"], "motion_depth": b["motion_depth"]},
+         "mask": {"kind": "tube", "ratio": 0.75},
+         "tokenizer": {"kind": "kmeans", "vocab_size": b["vocab_size"], "kmeans_fit_clips": 32},
+         "data": data_dict(b, list_file, num_sample=2),
+         "optim": {"lr": b["pretrain_lr"], "warmup_epochs": 1, "clip_grad": 1.0},
+         "train": {"epochs": 10 ** 6, "max_steps": b["pretrain_steps"], "batch_size": b["pretrain_batch"],
+                   "seed": seed, "device": device, "precision": "auto", "output_dir": str(out_dir),
+                   "log_every": max(1, min(20, b["pretrain_steps"] // 4)), "save_every": max(1, b["pretrain_steps"] // 4),
+                   "keep_last": 1, "progress": False, "tensorboard": False}}
+    d = _merge(d, VARIANTS[variant] or {})
+    if d["model"].get("arch") == "videomae":
+        d["model"]["tubelet_size"] = 2
+    d = _merge(d, extra or {})
+    return config_from_dict(d)
+
+
+def finetune_config(b: dict, init: Optional[str], seed: int, list_file: str, test_list: str, out_dir: Path,
+                    device: str, arch: Optional[dict] = None, extra: Optional[dict] = None):
+    from mam2_fast.ft.config import ClassifierConfig, finetune_config_from_dict
+
+    model = {**model_dict(b), "num_classes": b["identities"] * N_DIRECTIONS, "drop_path": 0.1}
+    fields = getattr(ClassifierConfig, "__dataclass_fields__", {})
+    if arch and arch.get("arch") == "videomae":
+        if "arch" not in fields:
+            raise RuntimeError("this checkout cannot fine-tune a VideoMAE encoder (ClassifierConfig has no arch)")
+        model["arch"] = "videomae"
+        if "tubelet_size" in fields:
+            model["tubelet_size"] = int(arch.get("tubelet_size", 2))
+    if arch and "temporal_fc" in arch and "temporal_fc" in fields:
+        model["temporal_fc"] = bool(arch["temporal_fc"])
+    d = {"name": "study-finetune", "init": init, "model": model,
+         "data": data_dict(b, list_file, num_sample=1), "aug": {"sampling": "dense"},
+         "test": {"list_file": test_list, "num_clips": b["test_clips"], "num_crops": 1, "batch_size": 8},
+         "optim": {"lr": b["finetune_lr"], "warmup_epochs": 0.5, "layer_decay": 0.75},
+         "train": {"epochs": b["finetune_epochs"], "batch_size": b["finetune_batch"], "seed": seed,
+                   "device": device, "precision": "auto", "output_dir": str(out_dir),
+                   "log_every": 8, "save_every": 10 ** 6, "keep_last": 1, "progress": False, "tensorboard": False}}
+    d = _merge(d, extra or {})
+    return finetune_config_from_dict(d)
+
+
+# ----------------------------------------------------------------------------------------
+# stages
+# ----------------------------------------------------------------------------------------
+def _file_log(path: Path) -> Callable[[str], None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(s: str) -> None:
+        with open(path, "a") as f:
+            f.write(s + "\n")
+    return log
+
+
+def run_pretrain(cfg, out_dir: Path) -> dict:
+    from mam2_fast.pretrain import train
+    from mam2_fast.train.checkpoint import find_latest
+
+    t0 = time.time()
+    resume = "auto" if out_dir.exists() and any(out_dir.glob("checkpoint-*.pt")) else None
+    summary = train(cfg, resume=resume, log=_file_log(out_dir.parent / f"{out_dir.name}.log"))
+    ckpt = summary.get("checkpoint") or (str(find_latest(out_dir)) if find_latest(out_dir) else None)
+    last = summary.get("last") or {}
+    first = summary.get("first") or {}
+    keep = ("loss", "loss_app", "loss_motion", "loss_align", "feat_std", "feat_rank")
+    return {"checkpoint": ckpt, "steps": summary.get("steps"), "seconds": round(time.time() - t0, 1),
+            "first": {k: first[k] for k in keep if k in first}, "last": {k: last[k] for k in keep if k in last}}
+
+
+def run_probe(encoder, b: dict, train_list: str, test_list: str, device) -> dict:
+    from mam2_fast.data.config import DataConfig
+    from mam2_fast.ft.data import ViewData
+    from mam2_fast.probe import probe_encoders
+
+    dcfg = DataConfig(num_frames=b["num_frames"], input_size=b["input_size"], sampling_stride=b["stride"],
+                      num_workers=1)
+    views = lambda lst: ViewData(dcfg, lst, b["probe_clips"], 1, "dense", batch_size=8, device=device)  # noqa: E731
+    res = probe_encoders({"enc": encoder}, views(train_list), views(test_list),
+                         [f"label%{N_DIRECTIONS}", f"label//{N_DIRECTIONS}"], device, lambda s: None, pool="grid")["enc"]
+    return {"motion": res[f"label%{N_DIRECTIONS}"]["test_acc"], "appearance": res[f"label//{N_DIRECTIONS}"]["test_acc"],
+            "chance_motion": res[f"label%{N_DIRECTIONS}"]["chance"],
+            "chance_appearance": res[f"label//{N_DIRECTIONS}"]["chance"]}
+
+
+def run_finetune(cfg, test_list: str, out_dir: Path) -> dict:
+    from mam2_fast.finetune import train
+
+    t0 = time.time()
+    resume = "auto" if out_dir.exists() and any(out_dir.glob("checkpoint-*.pt")) else None
+    summary = train(cfg, test_list=test_list, resume=resume, log=_file_log(out_dir.parent / f"{out_dir.name}.log"))
+    report = json.loads((out_dir / "eval" / "eval.json").read_text())
+    vids = report["videos"]
+    lab = np.array([v["label"] for v in vids])
+    pred = np.array([v["pred"] for v in vids])
+    return {"motion": float(100.0 * np.mean(pred % N_DIRECTIONS == lab % N_DIRECTIONS)),
+            "appearance": float(100.0 * np.mean(pred // N_DIRECTIONS == lab // N_DIRECTIONS)),
+            "joint": float(report["top1"]), "steps": summary.get("steps"), "seconds": round(time.time() - t0, 1)}
+
+
+def _device(name: str):
+    import torch
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def run_cell(res: Results, study: Path, b: dict, variant: str, seed: int, lists: dict, device: str,
+             log: Callable[[str], None], extra: Optional[dict] = None) -> None:
+    import torch
+    from mam2_fast.ft.weights import arch_from_pretrain_config
+    from mam2_fast.probe import load_frozen_encoder, random_encoder
+
+    cell = f"{variant}/seed{seed}"
+    tdev = torch.device(device)
+    runs = study / "runs" / variant
+    init, arch = None, None
+    if VARIANTS[variant] is None:
+        arch = arch_from_pretrain_config(pretrain_config(b, "mam2", seed, lists["train"], runs, device).to_dict())
+    else:
+        pre = res.get(cell, "pretrain")
+        if pre is None or not (pre.get("checkpoint") and Path(pre["checkpoint"]).is_file()):
+            log(f"{cell}: pre-training {b['pretrain_steps']} steps")
+            cfg = pretrain_config(b, variant, seed, lists["train"], runs / f"pretrain-seed{seed}", device,
+                                  (extra or {}).get("pretrain"))
+            pre = run_pretrain(cfg, runs / f"pretrain-seed{seed}")
+            res.put(cell, "pretrain", pre)
+            last = pre["last"]
+            log(f"{cell}: pre-trained in {pre['seconds']:.0f}s; last log " +
+                ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+        init = pre["checkpoint"]
+    if res.get(cell, "probe") is None:
+        t0 = time.time()
+        try:
+            if init is None:
+                enc = random_encoder(arch, 1000 + seed)
+            else:
+                enc, arch = load_frozen_encoder(init, log=lambda s: None)
+            pr = run_probe(enc, b, lists["train"], lists["test"], tdev)
+            pr["seconds"] = round(time.time() - t0, 1)
+            log(f"{cell}: probe motion {pr['motion']:.1f}% appearance {pr['appearance']:.1f}% ({pr['seconds']:.0f}s)")
+        except Exception as e:  # noqa: BLE001 - recorded, the grid goes on
+            pr = {"error": f"{type(e).__name__}: {e}"}
+            log(f"{cell}: probe failed: {pr['error']}")
+        res.put(cell, "probe", pr)
+    if res.get(cell, "finetune") is None:
+        if init is not None and arch is None:
+            from mam2_fast.ft.weights import read_encoder_weights
+            arch = read_encoder_weights(init).arch
+        out = runs / f"finetune-seed{seed}"
+        try:
+            cfg = finetune_config(b, init, seed, lists["train"], lists["test"], out, device, arch,
+                                  (extra or {}).get("finetune"))
+            ft = run_finetune(cfg, lists["test"], out)
+        except Exception as e:  # noqa: BLE001 - recorded, the grid goes on (e.g. an arch this checkout cannot fine-tune)
+            ft = {"error": f"{type(e).__name__}: {e}"}
+            log(f"{cell}: fine-tuning failed: {ft['error']}")
+        res.put(cell, "finetune", ft)
+        if "error" not in ft:
+            log(f"{cell}: fine-tune motion {ft['motion']:.1f}% appearance {ft['appearance']:.1f}% "
+                f"({ft['seconds']:.0f}s)")
+
+
+# ----------------------------------------------------------------------------------------
+# summary: table, targets, plot
+# ----------------------------------------------------------------------------------------
+def aggregate(res: Results, variants: list, seeds: list) -> dict:
+    """{variant: {"probe_motion": (mean, std, n), ...}} over the finished seeds."""
+    out = {}
+    for v in variants:
+        row = {}
+        for stage in ("probe", "finetune"):
+            for lab in LABELS:
+                vals = [res.get(f"{v}/seed{s}", stage) for s in seeds]
+                vals = [x[lab] for x in vals if x and lab in x]
+                if vals:
+                    row[f"{stage}_{lab}"] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                                             len(vals))
+        ranks = [res.get(f"{v}/seed{s}", "pretrain") for s in seeds]
+        ranks = [r["last"]["feat_rank"] for r in ranks if r and "feat_rank" in r.get("last", {})]
+        if ranks:
+            row["feat_rank"] = (float(np.mean(ranks)), float(np.std(ranks, ddof=1)) if len(ranks) > 1 else 0.0, len(ranks))
+        out[v] = row
+    return out
+
+
+def _fmt(cell) -> str:
+    if cell is None:
+        return "n/a"
+    m, s, n = cell
+    return f"{m:.1f} ± {s:.1f}" if n > 1 else f"{m:.1f}"
+
+
+def check_targets(agg: dict) -> list:
+    """The issue's targets: [(text, verdict, numbers)]; a verdict is pass / miss / n/a."""
+    def get(v, k):
+        return agg.get(v, {}).get(k)
+
+    def beats(a, b, margin_std: float = 0.0):
+        if a is None or b is None:
+            return "n/a", ""
+        gap = a[0] - b[0]
+        need = margin_std * max(a[1], b[1])
+        return ("pass" if gap > need else "miss"), f"{a[0]:.1f} vs {b[0]:.1f} (gap {gap:+.1f}, needed > {need:.1f})"
+
+    rows = []
+    for lab in LABELS:
+        rows.append((f"fine-tune from MAM² beats scratch on {lab} by > 2 std",
+                     *beats(get("mam2", f"finetune_{lab}"), get("random", f"finetune_{lab}"), 2.0)))
+    for other in ("pixel", "videomae"):
+        for stage in ("finetune", "probe"):
+            rows.append((f"MAM² beats {other} on motion ({stage})",
+                         *beats(get("mam2", f"{stage}_motion"), get(other, f"{stage}_motion"))))
+    for stage in ("finetune", "probe"):
+        rows.append((f"removing motion hurts the motion label ({stage})",
+                     *beats(get("mam2", f"{stage}_motion"), get("no_motion", f"{stage}_motion"))))
+    return rows
+
+
+def write_table(res: Results, study: Path, variants: list, seeds: list, command: str) -> str:
+    agg = aggregate(res, variants, seeds)
+    meta = res.data["meta"]
+    lines = [f"Study `{meta['budget']}` — {len(seeds)} seed(s); test accuracy (%) on the held-out split, "
+             f"mean ± std over seeds. Chance: motion {100 / N_DIRECTIONS:.0f}%, appearance "
+             f"{100 / meta['sizes']['identities']:.0f}%.", "",
+             f"Command: `{command}`", "",
+             "| variant | fine-tune motion | fine-tune appearance | probe motion | probe appearance | final feat rank |",
+             "|---|---|---|---|---|---|"]
+    for v in variants:
+        r = agg[v]
+        lines.append(f"| {v} | {_fmt(r.get('finetune_motion'))} | {_fmt(r.get('finetune_appearance'))} | "
+                     f"{_fmt(r.get('probe_motion'))} | {_fmt(r.get('probe_appearance'))} | {_fmt(r.get('feat_rank'))} |")
+    errors = {f"{c} {stage}": st[stage]["error"] for c, st in res.data["cells"].items()
+              for stage in ("probe", "finetune") if isinstance(st.get(stage), dict) and "error" in st[stage]}
+    if errors:
+        lines += ["", "Errors: " + "; ".join(f"{c}: {e}" for c, e in sorted(errors.items()))]
+    lines += ["", "| target (issue 15) | verdict | numbers |", "|---|---|---|"]
+    for text, verdict, nums in check_targets(agg):
+        lines.append(f"| {text} | {verdict} | {nums} |")
+    text = "\n".join(lines) + "\n"
+    (study / "table.md").write_text(text)
+    try:
+        plot(agg, variants, study / "study.png", f"study {meta['budget']} ({len(seeds)} seeds)")
+    except Exception as e:  # noqa: BLE001 - the plot is optional (Pillow)
+        print(f"[study] plot skipped: {type(e).__name__}: {e}", file=sys.stderr)
+    return text
+
+
+def plot(agg: dict, variants: list, path: Path, title: str) -> None:
+    """Grouped bars (fine-tune / probe x motion / appearance) with std whiskers, Pillow only."""
+    from PIL import Image, ImageDraw
+
+    series = [("finetune_motion", (31, 119, 180)), ("finetune_appearance", (255, 127, 14)),
+              ("probe_motion", (44, 160, 44)), ("probe_appearance", (214, 39, 40))]
+    W, H, left, bottom, top = 120 + 90 * len(variants), 420, 50, 70, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    ph = H - bottom - top
+    y = lambda v: top + ph * (1 - v / 100.0)  # noqa: E731
+    for g in range(0, 101, 20):
+        d.line([(left, y(g)), (W - 10, y(g))], fill=(225, 225, 225))
+        d.text((8, y(g) - 6), f"{g}%", fill="black")
+    d.text((left, 10), title, fill="black")
+    for i, (name, colour) in enumerate(series):
+        d.rectangle([W - 190, 10 + 12 * i, W - 182, 18 + 12 * i], fill=colour)
+        d.text((W - 178, 8 + 12 * i), name.replace("_", " "), fill="black")
+    bw = 18
+    for j, v in enumerate(variants):
+        x0 = left + 10 + 90 * j
+        for i, (name, colour) in enumerate(series):
+            cell = agg.get(v, {}).get(name)
+            if cell is None:
+                continue
+            m, s, _ = cell
+            xa = x0 + i * bw
+            d.rectangle([xa, y(m), xa + bw - 3, y(0)], fill=colour)
+            if s > 0:
+                xc = xa + (bw - 3) / 2
+                d.line([(xc, y(min(100, m + s))), (xc, y(max(0, m - s)))], fill="black")
+        d.text((x0, H - bottom + 8), v, fill="black")
+    d.line([(left, y(0)), (W - 10, y(0))], fill="black")
+    img.save(path)
+
+
+# ----------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------
+def build_data(study: Path, b: dict, log) -> dict:
+    from mam2_fast.data.synthetic_study import make_study_dataset
+
+    t0 = time.time()
+    kw = dict(size=b["video_size"], num_frames=b["video_frames"], identities=b["identities"],
+              distractors=b["distractors"])
+    lists = {"train": make_study_dataset(str(study / "data" / "train"), b["train_videos"], seed=1, **kw),
+             "test": make_study_dataset(str(study / "data" / "test"), b["test_videos"], seed=2, **kw)}
+    log(f"data: {b['train_videos']} train / {b['test_videos']} test videos ({time.time() - t0:.0f}s) in {study / 'data'}")
+    return lists
+
+
+def run_study(out: str, budget: str = "smoke", variants: Optional[list] = None, seeds: Optional[int] = None,
+              device: str = "auto", log=print, command: str = "", sizes: Optional[dict] = None,
+              extra: Optional[dict] = None) -> dict:
+    """Run (or continue) a study; returns {"results": path, "table": text}."""
+    if budget not in BUDGETS:
+        raise SystemExit(f"study: unknown budget {budget!r} ({' | '.join(BUDGETS)})")
+    b = {**BUDGETS[budget], **(sizes or {})}
+    variants = variants or list(VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"study: unknown variant(s) {unknown} ({', '.join(VARIANTS)})")
+    seed_list = list(range(seeds if seeds is not None else b["seeds"]))
+    device = _device(device)
+    study = Path(out).expanduser()
+    study.mkdir(parents=True, exist_ok=True)
+    res = Results(study / "results.json", {"budget": budget, "sizes": b})
+    lists = build_data(study, b, log)
+    t0 = time.time()
+    for seed in seed_list:                 # seed-major: a partial study has every variant at seed 0 first
+        for v in variants:
+            run_cell(res, study, b, v, seed, lists, device, log, extra)
+    table = write_table(res, study, variants, seed_list, command or f"python -m mam2_fast.study --budget {budget} --out {out}")
+    log(f"study done in {time.time() - t0:.0f}s: {study / 'results.json'}, {study / 'table.md'}, {study / 'study.png'}")
+    return {"results": str(study / "results.json"), "table": table}
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mam2_fast.study", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", default="smoke", choices=[k for k in BUDGETS if k != "micro"] + ["micro"])
+    ap.add_argument("--out", default=None, help="study folder (default runs/study_<budget>)")
+    ap.add_argument("--variants", default=None, help=f"comma list (default all: {','.join(VARIANTS)})")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the budget's, 3)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    out = args.out or f"runs/study_{args.budget}"
+    cmd = "python -m mam2_fast.study " + " ".join(sys.argv[1:] if argv is None else argv)
+    log = lambda s: print(f"[study] {s}", flush=True)  # noqa: E731
+    r = run_study(out, args.budget, args.variants.split(",") if args.variants else None, args.seeds, args.device,
+                  log, cmd)
+    print(r["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
