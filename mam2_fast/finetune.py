@@ -35,9 +35,10 @@ from mam2_fast.ft.config import FinetuneConfig, finetune_config_from_dict, load_
 from mam2_fast.ft.mixup import build_mixup, soft_target_cross_entropy
 from mam2_fast.ft.weights import WeightsError, check_arch, load_encoder_into, read_encoder_weights
 from mam2_fast.models.classifier import VideoClassifier, build_classifier, param_groups_layer_decay, set_scaled_lr
-from mam2_fast.pretrain import autocast_for, resume_value_as_override, select_device
+from mam2_fast.pretrain import StopRequest, autocast_for, resume_value_as_override, select_device
 from mam2_fast.train.checkpoint import (find_resumable, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
                                         set_rng_state)
+from mam2_fast.train import accel
 from mam2_fast.train.metrics import MetricsLogger, Progress
 from mam2_fast.data.prefetch import Prefetcher, auto_depth
 from mam2_fast.train.optim import NonFiniteGuard, lr_at, scaled_lr
@@ -250,6 +251,8 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                            cfg.train.max_nonfinite, device)
     model.train()
     batches = None   # the prefetch thread is stopped on every way out of the loop
+    stop = StopRequest().__enter__()   # SIGTERM: checkpoint at the next step, exit 143 (as pre-training)
+    interrupted = False
     try:
         while step < last_step:
             micro = micro_pos % accum
@@ -287,7 +290,7 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                 if step % cfg.train.log_every == 0 or step == last_step:
                     dt = time.time() - t_log
                     n_ok, n_skipped, new_skips, streak_error = guard.end_log_window(step, last_ckpt)
-                    rec = {"step": step, "epoch": epoch, "lr": lr, **{k: float(v) / n_ok if n_ok else float("nan") for k, v in sums.items()},
+                    rec = {"step": step, "epoch": epoch, "lr": lr, **{k: accel.host_float(v) / n_ok if n_ok else float("nan") for k, v in sums.items()},
                            "clips_per_s": clips / max(dt, 1e-9), "skipped_steps": n_skipped,
                            **{f"data_{k}": v for k, v in data.stats().items()}}
                     metrics.log(rec)
@@ -301,8 +304,17 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                     if streak_error is not None:
                         progress.close()
                         raise streak_error
-                if (step % cfg.train.save_every == 0 or step == last_step) and dist_info.is_main:
+                want_stop = stop.requested
+                if dist_info.enabled and (step % cfg.train.stop_check_every == 0 or step == last_step):
+                    want_stop = D.all_ranks_agree(want_stop, dist_info, device)
+                elif dist_info.enabled:
+                    want_stop = False
+                if (step % cfg.train.save_every == 0 or step == last_step or want_stop) and dist_info.is_main:
                     last_ckpt = save_checkpoint(run_dir, step, state_dict_for_save(), cfg.train.keep_last)
+                if want_stop:
+                    log(f"stop requested (SIGTERM): checkpoint written at step {step}")
+                    interrupted = True
+                    break
                 end_of_epoch = micro_pos >= epoch_micro
                 if (test_list and cfg.test.every_epochs and end_of_epoch and (epoch + 1) % cfg.test.every_epochs == 0
                         and step < last_step):
@@ -321,12 +333,13 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                 continue
             break
     finally:
+        stop.__exit__(None, None, None)
         if batches is not None:
             batches.close()
 
     progress.close()
     final = None
-    if test_list and dist_info.is_main:
+    if test_list and dist_info.is_main and not interrupted:
         final = evaluate_model(model, cfg, test_list, device, amp, run_dir, "eval", log)
         metrics.log({"step": step, "epoch": epoch, **{f"val_{k}": v for k, v in final.items()}})
     metrics.close()
@@ -340,7 +353,7 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
     return {"ranks_identical": ranks_identical, "run_dir": str(run_dir), "checkpoint": str(last_ckpt) if last_ckpt else None,
             "metrics": str(metrics.jsonl_path), "steps": step, "skipped_steps": guard.total_skipped(),
             "first": first_record, "last": last_record,
-            "evals": evals, "final_eval": final}
+            "evals": evals, "final_eval": final, "interrupted": interrupted}
 
 
 # ----------------------------------------------------------------------------------------
@@ -408,7 +421,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"weights error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary), flush=True)
-    return 0
+    from mam2_fast.train.distributed import EXIT_SIGTERM
+    return EXIT_SIGTERM if summary.get("interrupted") else 0   # stopped by SIGTERM, checkpoint written
 
 
 if __name__ == "__main__":

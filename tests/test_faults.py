@@ -562,3 +562,25 @@ def test_workers_end_when_their_parent_is_killed(tmp_path, started_from):
     shm = [n for n in os.listdir("/dev/shm") if any(f"_{p}_" in n for p in pids + [proc.pid])] \
         if os.path.isdir("/dev/shm") else []
     assert not shm, shm
+
+
+# ----------------------------------------------------------------------------------------
+# fine-tuning: SIGTERM, like pre-training
+# ----------------------------------------------------------------------------------------
+def test_finetune_sigterm_checkpoints_and_reports_it(tmp_path):
+    from mam2_fast.finetune import train as ft_train
+    from test_finetune import LabeledSynthetic, _tiny_cfg
+
+    class TermAtSecondBatch(LabeledSynthetic):
+        def iter_epoch(self, epoch, start_step=0):
+            for s, b in super().iter_epoch(epoch, start_step):
+                if epoch == 0 and s == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)   # as a scheduler's preemption notice
+                yield s, b
+
+    logs = []
+    s = ft_train(_tiny_cfg(tmp_path, save_every=100), data=TermAtSecondBatch(), log=logs.append)
+    assert s["interrupted"] and s["steps"] == 2 and any("stop requested" in line for line in logs)
+    assert Path(s["checkpoint"]).name == "checkpoint-00000002.pt" and s["final_eval"] is None
+    r = ft_train(_tiny_cfg(tmp_path, save_every=100), data=LabeledSynthetic(), resume="auto", log=QUIET)
+    assert r["steps"] == 4 and not r["interrupted"]
