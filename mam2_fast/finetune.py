@@ -35,13 +35,13 @@ from mam2_fast.ft.config import FinetuneConfig, finetune_config_from_dict, load_
 from mam2_fast.ft.mixup import build_mixup, soft_target_cross_entropy
 from mam2_fast.ft.weights import WeightsError, check_arch, load_encoder_into, read_encoder_weights
 from mam2_fast.models.classifier import VideoClassifier, build_classifier, param_groups_layer_decay, set_scaled_lr
-from mam2_fast.pretrain import StopRequest, autocast_for, resume_value_as_override, select_device
+from mam2_fast.pretrain import StopRequest, autocast_for, choose_kernels, resume_value_as_override, select_device
 from mam2_fast.train.checkpoint import (find_resumable, load_checkpoint, prepare_run_dir, rng_state, save_checkpoint,
                                         set_rng_state)
 from mam2_fast.train import accel
 from mam2_fast.train.metrics import MetricsLogger, Progress
 from mam2_fast.data.prefetch import Prefetcher, auto_depth
-from mam2_fast.train.optim import NonFiniteGuard, lr_at, scaled_lr
+from mam2_fast.train.optim import NonFiniteGuard, lr_at, lr_batch, scaled_lr, scaled_min_lr
 
 DEMO_YAML = Path(__file__).resolve().parent.parent / "configs" / "finetune_demo.yaml"
 
@@ -186,6 +186,8 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
     else:
         model, _ = build_finetune_model(cfg, log)
     model = model.to(device)
+    if cfg.model.kernels != "reference" and hasattr(model, "set_kernel_backend"):
+        choose_kernels(model, cfg.model.kernels, device, cfg.train.precision, cfg.train.batch_size, log)
     log(f"model: {cfg.model.preset} classifier, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"parameters, {cfg.model.num_classes} classes, device {device}")
 
@@ -197,7 +199,8 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                               f"batch_size x world_size = {per_step}")
         accum = cfg.train.global_batch // per_step
     effective_batch = cfg.train.batch_size * accum * world
-    peak_lr = scaled_lr(cfg.optim, effective_batch)
+    peak_lr = scaled_lr(cfg.optim, lr_batch(effective_batch, cfg.data))
+    min_lr = min(peak_lr, scaled_min_lr(cfg.optim, lr_batch(effective_batch, cfg.data)))
     steps_per_epoch = max(1, data.steps_per_epoch // accum)
     # micro-batches used per epoch: whole optimizer steps (the remainder is dropped, so no
     # gradient leaks into the next epoch's first step), as in pretrain
@@ -282,7 +285,7 @@ def train(cfg: FinetuneConfig, data=None, test_list: Optional[str] = None, resum
                     continue
                 micro = 0
 
-                lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
+                lr = lr_at(step, total_steps, warmup_steps, peak_lr, min_lr)
                 set_scaled_lr(optimizer, lr)
                 guard.step()       # a non-finite step is skipped on the device (fused AdamW)
                 step += 1

@@ -33,7 +33,7 @@ from mam2_fast.train.checkpoint import (find_resumable, load_checkpoint, prepare
                                         set_rng_state)
 from mam2_fast.train.metrics import MetricsLogger, Progress
 from mam2_fast.train.collapse import CollapseWatch, FeatureTap, collapse_stats, encoder_output_module
-from mam2_fast.train.optim import NonFiniteGuard, build_optimizer, lr_at, scaled_lr, set_lr
+from mam2_fast.train.optim import NonFiniteGuard, build_optimizer, lr_at, lr_batch, scaled_lr, scaled_min_lr, set_lr
 
 LOSS_KEYS = ("loss", "loss_app", "loss_motion", "loss_align", "app_acc", "order_acc")
 
@@ -131,6 +131,21 @@ def autocast_for(device: torch.device, precision: str):
             return accel.autocast(device, torch.bfloat16)
         return contextlib.nullcontext()  # CPU: fp32 unless bf16 is asked for
     return accel.autocast(device, torch.bfloat16)
+
+
+def choose_kernels(model: torch.nn.Module, requested: str, device: torch.device, precision: str,
+                   batch_size: int, log, mask_kind: Optional[str] = None, mask_ratio: float = 0.0) -> str:
+    """The start-of-run kernel check (``kernels/selfcheck.py``) at the run's dtype and launch
+    shapes; sets and returns the model's backend (ops that fail run their reference)."""
+    from mam2_fast.kernels.launch_plan import RunShapes
+    from mam2_fast.kernels.selfcheck import resolve_backend
+
+    run_dtype = torch.bfloat16 if (precision == "bf16" or (
+        precision == "auto" and accel.is_gpu(device) and accel.bf16_supported(device))) else torch.float32
+    shapes = RunShapes.of_model(model, batch_size, mask_kind, mask_ratio)
+    backend = resolve_backend(requested, device, run_dtype, log, shapes)
+    model.set_kernel_backend(backend)
+    return backend
 
 
 def _generator(*key) -> torch.Generator:
@@ -316,11 +331,8 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
         model = build_model(cfg.model, vocab_size=tokenizer.vocab_size if tokenizer is not None else None,
                             pixel_mean=tuple(cfg.data.mean), pixel_std=tuple(cfg.data.std)).to(device)
     if cfg.model.kernels != "reference" and hasattr(model, "set_kernel_backend"):
-        from mam2_fast.kernels.selfcheck import resolve_backend
-        run_dtype = torch.bfloat16 if (cfg.train.precision == "bf16" or (
-            cfg.train.precision == "auto" and accel.is_gpu(device) and accel.bf16_supported(device))) \
-            else torch.float32
-        model.set_kernel_backend(resolve_backend(cfg.model.kernels, device, run_dtype, main_log))
+        choose_kernels(model, cfg.model.kernels, device, cfg.train.precision, cfg.train.batch_size, main_log,
+                       cfg.mask.kind, cfg.mask.ratio)
     n_params = sum(p.numel() for p in model.parameters())
     main_log(f"model: {cfg.model.preset} encoder, {n_params / 1e6:.2f}M parameters, device {device}, "
              f"{world} process(es){' (' + cfg.train.parallel + ')' if dist_info.enabled else ''}")
@@ -346,7 +358,8 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
                               f"batch_size x world_size = {per_step}")
         accum = cfg.train.global_batch // per_step
     effective_batch = cfg.train.batch_size * accum * world
-    peak_lr = scaled_lr(cfg.optim, effective_batch)
+    peak_lr = scaled_lr(cfg.optim, lr_batch(effective_batch, cfg.data))
+    min_lr = min(peak_lr, scaled_min_lr(cfg.optim, lr_batch(effective_batch, cfg.data)))
     steps_per_epoch = max(1, data.steps_per_epoch // accum)
     # micro-batches used per epoch: whole optimizer steps only (a remainder is dropped, like
     # drop_last, so no gradient leaks into the next epoch); an epoch shorter than one step
@@ -492,7 +505,7 @@ def train(cfg: Config, data=None, resume: Optional[str] = None, log=print) -> di
                     micro = 0
 
                     # -- optimizer step (no host sync: a non-finite step is skipped on the device) ----
-                    lr = lr_at(step, total_steps, warmup_steps, peak_lr, cfg.optim.min_lr)
+                    lr = lr_at(step, total_steps, warmup_steps, peak_lr, min_lr)
                     set_lr(optimizer, lr)
                     gnorm = guard.step()
                     sums["grad_norm"] = sums.get("grad_norm", 0.0) + torch.nan_to_num(gnorm.detach().float(), 0.0)

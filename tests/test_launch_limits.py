@@ -249,3 +249,49 @@ def test_fused_ops_on_meta_tensors_return_shapes():
     loss = kernels.linear_cross_entropy(feat, w, None, target, backend="fused")
     loss.backward()
     assert loss.shape == () and feat.grad.shape == feat.shape and w.grad.shape == w.shape
+
+
+# ---- the start-of-run check at the run's shapes (issue 13 item 5) ---------------------------
+def test_start_of_run_check_uses_run_shapes_and_falls_back_per_op(monkeypatch):
+    """Under ``kernels: auto`` an op whose launches at the run's batch CUDA would refuse runs its
+    reference alone, with one warning naming it; the other ops stay fused. ``fused`` raises."""
+    from mam2_fast.kernels import selfcheck
+
+    monkeypatch.setattr(selfcheck, "check_fused_kernels", lambda device, dtype: {})  # device numerics pass
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(_common, "CUDA_GRID_LIMITS", (65535, 65535, 65535))       # a tighter device
+    shapes = RunShapes.of_model(_model(preset="base"), 32, "random", 0.9)
+    cuda = torch.device("cuda")
+    kernels.clear_fallbacks()
+    try:
+        lines = []
+        assert selfcheck.resolve_backend("auto", cuda, torch.bfloat16, lines.append, shapes) == "fused"
+        fell = kernels.fallbacks()
+        assert "varlen_attention" in fell and "linear_cross_entropy" not in fell
+        warned = [s for s in lines if "WARNING" in s]
+        assert len(warned) == len(fell) and any("varlen_attention" in s for s in warned)
+        # the small shapes of the numerics check alone would not have caught it
+        kernels.clear_fallbacks()
+        assert selfcheck.resolve_backend("auto", cuda, torch.bfloat16, lines.append, None) == "fused"
+        assert kernels.fallbacks() == {}
+        with pytest.raises(RuntimeError, match="varlen_attention"):
+            selfcheck.resolve_backend("fused", cuda, torch.bfloat16, lines.append, shapes)
+    finally:
+        kernels.clear_fallbacks()
+
+
+def test_start_of_run_check_falls_back_per_op_on_device_failure(monkeypatch):
+    from mam2_fast.kernels import selfcheck
+
+    monkeypatch.setattr(selfcheck, "check_fused_kernels",
+                        lambda device, dtype: {"factorized_attention[spatial]": "relative error 1e+00 > 3e-02"})
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    kernels.clear_fallbacks()
+    try:
+        lines = []
+        shapes = RunShapes.of_model(_model(preset="small"), 8, "tube", 0.75)
+        assert selfcheck.resolve_backend("auto", torch.device("cuda"), torch.bfloat16, lines.append, shapes) == "fused"
+        assert set(kernels.fallbacks()) == {"factorized_attention"}
+        assert sum("WARNING" in s for s in lines) == 1 and "factorized_attention" in lines[-1]
+    finally:
+        kernels.clear_fallbacks()

@@ -263,7 +263,7 @@ def _dims(qkv: Tensor, mode: str):
     return B, T, S, H, dh, G, L
 
 
-def _blocks(L: int, dh: int):
+def _blocks(L: int, dh: int, dtype: Optional[torch.dtype] = None):
     block_d = max(16, next_pow2(dh))
     if interpreting():
         blk = 16 if L <= 16 else 32
@@ -272,9 +272,18 @@ def _blocks(L: int, dh: int):
     if L <= 32:
         blk = max(16, next_pow2(L))
         return blk, blk, block_d, 4
+    if block_d >= 128 and dtype == torch.float32:
+        return 32, 32, block_d, 4  # fp32 dh 80/128: 64 x 64 tiles need 180 KB of shared memory (A100: 163 KB)
     if block_d >= 128:
-        return 64, 64, block_d, 4  # dh 80/128: stay within registers
+        return 64, 64, block_d, 8  # dh 80/128: 8 warps, else ptxas spills (compile_check, sm_80/90)
     return 64, 64, block_d, 4
+
+
+def _bwd_warps(block_m: int, warps: int) -> int:
+    # 64 x 64 backward tiles hold dK, dV, K, V and the score tile per program: at 4 warps ptxas
+    # hits 255 registers per thread and spills in dK/dV (sm_80 and sm_90, compile_check); 8 warps
+    # halve the per-thread share and the spill is gone
+    return 8 if block_m >= 64 and not interpreting() else warps
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -299,7 +308,7 @@ def _fwd(qkv: Tensor, valid: Optional[Tensor], mode: str, scale: float) -> Tuple
     if out.numel() == 0:
         return out, lse
     o5 = out.view(B, T, S, H, dh)
-    BM, BN, BD, warps = _blocks(L, dh)
+    BM, BN, BD, warps = _blocks(L, dh, qkv.dtype)
     m_blocks = triton.cdiv(L, BM)
     launch(_attn_fwd_kernel, (B * G * H * m_blocks,),
            qkv, o5, lse, _valid_arg(valid, qkv),
@@ -324,7 +333,7 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, valid: Optiona
                                                grad_out.stride(3)))
     o5 = out.view(B, T, S, H, dh)
     delta = torch.empty_like(lse)
-    BM, BN, BD, warps = _blocks(L, dh)
+    BM, BN, BD, warps = _blocks(L, dh, qkv.dtype)
     va = _valid_arg(valid, qkv)
     vs = _map3(valid, mode)
     has_valid = valid is not None
@@ -335,7 +344,7 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, valid: Optiona
            o5, do5, delta, va, *_map5(o5.stride(), mode), *ds, *vs, G, H, L, dh, m_blocks,
            HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps, **where)
     common = dict(HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-                  PRECISION=_precision(qkv.dtype), num_warps=warps, **where)
+                  PRECISION=_precision(qkv.dtype), num_warps=_bwd_warps(BM, warps), **where)
     launch(_attn_bwd_dkdv_kernel, (B * G * H * n_blocks,),
            qkv, do5, lse, delta, va, dqkv, *qs, *ds, *gs, *vs, G, H, L, dh,
            scale * _LOG2E, scale, n_blocks, **common)

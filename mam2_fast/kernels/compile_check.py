@@ -22,7 +22,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from typing import Callable, Dict, List
@@ -35,6 +38,42 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 # opt-in shared memory per block (bytes): a launch above it fails with "out of resources"
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself uses for ``arch`` (Triton 3.9 picks a newer one for sm_90+)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        try:
+            tool = get_ptxas(arch)
+        except TypeError:           # older Triton: get_ptxas() without the arch
+            tool = get_ptxas()
+        return tool.path if hasattr(tool, "path") else tool[0]
+    except ImportError:
+        import triton.backends.nvidia as nv
+        return os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Registers per thread and spill bytes of a kernel's PTX as ptxas reports them (``-v``).
+
+    Triton's compiled metadata only carries ``n_regs`` / ``n_spills`` once a driver has loaded
+    the cubin; ptxas tells the same from the PTX on a machine without one. The PTX targets
+    ``sm_90a`` on Hopper (Triton's choice for wgmma), ``sm_<arch>`` elsewhere."""
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        proc = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", src, "-o", os.path.join(tmp, "k.cubin")],
+                              capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile_check: ptxas failed for {gpu}:\n{text[-2000:]}")
+    regs = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return {"regs": max((int(r) for r in regs), default=None),
+            "spill_stores": sum(int(a) for a, _ in spills), "spill_loads": sum(int(b) for _, b in spills)}
 
 
 def _arg_type(name: str, value) -> str:
@@ -50,7 +89,7 @@ def _arg_type(name: str, value) -> str:
 
 
 @contextmanager
-def compile_instead_of_launch(arch: int = 90, log: Callable[[str], None] = None):
+def compile_instead_of_launch(arch: int = 90, log: Callable[[str], None] = None, usage: bool = True):
     """Within the block, ``kernel[grid](...)`` compiles the launch for ``sm_<arch>`` and returns
     without running it. Yields the list of compiled records (dicts)."""
     import triton
@@ -91,6 +130,9 @@ def compile_instead_of_launch(arch: int = 90, log: Callable[[str], None] = None)
         asm = getattr(compiled, "asm", {}) or {}
         if "cubin" not in asm:
             raise RuntimeError(f"compile_check: {self.fn.__name__} produced no cubin ({sorted(asm)})")
+        rec.update(ptxas_usage(asm["ptx"], arch) if usage and "ptx" in asm else
+                   {"regs": None, "spill_stores": None, "spill_loads": None})
+        rec["dtype"] = _record_dtype(rec["pointers"])
         limit = SHARED_LIMIT.get(arch)
         if limit is not None and rec["shared"] is not None and rec["shared"] > limit:
             raise RuntimeError(f"compile_check: {rec['kernel']} {rec['constexprs']} needs {rec['shared']} B of "
@@ -98,8 +140,8 @@ def compile_instead_of_launch(arch: int = 90, log: Callable[[str], None] = None)
         seen[key] = rec
         records.append(rec)
         if log:
-            log(f"  {rec['kernel']:<28} {rec['seconds']:5.1f}s  shared {rec['shared']}  "
-                f"warps {rec['num_warps']}  {rec['constexprs']}")
+            log(f"  {rec['kernel']:<28} {rec['seconds']:5.1f}s  shared {rec['shared']}  regs {rec['regs']}  "
+                f"spill {rec['spill_stores']}/{rec['spill_loads']}  warps {rec['num_warps']}  {rec['constexprs']}")
         return None
 
     JITFunction.run = run
@@ -109,6 +151,31 @@ def compile_instead_of_launch(arch: int = 90, log: Callable[[str], None] = None)
     finally:
         JITFunction.run = original
         _common.COMPILE_ONLY = False
+
+
+def _record_dtype(pointers: dict) -> str:
+    """The kernel's activation dtype: the first floating-point pointer's (outputs in fp32 aside)."""
+    kinds = [v[1:] for v in pointers.values() if v[1:] in ("bf16", "fp16", "fp32")]
+    for k in ("bf16", "fp16"):
+        if k in kinds:
+            return k
+    return kinds[0] if kinds else "-"
+
+
+def spills(records: List[dict], dtype: str = "bf16") -> List[dict]:
+    """The records of ``dtype`` whose ptxas report shows spill stores or loads."""
+    return [r for r in records if r.get("dtype") == dtype and (r.get("spill_stores") or r.get("spill_loads"))]
+
+
+def usage_table(records: List[dict], arch: int) -> str:
+    """A markdown table of the compiled kernels: shared memory, registers, spills (RESULTS.md)."""
+    lines = [f"| sm_{arch} kernel | dtype | key constexprs | warps | shared B | regs/thread | spill st/ld B |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for r in sorted(records, key=lambda r: (r["kernel"], r.get("dtype", ""), str(r["constexprs"]))):
+        ce = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k.isupper() or k.startswith("BLOCK"))
+        lines.append(f"| {r['kernel']} | {r.get('dtype')} | {ce} | {r['num_warps']} | {r['shared']} | "
+                     f"{r.get('regs')} | {r.get('spill_stores')}/{r.get('spill_loads')} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,6 +266,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90: H100/H200)")
     ap.add_argument("--quick", action="store_true", help="bf16 and one size per kernel only")
+    ap.add_argument("--table", action="store_true", help="print a markdown table of registers and spills")
+    ap.add_argument("--allow-spills", action="store_true",
+                    help="report bf16 spills without failing (default: any spill in a bf16 kernel fails)")
     args = ap.parse_args(argv)
     import triton
 
@@ -206,6 +276,16 @@ def main(argv=None) -> int:
     t0 = time.time()
     records = run_checks(args.arch, args.quick)
     kernels = sorted({r["kernel"] for r in records})
+    if args.table:
+        print(usage_table(records, args.arch))
+    spilled = spills(records, "bf16")
+    for r in spilled:
+        print(f"SPILL sm_{args.arch}: {r['kernel']} {r['constexprs']} regs {r['regs']} "
+              f"spill stores {r['spill_stores']} B loads {r['spill_loads']} B", file=sys.stderr)
+    if spilled and not args.allow_spills:
+        print(f"compile_check: {len(spilled)} bf16 kernel specialization(s) spill registers on sm_{args.arch}",
+              file=sys.stderr)
+        return 1
     print(f"ok: {len(records)} specializations of {len(kernels)} kernels compiled to cubin in "
           f"{time.time() - t0:.0f}s ({', '.join(kernels)})")
     return 0

@@ -1,14 +1,21 @@
 """Start-of-run self-check of the fused kernels on the training device.
 
-``kernels: auto`` trusts the fused path only after this check: every fused op runs once on
-small random inputs of the run's dtype, forward and backward, and is compared with its
-reference. A failure (exception, or relative error above the stated tolerance) makes
-``auto`` fall back to the reference path with a one-line warning naming the op; with
-``kernels: fused`` it raises instead.
+``kernels: auto`` trusts a fused op only after this check, in two parts:
+
+1. numerics on the device: every fused op runs once on small random inputs of the run's
+   dtype (odd sizes, empty segments), forward and backward, against its reference;
+2. the run's own launch shapes: every launch one training step makes, at the run's batch,
+   mask and widths (``launch_plan.check_launch_limits``, no memory, no GPU needed), is
+   checked against CUDA's grid limits, so a shape the tiny inputs of part 1 cannot show
+   (a grid past 65,535 on axis 1/2, 2^31 - 1 blocks on axis 0) is caught before step 1.
+
+An op that fails either part runs its reference for the whole run (``kernels.
+fall_back_to_reference``) with one warning naming it; the others stay fused. With
+``kernels: fused`` a failure raises instead.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -118,12 +125,28 @@ def _case_rgb_diff_packed(device, dtype):
     return fused, refr
 
 
+def _case_gather_tokens(device, dtype):
+    x0 = torch.randn(3, 2, 37, 48, device=device, dtype=dtype)     # N not a power of two
+    idx = torch.stack([torch.randperm(37, device=device)[:11].sort().values for _ in range(3)])
+
+    def run(fn):
+        x = x0.clone().requires_grad_(True)
+        out = fn(x)
+        out.float().square().sum().backward()
+        return out, x.grad
+
+    fused = run(lambda x: kernels.gather_tokens(x, idx, backend="fused"))
+    refr = run(lambda x: ref.gather_tokens_ref(x, idx))
+    return fused, refr
+
+
 CASES: dict[str, Callable] = {
     "factorized_attention[temporal]": lambda d, t: _case_attention(d, t, "temporal"),
     "factorized_attention[spatial]": lambda d, t: _case_attention(d, t, "spatial"),
     "varlen_attention": _case_varlen,
     "linear_cross_entropy": _case_linear_ce,
     "gather_visible_add_pos": _case_gather,
+    "gather_tokens": _case_gather_tokens,
     "rgb_diff_mse_tube": _case_rgb_diff,
     "rgb_diff_mse_packed": _case_rgb_diff_packed,
 }
@@ -131,6 +154,10 @@ CASES: dict[str, Callable] = {
 
 def check_fused_kernels(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, str]:
     """Run every fused op against its reference; returns ``{op: problem}`` (empty when all pass)."""
+    from mam2_fast.train import accel
+
+    if accel.is_stand_in(device):
+        return {}      # a stand-in device (dry runs on "meta") has no values to compare
     problems: dict[str, str] = {}
     tol = TOLERANCE.get(dtype, 3e-2)
     gen_state = torch.random.get_rng_state()
@@ -149,18 +176,41 @@ def check_fused_kernels(device: torch.device, dtype: torch.dtype = torch.bfloat1
     return problems
 
 
-def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, log=print) -> str:
-    """The backend a run actually uses: ``reference`` / ``fused`` / ``auto`` -> checked choice."""
+def op_of_case(case: str) -> str:
+    """``factorized_attention[temporal]`` -> ``factorized_attention`` (a :data:`kernels.FUSED_OPS` name)."""
+    return case.split("[", 1)[0]
+
+
+def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, log=print,
+                    shapes=None) -> str:
+    """The backend a run actually uses: ``reference`` / ``fused`` / ``auto`` -> checked choice.
+
+    ``shapes`` (a :class:`~mam2_fast.kernels.launch_plan.RunShapes` of the run, at its per-device
+    batch) adds the launch-limit check at the run's real shapes. Under ``auto`` each failing op
+    falls back to its reference alone (one warning per op); ``fused`` raises on any failure."""
     if requested == "reference":
         return "reference"
     if requested == "auto" and (device.type != "cuda" or not kernels.triton_available()):
         return "reference"
-    problems = check_fused_kernels(device, dtype)
+    problems: dict[str, str] = {}
+    for case, why in check_fused_kernels(device, dtype).items():
+        problems.setdefault(op_of_case(case), f"{case}: {why}")
+    if shapes is not None:
+        from mam2_fast.kernels.launch_plan import check_launch_limits
+
+        for op, why in check_launch_limits(shapes, dtype).items():
+            problems.setdefault(op, why)
     if not problems:
-        log(f"kernels: fused Triton kernels passed the start-of-run check on {device} ({dtype})")
+        at = f", launches at batch {shapes.batch} within CUDA's limits" if shapes is not None else ""
+        log(f"kernels: fused Triton kernels passed the start-of-run check on {device} ({dtype}{at})")
         return "fused"
-    msg = "; ".join(f"{k}: {v}" for k, v in problems.items())
     if requested == "fused":
+        msg = "; ".join(f"{k}: {v}" for k, v in problems.items())
         raise RuntimeError(f"kernels: fused kernels failed the start-of-run check: {msg}")
-    log(f"kernels: WARNING fused kernels failed the start-of-run check ({msg}); using the reference path")
-    return "reference"
+    for op, why in problems.items():
+        kernels.fall_back_to_reference(op, why)
+        log(f"kernels: WARNING fused op {op} failed the start-of-run check ({why}); it runs its "
+            f"reference for this run")
+    if set(problems) >= set(kernels.FUSED_OPS):
+        return "reference"
+    return "fused"

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from mam2_fast.kernels._common import check_device, check_float, launch
 from mam2_fast.kernels._flash import online_softmax_step, probs_and_score_grads
-from mam2_fast.kernels.attention import _LOG2E, _SUPPORTED_DH_MAX, _blocks, _precision  # same tiling rules
+from mam2_fast.kernels.attention import _LOG2E, _SUPPORTED_DH_MAX, _blocks, _bwd_warps, _precision  # same tiling rules
 
 
 # Grid: one flat axis over (segment g, head h, block), the block fastest; G*H (segments times
@@ -229,7 +229,7 @@ def _fwd(qkv: Tensor, cu: Tensor, index: Optional[Tensor], max_seqlen: int, scal
     if out.numel() == 0 or G == 0 or max_seqlen == 0:
         return out, lse
     o3 = out.view(ntok, H, dh)
-    BM, BN, BD, warps = _blocks(max_seqlen, dh)
+    BM, BN, BD, warps = _blocks(max_seqlen, dh, qkv.dtype)
     m_blocks = triton.cdiv(max_seqlen, BM)
     launch(_varlen_fwd_kernel, (G * H * m_blocks,),
            qkv, o3, lse, cu, _index_arg(index, cu), *qkv.stride(), *o3.stride(),
@@ -251,7 +251,7 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu: Tensor, in
     do3 = grad_out.view(ntok, H, dh) if grad_out.stride(-1) == 1 else grad_out.contiguous().view(ntok, H, dh)
     o3 = out.view(ntok, H, dh)
     delta = torch.empty_like(lse)
-    BM, BN, BD, warps = _blocks(max_seqlen, dh)
+    BM, BN, BD, warps = _blocks(max_seqlen, dh, qkv.dtype)
     ia, has_index = _index_arg(index, cu), index is not None
     m_blocks, n_blocks = triton.cdiv(max_seqlen, BM), triton.cdiv(max_seqlen, BN)
     where = dict(op="varlen_attention backward", shape=_shape(qkv, G, max_seqlen, index))
@@ -261,7 +261,7 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu: Tensor, in
     args = (qkv, do3, lse, delta, cu, ia, dqkv, *qkv.stride(), *do3.stride(), *dqkv.stride(),
             ntok, H, dh, scale * _LOG2E, scale)
     common = dict(HAS_INDEX=has_index, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-                  PRECISION=_precision(qkv.dtype), num_warps=warps, **where)
+                  PRECISION=_precision(qkv.dtype), num_warps=_bwd_warps(BM, warps), **where)
     launch(_varlen_bwd_dkdv_kernel, (G * H * n_blocks,), *args, n_blocks, **common)
     launch(_varlen_bwd_dq_kernel, (G * H * m_blocks,), *args, m_blocks, **common)
     return dqkv
