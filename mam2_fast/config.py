@@ -112,7 +112,9 @@ class TokenizerConfig:
 class OptimConfig:
     base_lr: float = 1.5e-4              # lr = base_lr * effective_batch / 256
     lr: Optional[float] = None           # absolute lr; overrides the scaling rule
-    min_lr: float = 1e-6
+    min_lr: float = 1e-5                 # cosine floor; scaled like base_lr (VideoMAE code:
+                                         # min_lr * batch / 256) unless scale_min_lr is false
+    scale_min_lr: bool = True
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
@@ -333,6 +335,7 @@ def validate_data(d: DataConfig, prefix: str = "data") -> None:
     k = lambda name: f"{prefix}.{name}"  # noqa: E731
     _check(d.list_file is None or d.list_file.strip() != "", k("list_file"), "must not be empty")
     _one_of(d.format, k("format"), ("video", "frames"))
+    _one_of(d.epoch_unit, k("epoch_unit"), ("clips", "videos"))
     try:
         d.frame_pattern.format(1)
         ok = d.frame_pattern.format(1) != d.frame_pattern.format(2)

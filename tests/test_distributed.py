@@ -45,8 +45,13 @@ def test_two_ranks_match_single_process(tmp_path, parallel):
     assert a["model"].keys() == b["model"].keys()
     # 3 AdamW steps at lr 1e-3: float reduction order differs between 2x4 and 1x8 clips, and
     # Adam's normalisation turns that into differences of ~1% of one step (1e-5) at most
+    # Exception: the LayerNorm bias on the regressor's key input. It shifts every key of a query by
+    # the same W_k b, which softmax ignores, so its true gradient is 0 and Adam normalises pure
+    # rounding noise into steps of up to lr: compared at that scale. (The key projection has no
+    # bias in the CAE block for the same reason.)
     for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=2e-5, msg=lambda m: f"{k}: {m}")
+        atol = 3e-3 if k.endswith("norm1_k.bias") else 2e-5
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=atol, msg=lambda m: f"{k}: {m}")
     # the weights did move: not a trivially equal pair
     init_like = a["model"]["blocks.0.mlp.fc1.weight"]
     assert (a["model"]["blocks.0.mlp.fc1.weight"] != 0).any() and torch.isfinite(init_like).all()
@@ -60,7 +65,8 @@ def test_two_ranks_match_single_process(tmp_path, parallel):
     b = torch.load(tmp_path / "one" / "checkpoint-00000005.pt", weights_only=False)
     assert a["step"] == b["step"] == 5 and a["world_size"] == b["world_size"] == 1
     for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=4e-5, msg=lambda m: f"{k}: {m}")
+        atol = 5e-3 if k.endswith("norm1_k.bias") else 4e-5     # zero true gradient (above)
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=atol, msg=lambda m: f"{k}: {m}")
 
 
 _EXIT_SCRIPT = """

@@ -137,10 +137,17 @@ def test_clip_order_applies_the_labelled_shuffle_and_trains():
     assert torch.allclose(out["loss"], out["loss_app"] + out["loss_motion"] + 2.0 * out["loss_align"])
     assert 0.0 <= out["order_acc"] <= 1.0
 
-    # gradients: the [CLS] reads its tube only through temporal attention, whose output
-    # projection (temporal_fc) starts at zero (TimeSformer init) -- at step 0 the clip-order
-    # loss trains temporal_fc; once it is non-zero the gradient reaches the encoder.
+    # gradients: the [CLS] reads its tube only through temporal attention. Default blocks (no
+    # temporal_fc, the paper's encoder size): the gradient reaches the encoder at step 0.
     m.train()
+    out = m(clip, info, codes, generator=torch.Generator().manual_seed(7))
+    grads = torch.autograd.grad(out["loss_motion"], [m.blocks[0].attn.qkv.weight, m.patch_embed.weight,
+                                                     m.motion_decoder.cls_token, m.mask_query])
+    assert all(g.abs().sum() > 0 for g in grads)
+    # With TimeSformer's temporal_fc (zero init) the step-0 clip-order loss trains temporal_fc;
+    # once it is non-zero the gradient reaches the encoder.
+    torch.manual_seed(0)
+    m = build_model(tiny(motion_target="clip_order", temporal_fc=True), vocab_size=K).train()
     blk = m.motion_decoder.blocks[0]
     out = m(clip, info, codes, generator=torch.Generator().manual_seed(7))
     g_fc, = torch.autograd.grad(out["loss_motion"], [blk.temporal_fc.weight])

@@ -20,6 +20,11 @@ class DataConfig:
     num_frames: int = 16
     sampling_stride: int = 4            # dense sampling stride (Appendix B: 4)
     num_sample: int = 1                 # repeated augmentation: clips per decoded video
+    epoch_unit: str = "clips"           # what an epoch and the lr-scaling batch count under repeated
+                                        # sampling: "clips" (MAE-ST: an epoch is N clips from
+                                        # N / num_sample videos; lr scales with clips per step) |
+                                        # "videos" (VideoMAE code: every video once, num_sample clips
+                                        # each; lr scales with videos per step = clips / num_sample)
     short_video: str = "loop"           # clip longer than the video: "loop" (wrap) | "pad" (repeat last)
     # augmentation
     input_size: int = 224

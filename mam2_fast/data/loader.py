@@ -87,7 +87,8 @@ class PretrainData:
                                  cfg.decode_short_side)
         self.videos_per_step = batch_size // cfg.num_sample
         self.sampler = ResumableSampler(len(self.records), seed=seed, rank=rank, world_size=world_size,
-                                        num_sample=cfg.num_sample, videos_per_step=self.videos_per_step)
+                                        num_sample=cfg.num_sample, videos_per_step=self.videos_per_step,
+                                        epoch_unit=cfg.epoch_unit)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.samples_per_epoch = self.steps_per_epoch * batch_size * world_size
         self._stats: Counter = Counter()

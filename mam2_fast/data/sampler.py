@@ -19,14 +19,17 @@ import numpy as np
 
 class ResumableSampler:
     def __init__(self, num_items: int, *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 num_sample: int = 1, videos_per_step: int = 1):
+                 num_sample: int = 1, videos_per_step: int = 1, epoch_unit: str = "clips"):
         if num_items <= 0:
             raise ValueError("sampler: dataset is empty")
         if not 0 <= rank < world_size:
             raise ValueError(f"sampler: rank {rank} outside world size {world_size}")
         self.num_items, self.seed = num_items, seed
         self.rank, self.world_size = rank, world_size
-        self.videos_per_epoch = math.ceil(num_items / num_sample)          # global, before padding
+        if epoch_unit not in ("clips", "videos"):
+            raise ValueError(f"sampler: epoch_unit must be 'clips' or 'videos', got {epoch_unit!r}")
+        # global, before padding: "clips" reads N / num_sample videos (N clips), "videos" all N
+        self.videos_per_epoch = num_items if epoch_unit == "videos" else math.ceil(num_items / num_sample)
         self.videos_per_rank = math.ceil(self.videos_per_epoch / world_size)
         self.videos_per_step = videos_per_step
         self.steps_per_epoch = self.videos_per_rank // videos_per_step     # drop_last

@@ -77,6 +77,7 @@ class FinetuneOptimConfig(OptimConfig):
     betas: tuple = (0.9, 0.999)
     layer_decay: float = 0.75            # layer-wise lr decay (BEiT / VideoMAE)
     warmup_epochs: float = 5.0
+    min_lr: float = 1e-6                 # VideoMAE fine-tuning: 1e-6 * batch / 256
 
 
 @dataclass
@@ -84,7 +85,7 @@ class FinetuneConfig:
     name: str = "finetune"
     init: Optional[str] = None           # pre-training checkpoint | run folder | .safetensors | null
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(num_sample=2))
+    data: DataConfig = field(default_factory=lambda: DataConfig(num_sample=2, epoch_unit="videos"))
     aug: AugConfig = field(default_factory=AugConfig)
     test: TestConfig = field(default_factory=TestConfig)
     optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)

@@ -68,6 +68,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mam2_fast import kernels
 from mam2_fast.kernels import reference as ref
+from mam2_fast.train import accel
 from mam2_fast.masking import MaskInfo, PackedSegments
 
 MOTION_TARGETS = ("rgb_diff", "flow", "clip_order")
@@ -206,11 +207,13 @@ class DividedBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, k_bias: bool = True):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        # a key bias adds the same term to every score of a query, which softmax ignores: its
+        # gradient is 0 and CAE's code keeps it at zero (k_bias=False there)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias and k_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
@@ -248,7 +251,7 @@ class RegressorBlock(nn.Module):
         self.norm1_q = nn.LayerNorm(dim, eps=1e-6)
         self.norm1_k = nn.LayerNorm(dim, eps=1e-6)
         self.norm1_v = nn.LayerNorm(dim, eps=1e-6)
-        self.cross_attn = CrossAttention(dim, num_heads)
+        self.cross_attn = CrossAttention(dim, num_heads, k_bias=style != "cae")
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
@@ -800,7 +803,7 @@ class MAM2(nn.Module):
             loss = loss + cfg.align_weight * loss_align
 
         if cfg.use_appearance and self.appearance_target == "pixels":
-            with torch.no_grad(), torch.autocast(clip.device.type, enabled=False):
+            with torch.no_grad(), accel.autocast(clip.device, enabled=False):
                 from mam2_fast.targets.pixel import pixel_target  # lazy: keep models independent of targets
                 pix = pixel_target(clip, self.patch_size)                   # [B, T, N, P*P*C] float32
             loss_app = self.masked_patch_mse(self.appearance_head(app_feat), pix, info, skip_first_frame=False,

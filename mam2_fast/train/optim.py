@@ -10,11 +10,27 @@ from mam2_fast.models.mam2 import param_groups_for_weight_decay
 from mam2_fast.train import accel
 
 
-def scaled_lr(optim_cfg, effective_batch: int) -> float:
+def lr_batch(effective_batch: int, data_cfg) -> float:
+    """The batch the lr scaling rule counts: clips per optimizer step, or videos per step
+    (clips / num_sample) under ``data.epoch_unit: videos`` (VideoMAE's code)."""
+    if getattr(data_cfg, "epoch_unit", "clips") == "videos":
+        return effective_batch / max(1, data_cfg.num_sample)
+    return float(effective_batch)
+
+
+def scaled_lr(optim_cfg, effective_batch: float) -> float:
     """lr = base_lr * effective_batch / 256 (Appendix B) unless an absolute lr is given."""
     if optim_cfg.lr is not None:
         return float(optim_cfg.lr)
     return optim_cfg.base_lr * effective_batch / 256.0
+
+
+def scaled_min_lr(optim_cfg, effective_batch: float) -> float:
+    """The cosine floor: min_lr * effective_batch / 256 as VideoMAE's code scales it, or min_lr
+    as given (``optim.scale_min_lr: false``, or an absolute ``optim.lr``)."""
+    if optim_cfg.lr is not None or not getattr(optim_cfg, "scale_min_lr", False):
+        return float(optim_cfg.min_lr)
+    return optim_cfg.min_lr * effective_batch / 256.0
 
 
 def build_optimizer(model: nn.Module, optim_cfg, lr: float, device: torch.device) -> torch.optim.AdamW:
