@@ -158,7 +158,9 @@ def pretrain_config(b: dict, variant: str, seed: int, list_file: str, out_dir: P
                    "keep_last": 1, "progress": False, "tensorboard": False}}
     d = _merge(d, VARIANTS[variant] or {})
     if d["model"].get("arch") == "videomae":
-        d["model"]["tubelet_size"] = 2
+        # VideoMAE's presets start at ViT-S; the study's sizes override its widths, and its
+        # decoder runs at the encoder's width like MAM^2's decoders here (a like-for-like grid)
+        d["model"].update(preset="small", tubelet_size=2, decoder_dim=b["embed_dim"], decoder_heads=b["num_heads"])
     d = _merge(d, extra or {})
     return config_from_dict(d)
 

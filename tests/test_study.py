@@ -1,0 +1,27 @@
+"""The representation study CLI (issue 15): the micro budget end to end, resumable."""
+import json
+
+from mam2_fast import study
+
+
+def test_micro_study_runs_every_variant_and_resumes(tmp_path, capsys):
+    out = tmp_path / "study"
+    assert study.main(["--budget", "micro", "--out", str(out), "--variants", "mam2,no_motion,videomae,random",
+                       "--threads", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    cells = res["cells"]
+    assert set(cells) == {"mam2/seed0", "no_motion/seed0", "videomae/seed0", "random/seed0"}
+    for name, cell in cells.items():
+        assert "error" not in cell["probe"] and "error" not in cell["finetune"], (name, cell)
+        assert 0 <= cell["probe"]["motion"] <= 100 and 0 <= cell["finetune"]["appearance"] <= 100
+    assert "feat_rank" in cells["mam2/seed0"]["pretrain"]["last"]
+    table = (out / "table.md").read_text()
+    assert "| mam2 |" in table and "removing motion hurts" in table
+    # a second run of the same command finds everything recorded and trains nothing
+    capsys.readouterr()
+    before = (out / "results.json").read_text()
+    assert study.main(["--budget", "micro", "--out", str(out), "--variants", "mam2,no_motion,videomae,random",
+                       "--threads", "1"]) == 0
+    log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[study]")]
+    assert not any("pre-training" in line or "fine-tune motion" in line or "probe motion" in line for line in log), log
+    assert json.loads((out / "results.json").read_text())["cells"] == json.loads(before)["cells"]
