@@ -71,7 +71,7 @@ BUDGETS: dict = {
     "smoke": dict(train_videos=128, test_videos=64, video_size=40, video_frames=16, identities=4, distractors=2,
                   input_size=32, patch_size=8, num_frames=4, stride=3, embed_dim=64, depth=2, num_heads=2,
                   regressor_depth=1, appearance_depth=1, motion_depth=1, vocab_size=32,
-                  pretrain_steps=120, pretrain_batch=8, pretrain_lr=5e-4, finetune_epochs=4, finetune_batch=8,
+                  pretrain_steps=240, pretrain_batch=8, pretrain_lr=5e-4, finetune_epochs=12, finetune_batch=8,
                   finetune_lr=5e-4, probe_clips=2, test_clips=2, seeds=3),
     "small": dict(train_videos=512, test_videos=192, video_size=56, video_frames=24, identities=4, distractors=2,
                   input_size=48, patch_size=8, num_frames=8, stride=2, embed_dim=128, depth=3, num_heads=4,
@@ -227,9 +227,29 @@ def run_probe(encoder, b: dict, train_list: str, test_list: str, device) -> dict
     views = lambda lst: ViewData(dcfg, lst, b["probe_clips"], 1, "dense", batch_size=8, device=device)  # noqa: E731
     res = probe_encoders({"enc": encoder}, views(train_list), views(test_list),
                          [f"label%{N_DIRECTIONS}", f"label//{N_DIRECTIONS}"], device, lambda s: None, pool="grid")["enc"]
-    return {"motion": res[f"label%{N_DIRECTIONS}"]["test_acc"], "appearance": res[f"label//{N_DIRECTIONS}"]["test_acc"],
-            "chance_motion": res[f"label%{N_DIRECTIONS}"]["chance"],
-            "chance_appearance": res[f"label//{N_DIRECTIONS}"]["chance"]}
+    out = {"motion": res[f"label%{N_DIRECTIONS}"]["test_acc"], "appearance": res[f"label//{N_DIRECTIONS}"]["test_acc"],
+           "chance_motion": res[f"label%{N_DIRECTIONS}"]["chance"],
+           "chance_appearance": res[f"label//{N_DIRECTIONS}"]["chance"]}
+    out.update(heldout_collapse(encoder, views(test_list), device))
+    return out
+
+
+def heldout_collapse(encoder, data, device, max_batches: int = 2) -> dict:
+    """The collapse monitor's measures on held-out clips: the frozen encoder's final token
+    features (every token of up to ``max_batches`` batches, first view), as in issue 15's
+    diagnosis (random encoders are the reference)."""
+    import torch
+    from mam2_fast.train.collapse import collapse_stats
+
+    tokens = []
+    with torch.no_grad():
+        for i, batch in enumerate(data):
+            if i >= max_batches:
+                break
+            clips = batch["views"][:, 0].to(device)                               # [B, T, C, H, W]
+            tokens.append(encoder.to(device).eval().forward_features(clips).float().flatten(0, -2).cpu())
+    stats = collapse_stats(torch.cat(tokens), max_tokens=2048)
+    return {"heldout_feat_std": stats["feat_std"], "heldout_feat_rank": stats["feat_rank"]}
 
 
 def run_finetune(cfg, test_list: str, out_dir: Path) -> dict:
@@ -325,19 +345,20 @@ def aggregate(res: Results, variants: list, seeds: list) -> dict:
                 if vals:
                     row[f"{stage}_{lab}"] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                                              len(vals))
-        ranks = [res.get(f"{v}/seed{s}", "pretrain") for s in seeds]
-        ranks = [r["last"]["feat_rank"] for r in ranks if r and "feat_rank" in r.get("last", {})]
-        if ranks:
-            row["feat_rank"] = (float(np.mean(ranks)), float(np.std(ranks, ddof=1)) if len(ranks) > 1 else 0.0, len(ranks))
+        for key in ("heldout_feat_std", "heldout_feat_rank"):
+            vals = [res.get(f"{v}/seed{s}", "probe") for s in seeds]
+            vals = [x[key] for x in vals if x and key in x]
+            if vals:
+                row[key] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, len(vals))
         out[v] = row
     return out
 
 
-def _fmt(cell) -> str:
+def _fmt(cell, digits: int = 1) -> str:
     if cell is None:
         return "n/a"
     m, s, n = cell
-    return f"{m:.1f} ± {s:.1f}" if n > 1 else f"{m:.1f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
 
 
 def check_targets(agg: dict) -> list:
@@ -373,12 +394,14 @@ def write_table(res: Results, study: Path, variants: list, seeds: list, command:
              f"mean ± std over seeds. Chance: motion {100 / N_DIRECTIONS:.0f}%, appearance "
              f"{100 / meta['sizes']['identities']:.0f}%.", "",
              f"Command: `{command}`", "",
-             "| variant | fine-tune motion | fine-tune appearance | probe motion | probe appearance | final feat rank |",
-             "|---|---|---|---|---|---|"]
+             "| variant | fine-tune motion | fine-tune appearance | probe motion | probe appearance | "
+             "held-out feat std | held-out feat rank |",
+             "|---|---|---|---|---|---|---|"]
     for v in variants:
         r = agg[v]
         lines.append(f"| {v} | {_fmt(r.get('finetune_motion'))} | {_fmt(r.get('finetune_appearance'))} | "
-                     f"{_fmt(r.get('probe_motion'))} | {_fmt(r.get('probe_appearance'))} | {_fmt(r.get('feat_rank'))} |")
+                     f"{_fmt(r.get('probe_motion'))} | {_fmt(r.get('probe_appearance'))} | "
+                     f"{_fmt(r.get('heldout_feat_std'), 3)} | {_fmt(r.get('heldout_feat_rank'))} |")
     errors = {f"{c} {stage}": st[stage]["error"] for c, st in res.data["cells"].items()
               for stage in ("probe", "finetune") if isinstance(st.get(stage), dict) and "error" in st[stage]}
     if errors:

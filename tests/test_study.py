@@ -15,6 +15,7 @@ def test_micro_study_runs_every_variant_and_resumes(tmp_path, capsys):
         assert "error" not in cell["probe"] and "error" not in cell["finetune"], (name, cell)
         assert 0 <= cell["probe"]["motion"] <= 100 and 0 <= cell["finetune"]["appearance"] <= 100
     assert "feat_rank" in cells["mam2/seed0"]["pretrain"]["last"]
+    assert all(cell["probe"]["heldout_feat_rank"] > 0 for cell in cells.values())   # random included
     table = (out / "table.md").read_text()
     assert "| mam2 |" in table and "removing motion hurts" in table
     # a second run of the same command finds everything recorded and trains nothing
