@@ -70,4 +70,11 @@ def test_spilling_bf16_kernel_fails_the_check(monkeypatch, capsys):
     out = capsys.readouterr()
     assert "| sm_80 kernel |" in out.out and "SPILL sm_80: _k" in out.err
     assert cc.main(["--arch", "80", "--allow-spills"]) == 0
+    dh128 = [{"kernel": "_attn_bwd_dkdv_kernel", "dtype": "bf16", "constexprs": {"BLOCK_D": 128}, "num_warps": 4,
+              "shared": 1024, "regs": 168, "spill_stores": 8, "spill_loads": 8}]
+    monkeypatch.setattr(cc, "run_checks", lambda arch, quick: dh128)   # head dim 128: no preset uses it
+    assert cc.main(["--arch", "90"]) == 0 and "not a preset shape" in capsys.readouterr().err
+    dh64 = [dict(dh128[0], constexprs={"BLOCK_D": 64})]
+    monkeypatch.setattr(cc, "run_checks", lambda arch, quick: dh64)
+    assert cc.main(["--arch", "90"]) == 1
     assert cc._record_dtype({"x": "*bf16", "lse": "*fp32"}) == "bf16"

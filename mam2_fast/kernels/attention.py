@@ -264,6 +264,13 @@ def _dims(qkv: Tensor, mode: str):
 
 
 def _blocks(L: int, dh: int, dtype: Optional[torch.dtype] = None):
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for sequences of length ``L``, head dim ``dh``.
+
+    Register budget, from ptxas on sm_80 and sm_90 (``python -m mam2_fast.kernels.compile_check
+    --arch 80|90 --table``): 64 x 64 tiles at 4 warps reach 255 registers per thread and spill
+    (varlen forward on sm_80, dK/dV backward on both) -> 8 warps; at dh 128 even 8 warps
+    spill in dK/dV and fp32 64 x 64 tiles need 180 KB of shared memory (A100: 163 KB) ->
+    32 x 32 tiles."""
     block_d = max(16, next_pow2(dh))
     if interpreting():
         blk = 16 if L <= 16 else 32
@@ -272,18 +279,9 @@ def _blocks(L: int, dh: int, dtype: Optional[torch.dtype] = None):
     if L <= 32:
         blk = max(16, next_pow2(L))
         return blk, blk, block_d, 4
-    if block_d >= 128 and dtype == torch.float32:
-        return 32, 32, block_d, 4  # fp32 dh 80/128: 64 x 64 tiles need 180 KB of shared memory (A100: 163 KB)
     if block_d >= 128:
-        return 64, 64, block_d, 8  # dh 80/128: 8 warps, else ptxas spills (compile_check, sm_80/90)
-    return 64, 64, block_d, 4
-
-
-def _bwd_warps(block_m: int, warps: int) -> int:
-    # 64 x 64 backward tiles hold dK, dV, K, V and the score tile per program: at 4 warps ptxas
-    # hits 255 registers per thread and spills in dK/dV (sm_80 and sm_90, compile_check); 8 warps
-    # halve the per-thread share and the spill is gone
-    return 8 if block_m >= 64 and not interpreting() else warps
+        return 32, 32, block_d, 4
+    return 64, 64, block_d, 8
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -344,7 +342,7 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, valid: Optiona
            o5, do5, delta, va, *_map5(o5.stride(), mode), *ds, *vs, G, H, L, dh, m_blocks,
            HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps, **where)
     common = dict(HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
-                  PRECISION=_precision(qkv.dtype), num_warps=_bwd_warps(BM, warps), **where)
+                  PRECISION=_precision(qkv.dtype), num_warps=warps, **where)
     launch(_attn_bwd_dkdv_kernel, (B * G * H * n_blocks,),
            qkv, do5, lse, delta, va, dqkv, *qs, *ds, *gs, *vs, G, H, L, dh,
            scale * _LOG2E, scale, n_blocks, **common)

@@ -162,9 +162,20 @@ def _record_dtype(pointers: dict) -> str:
     return kinds[0] if kinds else "-"
 
 
-def spills(records: List[dict], dtype: str = "bf16") -> List[dict]:
+PRESET_HEAD_DIM = 64    # ViT-S/B/L: 384/6, 768/12, 1024/16
+
+
+def used_by_presets(r: dict) -> bool:
+    """A bf16 launch the shipped presets make: every non-attention kernel, attention at head dim 64
+    (the other head dims are compiled and reported, not required spill-free)."""
+    attention = r["kernel"].startswith(("_attn", "_varlen"))
+    return r.get("dtype") == "bf16" and (not attention or r["constexprs"].get("BLOCK_D") == PRESET_HEAD_DIM)
+
+
+def spills(records: List[dict], dtype: str = "bf16", presets_only: bool = False) -> List[dict]:
     """The records of ``dtype`` whose ptxas report shows spill stores or loads."""
-    return [r for r in records if r.get("dtype") == dtype and (r.get("spill_stores") or r.get("spill_loads"))]
+    return [r for r in records if r.get("dtype") == dtype and (r.get("spill_stores") or r.get("spill_loads"))
+            and (used_by_presets(r) or not presets_only)]
 
 
 def usage_table(records: List[dict], arch: int) -> str:
@@ -278,12 +289,14 @@ def main(argv=None) -> int:
     kernels = sorted({r["kernel"] for r in records})
     if args.table:
         print(usage_table(records, args.arch))
-    spilled = spills(records, "bf16")
-    for r in spilled:
-        print(f"SPILL sm_{args.arch}: {r['kernel']} {r['constexprs']} regs {r['regs']} "
+    for r in spills(records, "bf16"):
+        tag = "SPILL" if used_by_presets(r) else "spill (not a preset shape)"
+        print(f"{tag} sm_{args.arch}: {r['kernel']} {r['constexprs']} regs {r['regs']} "
               f"spill stores {r['spill_stores']} B loads {r['spill_loads']} B", file=sys.stderr)
+    spilled = spills(records, "bf16", presets_only=True)
     if spilled and not args.allow_spills:
-        print(f"compile_check: {len(spilled)} bf16 kernel specialization(s) spill registers on sm_{args.arch}",
+        print(f"compile_check: {len(spilled)} bf16 kernel specialization(s) the presets launch spill registers "
+              f"on sm_{args.arch}",
               file=sys.stderr)
         return 1
     print(f"ok: {len(records)} specializations of {len(kernels)} kernels compiled to cubin in "
