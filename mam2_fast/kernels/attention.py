@@ -343,9 +343,12 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, valid: Optiona
            HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps, **where)
     common = dict(HAS_VALID=has_valid, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD,
                   PRECISION=_precision(qkv.dtype), num_warps=warps, **where)
+    # dK/dV: query blocks half the key block, one stage (64 x 64 spilled 20 B/thread on sm_90
+    # under Triton 3.6; compile_check); the interpreter runs it too (16 x 32), so parity covers it
+    dkdv = dict(common, BLOCK_M=BN // 2 if BN >= 32 else BM, num_stages=1)
     launch(_attn_bwd_dkdv_kernel, (B * G * H * n_blocks,),
            qkv, do5, lse, delta, va, dqkv, *qs, *ds, *gs, *vs, G, H, L, dh,
-           scale * _LOG2E, scale, n_blocks, **common)
+           scale * _LOG2E, scale, n_blocks, **dkdv)
     launch(_attn_bwd_dq_kernel, (B * G * H * m_blocks,),
            qkv, do5, lse, delta, va, dqkv, *qs, *ds, *gs, *vs, G, H, L, dh,
            scale * _LOG2E, scale, m_blocks, **common)
