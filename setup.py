@@ -91,7 +91,13 @@ setup(
         ],
         "hf": ["transformers"],  # export --format hf-videomae is verified with it when installed
         "triton": ["triton>=3.6"],
-        "viz": ["matplotlib"],
+        "viz": ["matplotlib"],  # optional: plots are drawn with Pillow without it
+        # model.motion_target: flow (torchvision RAFT). Optional and deliberately unpinned:
+        # torchvision must be the build made for the installed torch (each release pins one
+        # torch version), so install it from the index torch came from, e.g.
+        #   pip install torchvision --index-url https://download.pytorch.org/whl/cpu
+        # A pin here could make pip replace torch (and pull a CUDA build from PyPI).
+        "flow": ["torchvision"],
         "opencv": ["opencv-python-headless"],
         "decord": ["decord"],
         "dali": ["nvidia-dali-cuda120"],

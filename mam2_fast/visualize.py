@@ -4,17 +4,18 @@
     python -m mam2_fast.visualize runs/demo/checkpoint-00000100.pt --clips 4 --list val.txt --out viz/
 
 For each of ``--clips`` videos (centre crop of one clip, tube mask drawn with ``--seed``), one
-PNG ``clip<i>.png`` with rows over the T frames:
+PNG ``clip<i>.png`` titled with the video's name and the clip's scores, one column per frame
+(``frame 0`` ... ``frame T-1``) and one titled row per picture (the titles below, ``ROW_TITLES``):
 
-1. the frames;  2. the mask (masked patches darkened);
-3. true RGB difference ``x_t - x_{t-1}`` per patch (normalized units; mid-gray = 0);
-4. predicted RGB difference on the masked patches (visible patches: flat gray);
-5. true appearance codes (tokenizer ids, one colour per code);
-6. predicted codes (argmax of ``app_logits``) on masked patches, true codes faded elsewhere.
+1. ``input frames``;  2. ``mask (dark = masked)``: masked patches darkened;
+3. ``target: RGB diff``: true ``x_t - x_{t-1}`` per patch (normalized units; mid-gray = 0);
+4. ``prediction: RGB diff``: predicted on the masked patches (visible patches: flat gray);
+5. ``target: codes``: true appearance codes (tokenizer ids, one colour per code);
+6. ``prediction: codes``: argmax of ``app_logits`` on masked patches, true codes faded elsewhere.
 
-``curves.png``: loss, loss_app, loss_motion, loss_align, app_acc against the step, read from
-the run's ``metrics.jsonl``. matplotlib is used when installed (``pip install mam2_fast[viz]``),
-otherwise plain mosaics/line rasters are written by a built-in PNG writer.
+``curves.png``: the losses (loss, loss_app, loss_motion, loss_align) on one panel and app_acc
+on another, against the step, read from the run's ``metrics.jsonl``, with a title, numbered
+axes and a legend. Drawn with Pillow, or matplotlib when installed (``pip install mam2_fast[viz]``).
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from mam2_fast.ft.plots import code_palette, save_curves_png, save_image_grid, s
 from mam2_fast.kernels.reference import rgb_diff_target_ref, unpatchify
 
 CURVE_KEYS = ("loss", "loss_app", "loss_motion", "loss_align", "app_acc")
+ROW_TITLES = {"frames": "input frames", "mask": "mask (dark = masked)", "true_diff": "target: RGB diff",
+              "pred_diff": "prediction: RGB diff", "true_codes": "target: codes", "pred_codes": "prediction: codes"}
 
 
 def load_pretrained(path: str | Path):
@@ -82,19 +85,19 @@ def clip_panels(model, tokenizer, clip: torch.Tensor, info, mean, std) -> tuple[
     pred = model.predict(clip, info)
     frames = _frames_img(clip[0], mean, std)                            # [T, H, W, 3]
     cellmask = _cells(mask.float()[..., None].expand(T, N, 3).numpy(), grid, P)
-    rows = [("frames", list(frames)), ("mask", list(frames * (1 - 0.7 * cellmask)))]
+    rows = [(ROW_TITLES["frames"], list(frames)), (ROW_TITLES["mask"], list(frames * (1 - 0.7 * cellmask)))]
     stats = {}
 
     true_diff = rgb_diff_target_ref(model.motion_clip(clip), P)         # [1, T, N, PPC] (model.motion_space)
     C = clip.shape[2]
     scale = float(true_diff.abs().amax()) or 1.0
     to_img = lambda d: unpatchify(d, P, C, *grid)[0].permute(0, 2, 3, 1).numpy()  # noqa: E731
-    rows.append(("true RGB diff", list(signed_map(to_img(true_diff), scale))))
+    rows.append((ROW_TITLES["true_diff"], list(signed_map(to_img(true_diff), scale))))
     if "rgb_diff" in pred:
         full = torch.zeros_like(true_diff)
         full[0][mask] = pred["rgb_diff"][0].reshape(-1, true_diff.shape[-1]) if info.is_tube else pred["rgb_diff"][0][mask]
         full[:, 0] = 0
-        rows.append(("pred RGB diff", list(signed_map(to_img(full), scale))))
+        rows.append((ROW_TITLES["pred_diff"], list(signed_map(to_img(full), scale))))
         sel = mask.clone()
         sel[0] = False
         stats["motion_mse"] = float(((full - true_diff) ** 2).mean(-1)[0][sel].mean())
@@ -102,7 +105,7 @@ def clip_panels(model, tokenizer, clip: torch.Tensor, info, mean, std) -> tuple[
     if tokenizer is not None and "app_logits" in pred:
         codes = tokenizer.tokenize(denormalize(clip.float(), mean, std)).flatten(2)[0]   # [T, N]
         pal = code_palette(int(tokenizer.vocab_size))
-        rows.append(("true codes", list(_cells(pal[codes.numpy()], grid, P))))
+        rows.append((ROW_TITLES["true_codes"], list(_cells(pal[codes.numpy()], grid, P))))
         logits = pred["app_logits"][0]
         pcodes = codes.clone()
         if info.is_tube:
@@ -112,7 +115,7 @@ def clip_panels(model, tokenizer, clip: torch.Tensor, info, mean, std) -> tuple[
         colors = pal[pcodes.numpy()]                                     # [T, N, 3]
         faded = 0.25 * colors + 0.75
         colors = np.where(mask.numpy()[..., None], colors, faded)
-        rows.append(("pred codes", list(_cells(colors, grid, P))))
+        rows.append((ROW_TITLES["pred_codes"], list(_cells(colors, grid, P))))
         stats["code_acc"] = float((pcodes[mask] == codes[mask]).float().mean())
     return rows, stats
 
@@ -156,7 +159,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         rows, stats = clip_panels(model, tok, clip, info, cfg.data.mean, cfg.data.std)
         title = f"{Path(data.records[int(batch['index'][0])].path).name}  " + \
                 "  ".join(f"{k} {v:.3f}" for k, v in stats.items())
-        written.append(str(save_image_grid(rows, out / f"clip{i}.png", title=title)))
+        cols = [f"frame {t}" for t in range(clip.shape[1])]
+        written.append(str(save_image_grid(rows, out / f"clip{i}.png", title=title, col_titles=cols)))
     metrics_path = Path(args.metrics) if args.metrics else path.parent / "metrics.jsonl"
     if metrics_path.is_file():
         from mam2_fast.train.metrics import read_metrics

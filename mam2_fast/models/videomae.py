@@ -78,7 +78,11 @@ class VideoMAEConfig:
 
 
 VIDEOMAE_PRESETS = {
-    # encoder (D, depth, heads), decoder (D', heads) as in modeling_pretrain.py; decoder depth 4
+    # encoder (D, depth, heads), decoder (D', heads) as in modeling_pretrain.py; decoder depth 4.
+    # ``tiny`` is not an official VideoMAE size: the encoder is mam2.PRESETS["tiny"] (CPU demo
+    # and tests, so the baseline runs beside MAM^2 at demo scale), the decoder half its width
+    # as for the official sizes (3 heads of 32 channels, since 96 does not split into 64s).
+    "tiny": dict(embed_dim=192, depth=4, num_heads=3, decoder_dim=96, decoder_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6, decoder_dim=192, decoder_heads=3),
     "base": dict(embed_dim=768, depth=12, num_heads=12, decoder_dim=384, decoder_heads=6),
     "large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_dim=512, decoder_heads=8),
