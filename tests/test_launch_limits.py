@@ -259,6 +259,7 @@ def test_start_of_run_check_uses_run_shapes_and_falls_back_per_op(monkeypatch):
 
     monkeypatch.setattr(selfcheck, "check_fused_kernels", lambda device, dtype: {})  # device numerics pass
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr("mam2_fast.train.accel.capability", lambda d: (9, 0))
     monkeypatch.setattr(_common, "CUDA_GRID_LIMITS", (65535, 65535, 65535))       # a tighter device
     shapes = RunShapes.of_model(_model(preset="base"), 32, "random", 0.9)
     cuda = torch.device("cuda")
@@ -286,6 +287,7 @@ def test_start_of_run_check_falls_back_per_op_on_device_failure(monkeypatch):
     monkeypatch.setattr(selfcheck, "check_fused_kernels",
                         lambda device, dtype: {"factorized_attention[spatial]": "relative error 1e+00 > 3e-02"})
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr("mam2_fast.train.accel.capability", lambda d: (8, 0))
     kernels.clear_fallbacks()
     try:
         lines = []
@@ -295,3 +297,24 @@ def test_start_of_run_check_falls_back_per_op_on_device_failure(monkeypatch):
         assert sum("WARNING" in s for s in lines) == 1 and "factorized_attention" in lines[-1]
     finally:
         kernels.clear_fallbacks()
+
+
+def test_fused_kernels_need_ampere_and_bf16_must_be_native(monkeypatch):
+    """V100 / T4 (sm_70 / sm_75): ``auto`` runs the reference with one line; ``fused`` is an error;
+    ``precision: auto`` does not pick bf16 there (torch counts its emulation as support)."""
+    from mam2_fast.kernels import selfcheck
+    from mam2_fast.train import accel
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(accel, "device_name", lambda d: "Tesla V100")
+    monkeypatch.setattr(selfcheck, "check_fused_kernels", lambda d, t: pytest.fail("must not run on sm_70"))
+    cuda = torch.device("cuda")
+    for cap, native in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(accel, "capability", lambda d, cap=cap: cap)
+        assert accel.bf16_supported(cuda) is native, cap
+    monkeypatch.setattr(accel, "capability", lambda d: (7, 0))
+    lines = []
+    assert selfcheck.resolve_backend("auto", cuda, torch.float16, lines.append) == "reference"
+    assert len(lines) == 1 and "Tesla V100" in lines[0] and "7.0" in lines[0]
+    with pytest.raises(RuntimeError, match="compute capability 8.0"):
+        selfcheck.resolve_backend("fused", cuda, torch.float16, lines.append)

@@ -22,6 +22,9 @@ import torch
 from mam2_fast import kernels
 from mam2_fast.kernels import reference as ref
 
+# bf16 tensor-core paths (tl.dot on bf16) and the tile sizes are tuned for Ampere and newer
+MIN_CAPABILITY = (8, 0)
+
 # relative-error tolerances by dtype (fused vs reference computed in float32)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
@@ -191,6 +194,16 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, lo
     if requested == "reference":
         return "reference"
     if requested == "auto" and (device.type != "cuda" or not kernels.triton_available()):
+        return "reference"
+    from mam2_fast.train import accel
+
+    cap = accel.capability(device)
+    if cap is not None and cap < MIN_CAPABILITY:
+        msg = (f"kernels: the fused Triton kernels need compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+               f"(Ampere) or newer; {accel.device_name(device)} is {cap[0]}.{cap[1]}")
+        if requested == "fused":
+            raise RuntimeError(msg)
+        log(msg + ": every op runs its reference")
         return "reference"
     problems: dict[str, str] = {}
     for case, why in check_fused_kernels(device, dtype).items():

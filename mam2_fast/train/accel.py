@@ -62,10 +62,13 @@ def cuda_available() -> bool:
 # queries
 # ----------------------------------------------------------------------------------------
 def bf16_supported(device: Any) -> bool:
-    """bf16 autocast is worth it on this device (CUDA: the GPU supports it; stand-in: yes)."""
+    """bf16 autocast is worth it on this device: CUDA only where bf16 is native (Ampere, sm_80,
+    and newer; ``torch.cuda.is_bf16_supported()`` also counts the slow emulation on V100 / T4);
+    the stand-in: yes."""
     device = as_device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        cap = capability(device)
+        return cap is not None and cap >= (8, 0)
     return device.type == STAND_IN
 
 
