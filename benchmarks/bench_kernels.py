@@ -1,25 +1,38 @@
-"""Micro-benchmarks of the fused kernels (mam2_fast/kernels) against the alternatives.
+"""Micro-benchmarks of the fused kernels (mam2_fast/kernels) against the best built-in alternatives.
 
 For ViT-S/B/L shapes (T = 16, N = 196 patches, tube masks 0.75 / 0.9) it times forward and
 forward+backward of
 
-* factorized attention (encoder: S = visible slots; decoder: S = masked slots), temporal and
-  spatial: fused Triton vs reference eager, torch SDPA (flash / efficient / cudnn, with the
-  permutes + contiguous copies they need), FlexAttention (compiled), and
-  ``torch.nn.attention.varlen.varlen_attn`` when present;
+* factorized attention on the engine's layout ``qkv [B, T, S, 3, H, dh]`` (encoder: S =
+  visible slots; decoder: S = masked slots), temporal (over the T frames at each slot) and
+  spatial (over the S slots of each frame): fused Triton vs the eager reference, the
+  ``torch.compile``d reference, every SDPA backend (flash, efficient, cudnn, math, each
+  forced with ``sdpa_kernel``) on the cheapest layouts -- spatial on zero-copy views
+  ``[B*T, H, S, dh]`` in and out; temporal with the heads folded (one copy splits the
+  interleaved q|k|v, then ``[B, S*H, T, dh]`` views in and out: no 4-D view of the engine's
+  layout reaches the temporal order) and per clip (B calls on zero-copy ``[S, H, T, dh]``
+  views, one copy out) --, FlexAttention compiled once (static shapes; the recompile limit is
+  raised, so no shape falls back to eager flex), and ``torch.nn.attention.varlen.varlen_attn``;
 * varlen attention on packed random space-time masks (per-frame visible counts differ):
   packed Triton kernel vs the grid with validity masks (fused and reference), torch's
-  ``varlen_attn`` (temporal mode pays the gather into segment order and back), and
-  FlexAttention with a document mask; work counted over the real segments only;
-* gather_visible_add_pos / gather_tokens: fused vs reference eager vs torch.compile(reference);
+  ``varlen_attn`` and nested (jagged) SDPA (temporal mode pays the gather into segment order
+  and back), and FlexAttention with a document mask; work counted over the real segments;
+* gather_visible_add_pos / gather_tokens at the model's dtypes (bf16 activations, fp32
+  position tables, int64 indices): fused vs ``torch.gather`` (the reference),
+  ``index_select`` and advanced indexing on flat row indices, ``torch.compile(reference)``;
 * rgb_diff_mse (tube, and packed rows of a random mask): fused vs reference eager vs
-  torch.compile(reference);
+  ``torch.compile(reference)``;
 * linear_cross_entropy (K = 16384 by default): fused vs reference (F.linear +
   F.cross_entropy) eager and compiled, with peak memory.
 
-It prints one table per op: ms, TFLOP/s (attention, head) or TB/s (memory-bound ops), and
-the ratio to the reference eager time. Without CUDA it prints a message and exits 0
-(``--smoke`` runs tiny shapes on CPU under the Triton interpreter, to check the script).
+Every table (markdown) gives ms, TFLOP/s (attention, head) or TB/s (memory-bound ops, of the
+minimum bytes), and "% copy": the op's analytic minimum bytes (``kernel_bytes.py``: each
+needed input element read once, each output written once) / time / the device-to-device copy
+bandwidth measured at the start (``y.copy_(x)`` of ``--copy-mib`` MiB: 2 x bytes / time).
+Under it, per shape and pass: the fastest of our kernels ("(triton)"), the best built-in
+(every other variant: eager, compiled, SDPA, flex, varlen, nested) and fused ms / best ms
+(< 1: the fused kernel is faster). Without CUDA it prints a message and exits 0 (``--smoke``
+runs tiny shapes on CPU under the Triton interpreter, to check the script).
 
     python benchmarks/bench_kernels.py --models B --batch 32 --ops attention,ce
 """
@@ -33,7 +46,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, ".."))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import kernel_bytes as kb  # noqa: E402
 from mam2_fast.train import accel  # noqa: E402
 
 MODELS = {  # name: (embed dim D, heads H); head dim = D / H = 64
@@ -43,13 +60,15 @@ MODELS = {  # name: (embed dim D, heads H); head dim = D / H = 64
 }
 T_FRAMES, N_PATCHES, PATCH = 16, 196, 16
 SKIP_COMPILED = False  # --skip-compiled: no torch.compile'd variants (their compile time dominates a short session)
+COPY_MIB = 1024        # --copy-mib: size of the copy that measures the bandwidth
+OURS = "(triton)"      # variants with this in their name are ours; every other one is a built-in
 
 
 # ----------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------
 def bench(fn: Callable[[], object], smoke: bool) -> float:
-    """Mean milliseconds per call."""
+    """Mean milliseconds per call (GPU: triton's do_bench, which flushes L2 between calls)."""
     if smoke:
         fn()
         t0 = time.perf_counter()
@@ -59,36 +78,106 @@ def bench(fn: Callable[[], object], smoke: bool) -> float:
     return float(do_bench(fn, warmup=10, rep=50))
 
 
+def timed_ms(fn: Callable[[], object], dev: torch.device, reps: int) -> float:
+    """Mean milliseconds of ``fn`` over ``reps`` back-to-back calls: device events on a GPU
+    (accel: CUDA events, or the stand-in's, which read 0), the host clock on the CPU."""
+    fn()
+    accel.synchronize(dev)
+    if dev.type == "cpu":
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / reps
+    start, end = accel.new_event(dev, enable_timing=True), accel.new_event(dev, enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    accel.synchronize(dev)
+    return start.elapsed_time(end) / reps
+
+
+_COPY_RATE: Dict[str, Optional[float]] = {}
+
+
+def copy_bandwidth(dev: torch.device, smoke: bool = False, mib: Optional[int] = None) -> Optional[float]:
+    """Bytes/s of a large device-to-device copy ``y.copy_(x)`` (2 x numel x element size per
+    call), measured once per device; None where nothing is timed (the stand-in device)."""
+    key = str(dev)
+    if key not in _COPY_RATE:
+        mib = mib or (16 if smoke or dev.type == "cpu" else COPY_MIB)
+        x = torch.ones(mib * 2 ** 20 // 4, device=dev)
+        y = torch.empty_like(x)
+        ms = timed_ms(lambda: y.copy_(x), dev, reps=3 if smoke else 20)
+        _COPY_RATE[key] = 2 * x.numel() * x.element_size() / (ms * 1e-3) if ms > 0 else None
+        del x, y
+    return _COPY_RATE[key]
+
+
+def _cell(x: Optional[float], fmt: str) -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
 class Table:
-    def __init__(self, title: str, unit: str):
+    """Rows ``(shape, variant, fwd ms, f+b ms, fwd work, f+b work, note)``; work in the
+    table's unit (FLOPs for TFLOP/s, bytes for TB/s). ``min_bytes[shape]``: the op's analytic
+    minimum (:mod:`kernel_bytes`), for the "% copy" columns."""
+
+    def __init__(self, title: str, unit: str, dev: Optional[torch.device] = None, smoke: bool = False):
         self.title, self.unit = title, unit
         self.rows: List[tuple] = []
+        self.min_bytes: Dict[str, kb.MinBytes] = {}
+        self.copy_rate = copy_bandwidth(dev, smoke) if dev is not None else None
 
     def add(self, shape: str, variant: str, ms_f: Optional[float], ms_fb: Optional[float],
             work_f: float, work_fb: float, note: str = ""):
         self.rows.append((shape, variant, ms_f, ms_fb, work_f, work_fb, note))
 
-    def show(self):
-        scale = 1e12
-        print(f"\n== {self.title} ==")
-        hdr = (f"{'shape':<34} {'variant':<22} {'fwd ms':>9} {self.unit:>8} {'x ref':>6} "
-               f"{'f+b ms':>9} {self.unit:>8} {'x ref':>6}  note")
-        print(hdr)
-        print("-" * len(hdr))
-        ref: Dict[str, tuple] = {}
-        for shape, variant, mf, mfb, wf, wfb, note in self.rows:
-            if variant == "reference":
-                ref[shape] = (mf, mfb)
-        for shape, variant, mf, mfb, wf, wfb, note in self.rows:
-            rf, rfb = ref.get(shape, (None, None))
+    def set_bytes(self, shape: str, mb: kb.MinBytes):
+        self.min_bytes[shape] = mb
 
-            def cell(ms, work, r):
-                if ms is None:
-                    return f"{'n/a':>9} {'':>8} {'':>6}"
-                rate = work / (ms * 1e-3) / scale
-                ratio = f"{r / ms:6.2f}" if r else f"{'':>6}"
-                return f"{ms:9.3f} {rate:8.2f} {ratio}"
-            print(f"{shape:<34} {variant:<22} {cell(mf, wf, rf)} {cell(mfb, wfb, rfb)}  {note}")
+    def pct_copy(self, shape: str, ms: Optional[float], fwd: bool) -> Optional[float]:
+        mb = self.min_bytes.get(shape)
+        if mb is None or not ms or not self.copy_rate:
+            return None
+        return 100.0 * (mb.fwd if fwd else mb.total) / (ms * 1e-3) / self.copy_rate
+
+    def summary(self) -> List[tuple]:
+        """``(shape, pass, fastest fused, ms, best built-in, ms, fused/best)`` per shape and
+        pass (None where a side has no timing)."""
+        out = []
+        shapes = list(dict.fromkeys(r[0] for r in self.rows))
+        for shape in shapes:
+            rows = [r for r in self.rows if r[0] == shape]
+            for col, label in ((2, "fwd"), (3, "f+b")):
+                timed = [(r[col], r[1]) for r in rows if r[col] is not None and r[col] > 0]
+                ours = min(((ms, n) for ms, n in timed if OURS in n), default=(None, None))
+                best = min(((ms, n) for ms, n in timed if OURS not in n), default=(None, None))
+                ratio = ours[0] / best[0] if ours[0] is not None and best[0] is not None else None
+                out.append((shape, label, ours[1], ours[0], best[1], best[0], ratio))
+        return out
+
+    def show(self):
+        print(f"\n### {self.title}\n")
+        if self.copy_rate:
+            print(f"copy bandwidth (measured, device-to-device): {self.copy_rate / 1e12:.3f} TB/s; "
+                  "% copy = analytic minimum bytes / time / copy bandwidth\n")
+        else:
+            print("copy bandwidth: not measured here (% copy: n/a)\n")
+        u = self.unit
+        print(f"| shape | variant | fwd ms | fwd {u} | fwd % copy | f+b ms | f+b {u} | f+b % copy | note |")
+        print("|:--|:--|--:|--:|--:|--:|--:|--:|:--|")
+        for shape, variant, mf, mfb, wf, wfb, note in self.rows:
+            cells = []
+            for ms, work, fwd in ((mf, wf, True), (mfb, wfb, False)):
+                rate = work / (ms * 1e-3) / 1e12 if ms else None
+                cells += [_cell(ms, ".3f"), _cell(rate, ".2f"), _cell(self.pct_copy(shape, ms, fwd), ".1f")]
+            print("| " + " | ".join([shape, variant, *cells, note.replace("|", "/")]) + " |")
+        print("\n| shape | pass | fastest fused | ms | best built-in | ms | fused/best |")
+        print("|:--|:--|:--|--:|:--|--:|--:|")
+        for shape, label, on, oms, bn, bms, ratio in self.summary():
+            print(f"| {shape} | {label} | {on or 'n/a'} | {_cell(oms, '.3f')} | {bn or 'n/a'} | "
+                  f"{_cell(bms, '.3f')} | {_cell(ratio, '.2f')} |")
 
 
 def run_variant(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], smoke: bool):
@@ -113,60 +202,143 @@ def run_variant(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], smo
         accel.empty_cache()
         return None, None, "OOM"
     except Exception as e:  # unsupported backend / shape: report, keep going
-        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
+        return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}"
+
+
+def _static_compile_limits() -> None:
+    """Static shapes recompile per shape; raise dynamo's recompile limits so no shape falls
+    back to eager (a silently slow "compiled" baseline), and make hitting them an error."""
+    import torch._dynamo.config as cfg
+    for names, floor in ((("recompile_limit", "cache_size_limit"), 1024),
+                         (("accumulated_recompile_limit", "accumulated_cache_size_limit"), 8192)):
+        name = next((n for n in names if hasattr(cfg, n)), None)
+        if name is not None:
+            setattr(cfg, name, max(getattr(cfg, name), floor))
+    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, True)
+            break
+
+
+def compiled(fn, dev: torch.device, **kwargs):
+    """``torch.compile(fn, dynamic=False)`` (one static graph per shape, reused), or None
+    where it is not measured: on the stand-in device (dry runs: nothing to time, and Inductor
+    would compile for no device), with ``--skip-compiled``, or if it fails."""
+    if accel.is_stand_in(dev) or SKIP_COMPILED:
+        return None
+    try:
+        _static_compile_limits()
+        return torch.compile(fn, **{"dynamic": False, **kwargs})
+    except Exception:
+        return None
+
+
+def _host_idx(B: int, N: int, K: int, seed: int = 0) -> torch.Tensor:
+    """[B, K] sorted distinct positions per row, drawn on the host (the byte counts read it)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(N, generator=g)[:K].sort().values for _ in range(B)])
 
 
 # ----------------------------------------------------------------------------------------
 # attention
 # ----------------------------------------------------------------------------------------
-def attention_variants(mode: str, dev: torch.device):
+def attention_layout(qkv: torch.Tensor, mode: str):
+    """qkv ``[B, T, S, 3, H, dh]`` -> q, k, v as 4-D ``[batch, heads, L, dh]`` for SDPA / flex.
+
+    spatial: zero-copy views ``[B*T, H, S, dh]``. temporal: ``(B, S)`` and ``(S, H)`` do not
+    merge in the engine's layout (T and the q|k|v axis sit between them), so one copy splits
+    q|k|v (``[3, B, T, S, H, dh]``); then the heads fold: views ``[B, S*H, T, dh]``."""
+    B, T, S, _, H, dh = qkv.shape
+    if mode == "spatial":
+        x = qkv.reshape(B * T, S, 3, H, dh)
+        return tuple(x[:, :, i].transpose(1, 2) for i in range(3))
+    x = qkv.permute(3, 0, 1, 2, 4, 5).contiguous()
+    return tuple(x[i].view(B, T, S * H, dh).transpose(1, 2) for i in range(3))
+
+
+def attention_unlayout(o: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, L, dh]`` of :func:`attention_layout` -> ``[B, T, S, H*dh]``; a view when
+    the backend stores its output ``[batch, L, heads, dh]`` (flash, efficient do)."""
+    B, T, S, _, H, dh = qkv.shape
+    return o.transpose(1, 2).reshape(B, T, S, H * dh)
+
+
+_CU: Dict[tuple, torch.Tensor] = {}
+
+
+def _uniform_cu(n: int, L: int, device) -> torch.Tensor:
+    key = (n, L, str(device))
+    if key not in _CU:
+        _CU[key] = (torch.arange(n + 1, device=device, dtype=torch.int32) * L)
+    return _CU[key]
+
+
+def attention_variants(mode: str, dev: torch.device) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """name -> fn(qkv [B, T, S, 3, H, dh]) -> [B, T, S, H*dh], every one the same attention."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
     from mam2_fast.kernels import factorized_attention
-
-    def to_bhld(qkv):  # [B, T, S, 3, H, dh] -> 3 x [B*G, H, L, dh] (the permutes SDPA needs)
-        B, T, S, _, H, dh = qkv.shape
-        perm = (0, 2, 3, 1, 4) if mode == "temporal" else (0, 1, 3, 2, 4)  # of [B, T, S, H, dh]
-        return [qkv[:, :, :, i].permute(*perm).reshape(-1, H, T if mode == "temporal" else S, dh)
-                for i in range(3)]
-
-    def from_bhld(o, qkv):  # [B*G, H, L, dh] -> [B, T, S, H*dh] (contiguous)
-        B, T, S, _, H, dh = qkv.shape
-        if mode == "temporal":
-            return o.view(B, S, H, T, dh).permute(0, 3, 1, 2, 4).reshape(B, T, S, H * dh)
-        return o.view(B, T, H, S, dh).permute(0, 1, 3, 2, 4).reshape(B, T, S, H * dh)
+    from mam2_fast.kernels.reference import factorized_attention_ref
 
     def sdpa(backend):
         def f(qkv):
-            q, k, v = to_bhld(qkv)
+            q, k, v = attention_layout(qkv, mode)
             with sdpa_kernel([backend]):
-                return from_bhld(F.scaled_dot_product_attention(q, k, v), qkv)
+                return attention_unlayout(F.scaled_dot_product_attention(q, k, v), qkv)
         return f
 
+    def sdpa_per_clip(backend):  # temporal: B calls on zero-copy [S, H, T, dh] views
+        def f(qkv):
+            B, T, S, _, H, dh = qkv.shape
+            outs = []
+            with sdpa_kernel([backend]):
+                for b in range(B):
+                    q, k, v = (qkv[b, :, :, i].permute(1, 2, 0, 3) for i in range(3))
+                    outs.append(F.scaled_dot_product_attention(q, k, v).permute(2, 0, 1, 3))  # [T, S, H, dh]
+            return torch.stack(outs).reshape(B, T, S, H * dh)
+        return f
+
+    def reference(qkv):
+        return factorized_attention_ref(qkv, mode)
+
     variants = {
-        "reference": lambda qkv: factorized_attention(qkv, mode, backend="reference"),
+        "reference": reference,
         "fused (triton)": lambda qkv: factorized_attention(qkv, mode, backend="fused"),
-        "sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION),
-        "sdpa efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
-        "sdpa cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
     }
+    ref_c = compiled(reference, dev)
+    if ref_c is not None:
+        variants["compiled reference"] = ref_c
+    layout = "views" if mode == "spatial" else "heads=S*H"
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH)):
+        variants[f"sdpa {name} ({layout})"] = sdpa(backend)
+        if mode == "temporal" and backend != SDPBackend.MATH:
+            variants[f"sdpa {name} (per clip)"] = sdpa_per_clip(backend)
     try:
         from torch.nn.attention.flex_attention import flex_attention
-        flex = compiled(flex_attention, dev, dynamic=False)
+
+        def flex_full(qkv):
+            q, k, v = attention_layout(qkv, mode)
+            return attention_unlayout(flex_attention(q, k, v), qkv)
+        flex = compiled(flex_full, dev)
         if flex is not None:
-            variants["flex (compiled)"] = lambda qkv: from_bhld(flex(*to_bhld(qkv)), qkv)
+            variants["flex (compiled)"] = flex
     except Exception:
         pass
     try:
         from torch.nn.attention.varlen import varlen_attn
 
-        def varlen(qkv):
-            q, k, v = to_bhld(qkv)  # [BG, H, L, dh] -> packed [BG*L, H, dh]
-            BG, H, L, dh = q.shape
-            pk = [t.transpose(1, 2).reshape(BG * L, H, dh) for t in (q, k, v)]
-            cu = torch.arange(0, BG + 1, device=q.device, dtype=torch.int32) * L
-            o = varlen_attn(pk[0], pk[1], pk[2], cu, cu, L, L)
-            return from_bhld(o.view(BG, L, H, dh).transpose(1, 2), qkv)
+        def varlen(qkv):  # packed tokens; spatial: zero-copy, temporal: the q|k|v split, heads folded
+            B, T, S, _, H, dh = qkv.shape
+            if mode == "spatial":
+                q, k, v = qkv.reshape(B * T * S, 3, H, dh).unbind(1)          # [B*T*S, H, dh]
+                n, L = B * T, S
+            else:
+                x = qkv.permute(3, 0, 1, 2, 4, 5).contiguous()
+                q, k, v = (x[i].view(B * T, S * H, dh) for i in range(3))     # [B*T, S*H, dh]
+                n, L = B, T
+            cu = _uniform_cu(n, L, qkv.device)
+            return varlen_attn(q, k, v, cu, cu, L, L).reshape(B, T, S, H * dh)
         variants["varlen_attn"] = varlen
     except Exception:
         pass
@@ -176,7 +348,7 @@ def attention_variants(mode: str, dev: torch.device):
 def bench_attention(args, dev, dtype):
     tables = []
     for mode in ("spatial", "temporal"):
-        tab = Table(f"factorized attention ({mode}), {dtype}", "TFLOP/s")
+        tab = Table(f"factorized attention ({mode}), qkv [B, T, S, 3, H, dh] {dtype}", "TFLOP/s", dev, args.smoke)
         variants = attention_variants(mode, dev)
         for model in args.models:
             D, H = MODELS[model]
@@ -189,16 +361,65 @@ def bench_attention(args, dev, dtype):
                         L, G = (T, S) if mode == "temporal" else (S, T)
                         flops_f = 4.0 * B * G * H * L * L * dh
                         shape = f"ViT-{model} B{B} m{mask} {where} S{S}"
+                        singles = B * T * S if L == 1 else 0
+                        tab.set_bytes(shape, kb.factorized_attention_bytes(B, T, S, H, dh, dtype, singletons=singles))
                         lin = torch.randn(B, T, S, 3 * D, device=dev, dtype=dtype, requires_grad=True)
                         qkv = lin.view(B, T, S, 3, H, dh)
                         for name, f in variants.items():
                             ms_f, ms_fb, note = run_variant(lambda: f(qkv), [lin], args.smoke)
-                            tab.add(shape, name if name != "reference" else "reference",
-                                    ms_f, ms_fb, flops_f, 3.5 * flops_f, note)
+                            tab.add(shape, name, ms_f, ms_fb, flops_f, 3.5 * flops_f, note)
                         del lin, qkv
         tab.show()
         tables.append(tab)
     return tables
+
+
+def varlen_variants(mode: str, qkv_p: torch.Tensor, cu: torch.Tensor, longest: int,
+                    index: Optional[torch.Tensor], host_cu: torch.Tensor, flex=None, varlen_attn=None):
+    """Built-ins for packed varlen attention: name -> fn() -> ``[Ntok, H*dh]`` in packed row
+    order, like ``varlen_attention(qkv_p, cu, longest, index)``. ``host_cu``: cu on the host
+    (the nested tensor's offsets skip empty segments; flex's document ids)."""
+    import torch.nn.functional as F
+    ntok, _, H, dh = qkv_p.shape
+    D = H * dh
+    dev = qkv_p.device
+    order = None if index is None else index.long()
+
+    def to_rows(o):  # position order -> packed row order
+        return o if order is None else o.new_empty(o.shape).index_copy(0, order, o)
+
+    def in_order():
+        return qkv_p if order is None else qkv_p[order]
+
+    variants = {}
+    if varlen_attn is not None:
+        def torch_varlen():
+            q, k, v = in_order().unbind(1)                                      # [Ntok, H, dh]
+            return to_rows(varlen_attn(q, k, v, cu, cu, longest, longest).reshape(ntok, D))
+        variants["varlen_attn (torch)"] = torch_varlen
+
+    offsets = torch.unique_consecutive(host_cu.long()).to(dev)                  # empty segments dropped
+
+    def nested():  # jagged values must be contiguous: one copy splits q|k|v (and gathers, temporal)
+        x = qkv_p.transpose(0, 1)
+        x = x.contiguous() if order is None else x[:, order]                    # [3, Ntok, H, dh]
+        q, k, v = (torch.nested.nested_tensor_from_jagged(x[i], offsets, max_seqlen=longest).transpose(1, 2)
+                   for i in range(3))                                           # [G, H, j, dh]
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).values()   # [Ntok, H, dh]
+        return to_rows(o.reshape(ntok, D))
+    variants["nested jagged sdpa"] = nested
+
+    if flex is not None:
+        from torch.nn.attention.flex_attention import create_block_mask
+        lens = (host_cu[1:] - host_cu[:-1]).long()
+        doc = torch.repeat_interleave(torch.arange(lens.numel()), lens).to(dev)
+        bm = create_block_mask(lambda b, h, q, kv: doc[q] == doc[kv], None, None, ntok, ntok, device=dev)
+
+        def flex_doc():
+            x = in_order().permute(1, 2, 0, 3).unsqueeze(1)                     # 3 x [1, H, Ntok, dh]
+            return to_rows(flex(x[0], x[1], x[2], block_mask=bm)[0].transpose(0, 1).reshape(ntok, D))
+        variants["flex doc-mask (compiled)"] = flex_doc
+    return variants
 
 
 def bench_varlen(args, dev, dtype):
@@ -210,12 +431,12 @@ def bench_varlen(args, dev, dtype):
     except Exception:
         varlen_attn = None
     try:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        flex = compiled(flex_attention, dev, dynamic=False)
+        from torch.nn.attention.flex_attention import flex_attention
+        flex = compiled(flex_attention, dev)
     except Exception:
         flex = None
     for mode in ("spatial", "temporal"):
-        tab = Table(f"varlen attention on random-mask token sets ({mode}), {dtype}", "TFLOP/s")
+        tab = Table(f"varlen attention on random-mask token sets ({mode}), {dtype}", "TFLOP/s", dev, args.smoke)
         for model in args.models:
             D, H = MODELS[model]
             dh = D // H
@@ -233,8 +454,11 @@ def bench_varlen(args, dev, dtype):
                     valid = (~info.mask).to(dev)
                     cu, longest, index = ((seg.spatial_cu, seg.spatial_max, None) if mode == "spatial"
                                           else (seg.temporal_cu, seg.temporal_max, seg.temporal_index))
-                    lens = lens_host.to(dev)
                     shape = f"ViT-{model} B{B} m{mask} tok{ntok}"
+                    tab.set_bytes(shape, kb.varlen_attention_bytes(
+                        ntok, host_cu.numel() - 1, H, dh, dtype, indexed=index is not None,
+                        singletons=kb.segment_singletons(host_cu), cu_dtype=host_cu.dtype,
+                        index_dtype=host_seg.temporal_index.dtype))
                     packed = torch.randn(ntok, 3 * D, device=dev, dtype=dtype, requires_grad=True)
                     grid = torch.randn(B, T, N, 3 * D, device=dev, dtype=dtype, requires_grad=True)
                     qkv_p = packed.view(ntok, 3, H, dh)
@@ -244,27 +468,13 @@ def bench_varlen(args, dev, dtype):
                         "grid+valid (triton)": ([grid], lambda: factorized_attention(qkv_g, mode, valid, backend="fused")),
                         "packed (triton)": ([packed], lambda: varlen_attention(qkv_p, cu, longest, index, backend="fused")),
                     }
-                    if varlen_attn is not None:
-                        def torch_varlen():
-                            x = qkv_p if index is None else qkv_p[index.long()]          # segment order
-                            q, k, v = x.unbind(1)                                          # [Ntok, H, dh]
-                            o = varlen_attn(q, k, v, cu, cu, longest, longest).reshape(ntok, D)
-                            return o if index is None else o.new_empty(o.shape).index_copy(0, index.long(), o)
-                        variants["varlen_attn (torch)"] = ([packed], torch_varlen)
-                    if flex is not None:
-                        try:
-                            order = torch.arange(ntok, device=dev) if index is None else index.long()
-                            doc = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=dev), lens.long())
-                            bm = create_block_mask(lambda b, h, q, kv: doc[q] == doc[kv], None, None, ntok, ntok,
-                                                   device=dev)
-
-                            def flex_doc():
-                                x = qkv_p[order].permute(1, 2, 0, 3).unsqueeze(1)         # 3 x [1, H, Ntok, dh]
-                                o = flex(x[0], x[1], x[2], block_mask=bm)[0].transpose(0, 1).reshape(ntok, D)
-                                return o.new_empty(o.shape).index_copy(0, order, o)
-                            variants["flex doc-mask (compiled)"] = ([packed], flex_doc)
-                        except Exception:
-                            pass
+                    try:
+                        built = varlen_variants(mode, qkv_p, cu, longest, index, host_cu, flex, varlen_attn)
+                    except Exception as e:  # e.g. the block mask: report, keep going
+                        built = {}
+                        tab.add(shape, "built-ins", None, None, flops_f, 3.5 * flops_f,
+                                f"{type(e).__name__}: {str(e).splitlines()[0][:60] if str(e) else ''}")
+                    variants.update({name: ([packed], f) for name, f in built.items()})
                     for name, (inputs, f) in variants.items():
                         ms_f, ms_fb, note = run_variant(f, inputs, args.smoke)
                         tab.add(shape, name, ms_f, ms_fb, flops_f, 3.5 * flops_f, note)
@@ -277,23 +487,55 @@ def bench_varlen(args, dev, dtype):
 # ----------------------------------------------------------------------------------------
 # memory-bound ops
 # ----------------------------------------------------------------------------------------
-def compiled(fn, dev: torch.device, **kwargs):
-    """``torch.compile(fn)``, or None where it is not measured: on the stand-in device (dry
-    runs: nothing to time, and Inductor would compile for no device), or if it fails."""
-    if accel.is_stand_in(dev) or SKIP_COMPILED:
-        return None
-    try:
-        return torch.compile(fn, **kwargs)
-    except Exception:
-        return None
+def flat_rows(idx: torch.Tensor, T: int, N: int) -> torch.Tensor:
+    """idx ``[B, K]`` -> int64 rows ``[B*T*K]`` of ``x.view(B*T*N, D)`` in (b, t, k) order."""
+    B, K = idx.shape
+    base = (torch.arange(B, device=idx.device)[:, None] * T + torch.arange(T, device=idx.device)) * N  # [B, T]
+    return (base[:, :, None] + idx[:, None, :]).reshape(-1)
+
+
+def gather_variants(dev: torch.device):
+    """(pos variants, token variants): name -> fn(x, pos_t, pos_s, idx, rows) resp.
+    fn(x, idx, rows) -> ``[B, T, K, D]``; ``rows = flat_rows(idx, T, N)`` (precomputed)."""
+    from mam2_fast.kernels import gather_tokens, gather_visible_add_pos
+    from mam2_fast.kernels.reference import gather_tokens_ref, gather_visible_add_pos_ref
+
+    def shaped(g, x, idx):
+        B, T, _, D = x.shape
+        return g.view(B, T, idx.shape[1], D)
+
+    def pos_of(pos_t, pos_s, idx):   # [T, 1, D] and [B, 1, K, D]
+        return pos_t[:, None, :], pos_s[idx][:, None]
+
+    def sel_pos(x, pt, ps, idx, rows):
+        a, b = pos_of(pt, ps, idx)
+        return shaped(x.reshape(-1, x.shape[-1]).index_select(0, rows), x, idx) + a + b
+
+    def adv_pos(x, pt, ps, idx, rows):
+        a, b = pos_of(pt, ps, idx)
+        return shaped(x.reshape(-1, x.shape[-1])[rows], x, idx) + a + b
+
+    pos = {"reference": lambda x, pt, ps, idx, rows: gather_visible_add_pos_ref(x, pt, ps, idx),
+           "index_select + pos add": sel_pos,
+           "x[rows] + pos add": adv_pos,
+           "fused (triton)": lambda x, pt, ps, idx, rows: gather_visible_add_pos(x, pt, ps, idx, backend="fused")}
+    tok = {"reference": lambda x, idx, rows: gather_tokens_ref(x, idx),
+           "index_select": lambda x, idx, rows: shaped(x.reshape(-1, x.shape[-1]).index_select(0, rows), x, idx),
+           "x[rows]": lambda x, idx, rows: shaped(x.reshape(-1, x.shape[-1])[rows], x, idx),
+           "fused (triton)": lambda x, idx, rows: gather_tokens(x, idx, backend="fused")}
+    pos_c, tok_c = compiled(gather_visible_add_pos_ref, dev), compiled(gather_tokens_ref, dev)
+    if pos_c is not None:
+        pos["compiled reference"] = lambda x, pt, ps, idx, rows: pos_c(x, pt, ps, idx)
+    if tok_c is not None:
+        tok["compiled reference"] = lambda x, idx, rows: tok_c(x, idx)
+    return pos, tok
 
 
 def bench_gather(args, dev, dtype):
-    from mam2_fast.kernels import gather_tokens, gather_visible_add_pos
-    from mam2_fast.kernels.reference import gather_tokens_ref, gather_visible_add_pos_ref
-    tab = Table(f"gather_visible_add_pos / gather_tokens, {dtype}", "TB/s")
-    ref_pos_c, ref_tok_c = compiled(gather_visible_add_pos_ref, dev), compiled(gather_tokens_ref, dev)
-    el = torch.tensor([], dtype=dtype).element_size()
+    pos_dtype = torch.float32   # the model's position tables are fp32 parameters (output: promoted)
+    tab = Table(f"gather_visible_add_pos / gather_tokens: x {dtype}, pos {pos_dtype}, idx int64 "
+                "(index_select / x[rows]: flat rows precomputed)", "TB/s", dev, args.smoke)
+    pos_v, tok_v = gather_variants(dev)
     for model in args.models:
         D, _ = MODELS[model]
         for B in args.batch:
@@ -301,26 +543,24 @@ def bench_gather(args, dev, dtype):
                 T, N = args.frames, N_PATCHES
                 K = max(1, round(N * (1 - mask)))
                 x = torch.randn(B, T, N, D, device=dev, dtype=dtype, requires_grad=True)
-                pt = torch.randn(T, D, device=dev, dtype=dtype, requires_grad=True)
-                ps = torch.randn(N, D, device=dev, dtype=dtype, requires_grad=True)
-                idx = torch.stack([torch.randperm(N, device=dev)[:K].sort().values for _ in range(B)])
-                rows = B * T * K * D
-                byt_f = 2 * rows * el  # read gathered rows + write output (pos tables are tiny)
-                byt_fb = byt_f + rows * el + B * T * N * D * el  # + read dout, write dense dx
+                pt = torch.randn(T, D, device=dev, dtype=pos_dtype, requires_grad=True)
+                ps = torch.randn(N, D, device=dev, dtype=pos_dtype, requires_grad=True)
+                idx_host = _host_idx(B, N, K)
+                idx = idx_host.to(dev)
+                rows = flat_rows(idx, T, N)
                 shape = f"pos ViT-{model} B{B} m{mask} K{K}"
-                for name, f in (("reference", lambda: gather_visible_add_pos_ref(x, pt, ps, idx)),
-                                ("compiled reference", (lambda: ref_pos_c(x, pt, ps, idx)) if ref_pos_c else None),
-                                ("fused (triton)", lambda: gather_visible_add_pos(x, pt, ps, idx, backend="fused"))):
-                    if f is None:
-                        continue
-                    tab.add(shape, name, *run_variant(f, [x, pt, ps], args.smoke)[:2], byt_f, byt_fb)
+                mb = kb.gather_visible_add_pos_bytes(B, T, N, K, D, dtype, pos_dtype,
+                                                     pos_rows=kb.positions_used(idx_host))
+                tab.set_bytes(shape, mb)
+                for name, f in pos_v.items():
+                    ms_f, ms_fb, note = run_variant(lambda: f(x, pt, ps, idx, rows), [x, pt, ps], args.smoke)
+                    tab.add(shape, name, ms_f, ms_fb, mb.fwd, mb.total, note)
                 shape = f"tok ViT-{model} B{B} m{mask} K{K}"
-                for name, f in (("reference", lambda: gather_tokens_ref(x, idx)),
-                                ("compiled reference", (lambda: ref_tok_c(x, idx)) if ref_tok_c else None),
-                                ("fused (triton)", lambda: gather_tokens(x, idx, backend="fused"))):
-                    if f is None:
-                        continue
-                    tab.add(shape, name, *run_variant(f, [x], args.smoke)[:2], byt_f, byt_fb)
+                mb = kb.gather_tokens_bytes(B, T, N, K, D, dtype)
+                tab.set_bytes(shape, mb)
+                for name, f in tok_v.items():
+                    ms_f, ms_fb, note = run_variant(lambda: f(x, idx, rows), [x], args.smoke)
+                    tab.add(shape, name, ms_f, ms_fb, mb.fwd, mb.total, note)
                 del x
     tab.show()
     return [tab]
@@ -329,7 +569,7 @@ def bench_gather(args, dev, dtype):
 def bench_rgb(args, dev, dtype):
     from mam2_fast.kernels import rgb_diff_mse_packed, rgb_diff_mse_tube
     from mam2_fast.kernels.reference import rgb_diff_mse_packed_ref, rgb_diff_mse_tube_ref
-    tab = Table(f"rgb_diff_mse tube and packed (clip fp32, pred {dtype})", "TB/s")
+    tab = Table(f"rgb_diff_mse tube and packed (clip fp32, pred {dtype})", "TB/s", dev, args.smoke)
     ref_c = compiled(rgb_diff_mse_tube_ref, dev)
     ref_pc = compiled(rgb_diff_mse_packed_ref, dev)
     side = args.image
@@ -339,32 +579,35 @@ def bench_rgb(args, dev, dtype):
             Nm = N - max(1, round(N * (1 - mask)))
             clip = torch.randn(B, T, 3, side, side, device=dev)
             pred = torch.randn(B, T, Nm, PATCH * PATCH * 3, device=dev, dtype=dtype, requires_grad=True)
-            idx = torch.stack([torch.randperm(N, device=dev)[:Nm].sort().values for _ in range(B)])
-            n = B * T * Nm * PATCH * PATCH * 3
-            byt_f = n * (2 * 4 + pred.element_size())  # two clip frames + pred
-            byt_fb = byt_f + byt_f + n * pred.element_size()  # recompute + write dpred
+            idx = _host_idx(B, N, Nm, seed=1).to(dev)
+            mb = kb.rgb_diff_mse_tube_bytes(B, T, Nm, PATCH, dtype, clip.dtype)
             shape = f"B{B} m{mask} Nm{Nm}"
+            tab.set_bytes(shape, mb)
             for name, f in (("reference", lambda: rgb_diff_mse_tube_ref(clip, pred, idx, PATCH)),
                             ("compiled reference", (lambda: ref_c(clip, pred, idx, PATCH)) if ref_c else None),
                             ("fused (triton)", lambda: rgb_diff_mse_tube(clip, pred, idx, PATCH, backend="fused"))):
                 if f is None:
                     continue
-                tab.add(shape, name, *run_variant(f, [pred], args.smoke)[:2], byt_f, byt_fb)
+                ms_f, ms_fb, note = run_variant(f, [pred], args.smoke)
+                tab.add(shape, name, ms_f, ms_fb, mb.fwd, mb.total, note)
             # packed rows of a random (per-token) mask at the same ratio: the random-mask path
-            # (drawn with a fixed count: no data-dependent nonzero, so it also dry-runs on meta)
+            # (drawn on the host with a fixed count: no data-dependent nonzero, so it also
+            # dry-runs on meta, and the byte count reads it)
             M = round(mask * B * T * N)
-            rows = torch.randperm(B * T * N, device=dev)[:M].sort().values
+            rows_host = torch.randperm(B * T * N, generator=torch.Generator().manual_seed(2))[:M].sort().values
+            rows = rows_host.to(dev)
             pred_p = torch.randn(M, PATCH * PATCH * 3, device=dev, dtype=dtype, requires_grad=True)
-            n = M * PATCH * PATCH * 3
-            byt_f = n * (2 * 4 + pred_p.element_size())
-            byt_fb = byt_f + byt_f + n * pred_p.element_size()
+            counted, patches = kb.rgb_packed_counts(rows_host, T, N)
+            mb = kb.rgb_diff_mse_packed_bytes(M, counted, patches, PATCH, dtype, clip.dtype)
             shape = f"packed B{B} m{mask} M{M}"
+            tab.set_bytes(shape, mb)
             for name, f in (("reference", lambda: rgb_diff_mse_packed_ref(clip, pred_p, rows, PATCH)),
                             ("compiled reference", (lambda: ref_pc(clip, pred_p, rows, PATCH)) if ref_pc else None),
                             ("fused (triton)", lambda: rgb_diff_mse_packed(clip, pred_p, rows, PATCH, backend="fused"))):
                 if f is None:
                     continue
-                tab.add(shape, name, *run_variant(f, [pred_p], args.smoke)[:2], byt_f, byt_fb)
+                ms_f, ms_fb, note = run_variant(f, [pred_p], args.smoke)
+                tab.add(shape, name, ms_f, ms_fb, mb.fwd, mb.total, note)
     tab.show()
     return [tab]
 
@@ -372,7 +615,7 @@ def bench_rgb(args, dev, dtype):
 def bench_ce(args, dev, dtype):
     from mam2_fast.kernels import linear_cross_entropy
     from mam2_fast.kernels.reference import linear_cross_entropy_ref
-    tab = Table(f"linear + cross-entropy K={args.classes}, {dtype}", "TFLOP/s")
+    tab = Table(f"linear + cross-entropy K={args.classes}, {dtype}", "TFLOP/s", dev, args.smoke)
     ref_c = compiled(linear_cross_entropy_ref, dev)
     K = args.classes
     for model in args.models:
@@ -387,6 +630,7 @@ def bench_ce(args, dev, dtype):
                 y = torch.randint(0, K, (M,), device=dev)
                 flops = 2.0 * M * D * K
                 shape = f"ViT-{model} B{B} m{mask} M{M}"
+                tab.set_bytes(shape, kb.linear_cross_entropy_bytes(M, D, K, dtype, bias=True))
                 for name, f in (("reference", lambda: linear_cross_entropy_ref(x, w, b, y)),
                                 ("compiled reference", (lambda: ref_c(x, w, b, y)) if ref_c else None),
                                 ("fused (triton)", lambda: linear_cross_entropy(x, w, b, y, backend="fused"))):
@@ -403,6 +647,7 @@ def bench_ce(args, dev, dtype):
 
 
 def main(argv=None) -> int:
+    global SKIP_COMPILED, COPY_MIB, N_PATCHES
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="S,B,L")
     p.add_argument("--batch", default="8,32,64")
@@ -414,6 +659,8 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default="attention,varlen,gather,rgb,ce")
     p.add_argument("--skip-compiled", action="store_true",
                    help="leave out the torch.compile'd variants (flex attention, compiled references)")
+    p.add_argument("--copy-mib", type=int, default=COPY_MIB,
+                   help="size of the device-to-device copy that measures the copy bandwidth (MiB)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on CPU under TRITON_INTERPRET=1 (checks the script only)")
     args = p.parse_args(argv)
@@ -421,15 +668,13 @@ def main(argv=None) -> int:
     args.batch = [int(b) for b in args.batch.split(",")]
     args.masks = [float(m) for m in args.masks.split(",")]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    global SKIP_COMPILED
-    SKIP_COMPILED = args.skip_compiled
+    SKIP_COMPILED, COPY_MIB = args.skip_compiled, args.copy_mib
 
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         args.models, args.batch, args.masks = ["S"], [1], [0.9]
         args.frames, args.image, args.classes = 2, 32, 256
         dtype, dev = torch.float32, torch.device("cpu")
-        global N_PATCHES
         N_PATCHES = 12
     elif not accel.cuda_available():
         print("bench_kernels: no CUDA device found; GPU benchmarks skipped "
@@ -444,6 +689,8 @@ def main(argv=None) -> int:
     except ImportError:
         print("bench_kernels: triton is not importable; nothing to compare.")
         return 0
+    rate = copy_bandwidth(dev, args.smoke)
+    print(f"copy bandwidth: {rate / 1e12:.3f} TB/s" if rate else "copy bandwidth: n/a")
 
     ops = {"attention": bench_attention, "varlen": bench_varlen, "gather": bench_gather, "rgb": bench_rgb, "ce": bench_ce}
     for name in args.ops.split(","):
