@@ -454,6 +454,46 @@ def plot(agg: dict, variants: list, path: Path, title: str) -> None:
     img.save(path)
 
 
+def target_baselines(run_dir: str, batches: int = 16) -> dict:
+    """What a model that ignores its input scores on a pre-training run's targets, over
+    ``batches`` training batches of the run's own data and tokenizer: the appearance codes'
+    marginal entropy (the CE of predicting their frequencies) and the MSE of predicting zero
+    motion (raw-RGB frame differences, as ``motion_space: raw``)."""
+    import torch
+    from mam2_fast.config import config_from_dict
+    from mam2_fast.data.loader import PretrainData
+    from mam2_fast.targets.tokenizer import build_tokenizer
+
+    run = Path(run_dir)
+    cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    tok = None
+    if cfg.tokenizer.kind == "kmeans" and (run / "tokenizer.pt").is_file():
+        tok = build_tokenizer(cfg.tokenizer, cfg.model.patch_size)
+        tok.load_state_dict(torch.load(run / "tokenizer.pt", weights_only=True))
+    data = PretrainData(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
+    mean = torch.tensor(cfg.data.mean).view(1, 1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 1, 3, 1, 1)
+    counts, sq, n = None, 0.0, 0
+    with torch.no_grad():
+        for i, (_, b) in enumerate(data.iter_epoch(0)):
+            raw = b["clip"].float() * std + mean                                  # [B, T, 3, H, W]
+            sq += float(((raw[:, 1:] - raw[:, :-1]) ** 2).mean())
+            n += 1
+            if tok is not None:
+                c = torch.bincount(tok.tokenize(raw).flatten(), minlength=tok.vocab_size).float()
+                counts = c if counts is None else counts + c
+            if i + 1 >= batches:
+                break
+    if hasattr(data, "close"):
+        data.close()
+    out = {"zero_motion_mse_raw": sq / max(n, 1)}
+    if counts is not None:
+        p = counts[counts > 0] / counts.sum()
+        out["code_entropy_nats"] = float(-(p * p.log()).sum())
+        out["log_vocab"] = math.log(tok.vocab_size)
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
@@ -504,7 +544,13 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the budget's, 3)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--baselines", metavar="RUN", default=None,
+                    help="print the trivial baselines of a pre-training run's targets (code entropy, "
+                         "zero-motion MSE) and exit")
     args = ap.parse_args(argv)
+    if args.baselines:
+        print(json.dumps(target_baselines(args.baselines), indent=1))
+        return 0
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

@@ -26,3 +26,11 @@ def test_micro_study_runs_every_variant_and_resumes(tmp_path, capsys):
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[study]")]
     assert not any("pre-training" in line or "fine-tune motion" in line or "probe motion" in line for line in log), log
     assert json.loads((out / "results.json").read_text())["cells"] == json.loads(before)["cells"]
+
+
+def test_target_baselines_of_a_run(tmp_path):
+    out = tmp_path / "study"
+    study.main(["--budget", "micro", "--out", str(out), "--variants", "mam2", "--threads", "1"])
+    b = study.target_baselines(str(out / "runs" / "mam2" / "pretrain-seed0"), batches=2)
+    assert 0 < b["code_entropy_nats"] <= b["log_vocab"] + 1e-6
+    assert 0 < b["zero_motion_mse_raw"] < 1
