@@ -69,8 +69,13 @@ def classification_metrics(probs: Tensor, labels: Tensor, names: Optional[list] 
             "confusion": cm.tolist(), "class_names": list(names)}
 
 
-def run_views(model: torch.nn.Module, data, device: torch.device, amp=None, log=None) -> dict:
-    """Averaged scores for every video of a :class:`~mam2_fast.ft.data.ViewData`."""
+def run_views(model: torch.nn.Module, data, device: torch.device, amp=None, log=None, gather: bool = False) -> dict:
+    """Averaged scores for every video of a :class:`~mam2_fast.ft.data.ViewData`.
+
+    ``gather=True`` (a process group is initialized and ``data`` is this rank's shard): every
+    rank's scores are gathered and merged in list order, so every rank returns exactly what one
+    process evaluating the whole list returns (each video's views are scored by one rank, by
+    the same computation)."""
     model.eval()
     probs, labels, index = [], [], []
     t0, n = time.time(), 0
@@ -82,10 +87,36 @@ def run_views(model: torch.nn.Module, data, device: torch.device, amp=None, log=
         n += labels[-1].numel()
         if log is not None:
             log(f"eval: {n}/{len(data)} videos ({time.time() - t0:.0f}s)")
-    if not probs:
+    result = {"probs": torch.cat(probs) if probs else None, "labels": torch.cat(labels) if labels else None,
+              "index": torch.cat(index) if index else None, "skipped": list(data.skipped)}
+    if gather:
+        result = merge_shards(gather_objects(result))
+    if result["probs"] is None:
         raise RuntimeError(f"eval: no readable videos in {data.list_file}")
-    return {"probs": torch.cat(probs), "labels": torch.cat(labels), "index": torch.cat(index),
-            "skipped": list(data.skipped)}
+    return result
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank of the default process group (a list in rank order)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def merge_shards(parts: list) -> dict:
+    """Per-rank ``run_views`` results -> one result in list order (by video index)."""
+    skipped = sorted({s for p in parts for s in p["skipped"]})
+    parts = [p for p in parts if p["probs"] is not None]
+    if not parts:
+        return {"probs": None, "labels": None, "index": None, "skipped": skipped}
+    index = torch.cat([p["index"] for p in parts])
+    order = torch.argsort(index)
+    return {"probs": torch.cat([p["probs"] for p in parts])[order],
+            "labels": torch.cat([p["labels"] for p in parts])[order], "index": index[order], "skipped": skipped}
 
 
 def write_report(result: dict, metrics: dict, out_dir: str | Path, extra: Optional[dict] = None,
@@ -158,6 +189,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     device = torch.device("cuda" if args.device == "auto" and accel.cuda_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    # under torchrun every rank scores its shard of the videos; rank 0 merges and reports
+    from mam2_fast.train.distributed import init_distributed
+
+    dist_info = init_distributed(device.type)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
     try:
         model, cfg, path = load_finetuned(args.checkpoint, device)
     except (WeightsError, ConfigError) as e:
@@ -170,10 +207,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         list_file = demo_lists(cfg.data)[1]
     data = ViewData(cfg.data, list_file, args.clips or cfg.test.num_clips, args.crops or cfg.test.num_crops,
-                    cfg.test.sampling, args.batch_size or cfg.test.batch_size, device, limit=args.limit)
-    log = lambda s: print(f"[mam2_fast] {s}", file=sys.stderr, flush=True)  # noqa: E731
-    log(f"evaluating {path} on {len(data)} videos of {list_file}: {data.num_clips} clips x {data.num_crops} crops")
-    result = run_views(model, data, device, log=log)
+                    cfg.test.sampling, args.batch_size or cfg.test.batch_size, device, limit=args.limit,
+                    shard=(dist_info.rank, dist_info.world_size))
+    quiet = lambda s: None  # noqa: E731
+    log = (lambda s: print(f"[mam2_fast] {s}", file=sys.stderr, flush=True)) if dist_info.is_main else quiet  # noqa: E731
+    log(f"evaluating {path} on {len(data.records)} videos of {list_file}: {data.num_clips} clips x "
+        f"{data.num_crops} crops" + (f", {dist_info.world_size} ranks" if dist_info.enabled else ""))
+    # bf16 autocast where it is native (GPUs from Ampere on), as in training
+    amp = accel.autocast(device, torch.bfloat16) if accel.is_gpu(device) and accel.bf16_supported(device) else None
+    result = run_views(model, data, device, amp=amp, log=log, gather=dist_info.enabled)
+    if not dist_info.is_main:
+        return 0
     metrics = classification_metrics(result["probs"], result["labels"], class_names(list_file, cfg.model.num_classes))
     out = Path(args.out) if args.out else path.parent / "eval"
     paths = write_report(result, metrics, out, {"checkpoint": str(path), "list_file": list_file,
@@ -185,4 +229,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from mam2_fast.train.distributed import exit_worker
+
+    exit_worker(main())

@@ -99,3 +99,69 @@ def test_view_data_on_demo_videos(tmp_path):
     # crops of one clip differ only spatially: square demo frames -> the 3 crops coincide
     v = batches[0]["views"][0]
     assert torch.allclose(v[0], v[1]) and not torch.allclose(v[0], v[3])
+
+
+@pytest.mark.slow
+def test_evaluation_across_two_ranks_equals_one_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m mam2_fast.evaluate``: each gloo rank scores every other
+    video (7 videos: shards of 4 and 3), rank 0 merges; the report equals one process's."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from mam2_fast.data import make_demo_dataset
+    from mam2_fast.ft.config import finetune_config_from_dict
+    from mam2_fast.models.classifier import build_classifier
+    from mam2_fast.train.checkpoint import save_checkpoint
+
+    lst = make_demo_dataset(str(tmp_path / "demo"), num_videos=7, seed=3, size=40, num_frames=10)
+    cfg = finetune_config_from_dict({
+        "model": {"preset": "tiny", "img_size": 32, "num_frames": 4, "patch_size": 16, "embed_dim": 32,
+                  "depth": 1, "num_heads": 2, "num_classes": 12},
+        "data": {"list_file": lst, "num_frames": 4, "sampling_stride": 2, "input_size": 32, "num_workers": 0},
+        "test": {"num_clips": 2, "num_crops": 1, "batch_size": 2},
+        "train": {"device": "cpu", "output_dir": str(tmp_path / "run")}})
+    torch.manual_seed(0)
+    model = build_classifier(cfg.model)
+    save_checkpoint(tmp_path / "run", 1, {"kind": "finetune", "step": 1, "config": cfg.to_dict(),
+                                          "model": model.state_dict()})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    common = ["-m", "mam2_fast.evaluate", str(tmp_path / "run"), "--list", lst, "--device", "cpu"]
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *common, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "eval.json").read_text())
+    b = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert len(a["videos"]) == len(b["videos"]) == 7
+    for va, vb in zip(a["videos"], b["videos"]):
+        assert va["index"] == vb["index"] and va["pred"] == vb["pred"] and va["label"] == vb["label"]
+        assert abs(va["score"] - vb["score"]) < 1e-5
+    assert a["top1"] == b["top1"] and a["confusion"] == b["confusion"]
+    assert "2 ranks" in two.stderr
+
+
+def test_view_data_shards_cover_the_list_once(tmp_path):
+    from mam2_fast.data import make_demo_dataset
+    from mam2_fast.data.config import DataConfig
+    from mam2_fast.evaluate import merge_shards
+    from mam2_fast.ft.data import ViewData
+
+    lst = make_demo_dataset(str(tmp_path / "demo"), num_videos=5, seed=5, size=40, num_frames=8)
+    cfg = DataConfig(list_file=lst, num_frames=4, sampling_stride=2, input_size=32, num_workers=0)
+    parts = []
+    for rank in range(3):
+        data = ViewData(cfg, lst, num_clips=1, num_crops=1, batch_size=2, shard=(rank, 3))
+        idx = [i for b in data for i in b["index"].tolist()]
+        assert idx == list(range(rank, 5, 3)) and len(data) == len(idx)
+        parts.append({"probs": torch.eye(5)[idx], "labels": data.labels[idx], "index": torch.tensor(idx),
+                      "skipped": []})
+    merged = merge_shards(parts + [{"probs": None, "labels": None, "index": None, "skipped": ["x.mp4"]}])
+    assert merged["index"].tolist() == list(range(5)) and torch.equal(merged["probs"], torch.eye(5))
+    assert merged["skipped"] == ["x.mp4"]
+    with pytest.raises(ValueError, match="shard"):
+        ViewData(cfg, lst, num_clips=1, shard=(3, 3))

@@ -156,12 +156,19 @@ class ViewData:
 
     def __init__(self, cfg: DataConfig, list_file: str, num_clips: int, num_crops: int = 3,
                  sampling: str = "dense", batch_size: int = 4, device: torch.device = torch.device("cpu"),
-                 limit: Optional[int] = None):
+                 limit: Optional[int] = None, shard: Tuple[int, int] = (0, 1)):
+        """``shard=(rank, world)``: this process reads every ``world``-th video from ``rank`` on
+        (labels and indices stay those of the whole list; ``evaluate.run_views`` merges the
+        shards back into list order)."""
         self.cfg, self.num_clips, self.num_crops = cfg, num_clips, num_crops
         self.batch_size, self.device = batch_size, torch.device(device)
         self.list_file = list_file
         self.records = read_list_file(list_file, cfg.root, cfg.format)[:limit]
         self.labels = torch.tensor([r.label for r in self.records], dtype=torch.long)
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"ViewData: shard {shard} is not (rank, world) with 0 <= rank < world")
+        self.ids = list(range(rank, len(self.records), world))     # the videos this process reads
         if sampling == "segment":
             temporal = SegmentTestSampling("segment", cfg.num_frames, cfg.sampling_stride, num_clips,
                                            cfg.short_video, train=False)
@@ -178,7 +185,7 @@ class ViewData:
         return self.num_clips * self.num_crops
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.ids)
 
     def _views(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [K, T, H, W, 3] -> normalized [K * crops, T, 3, S, S] (clip-major)."""
@@ -196,12 +203,13 @@ class ViewData:
         pool = DecodePool(self.source, c.num_workers, c.prefetch, c.decode_timeout_s, c.mp_context,
                           c.max_worker_restarts)
         done: Dict[int, Optional[torch.Tensor]] = {}
-        next_submit, next_emit = 0, 0
+        ids = self.ids
+        next_submit, next_emit = 0, 0          # positions in ids
         batch: List[Tuple[int, torch.Tensor]] = []
         try:
-            while next_emit < len(self.records):
-                while next_submit < len(self.records) and next_submit - next_emit < 4 * max(1, c.num_workers) * c.prefetch \
-                        and pool.submit((next_submit, next_submit, (0, next_submit))):
+            while next_emit < len(ids):
+                while next_submit < len(ids) and next_submit - next_emit < 4 * max(1, c.num_workers) * c.prefetch \
+                        and pool.submit((ids[next_submit], ids[next_submit], (0, ids[next_submit]))):
                     next_submit += 1
                 for ev in pool.poll(timeout=1.0):
                     if ev.kind == "ok":
@@ -215,10 +223,10 @@ class ViewData:
                         log.warning("eval: skipping unreadable video %s (%s: %s)", path, ev.kind, ev.payload)
                         self.skipped.append(path)
                         done[ev.task_id] = None
-                while next_emit in done:
-                    frames = done.pop(next_emit)
+                while next_emit < len(ids) and ids[next_emit] in done:
+                    frames = done.pop(ids[next_emit])
                     if frames is not None:
-                        batch.append((next_emit, self._views(frames)))
+                        batch.append((ids[next_emit], self._views(frames)))
                     next_emit += 1
                     if len(batch) == self.batch_size:
                         yield self._collate(batch)
