@@ -13,12 +13,7 @@ from mam2_fast.models.videomae import VIDEOMAE_PRESETS, VideoMAE, videomae_confi
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # tests/conftest.py
 
 
 def test_every_mam2_preset_has_a_videomae_preset():
