@@ -147,6 +147,7 @@ class TrainConfig:
     compile_mode: str = "default"        # default | reduce-overhead (CUDA graphs) | max-autotune
     max_nonfinite: int = 5               # stop after this many non-finite steps in a row
     stop_check_every: int = 10           # steps between distributed agreement on SIGTERM stops
+    dist_timeout_min: float = 30.0       # process-group timeout: a collective waits this long for the slowest rank
     prefetch: int = -1                   # batches assembled ahead on a background thread (0: inline; -1: 1 on CUDA, 0 on CPU)
 
 
@@ -392,6 +393,7 @@ def validate_train(r: "TrainConfig") -> None:
     _at_least(r.max_nonfinite, "train.max_nonfinite", 1)
     _at_least(r.stop_check_every, "train.stop_check_every", 1)
     _check(r.prefetch >= -1, "train.prefetch", f"must be >= 0, or -1 for auto; got {r.prefetch}")
+    _check(r.dist_timeout_min > 0, "train.dist_timeout_min", f"must be > 0 minutes, got {r.dist_timeout_min}")
 
 
 def validate_optim(o: "OptimConfig") -> None:

@@ -109,3 +109,22 @@ def test_run_cli_reports_a_failed_worker(joined):
     assert r.returncode == 1
     assert "ValueError: bad thing in the step" in r.stderr and r.stdout.startswith("before")
     assert ("atexit-ran" in r.stdout) is (not joined)
+
+
+def test_process_group_timeout_is_configurable(monkeypatch):
+    from datetime import timedelta
+
+    import mam2_fast.train.distributed as D
+
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(D.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(D, "_JOINED_GROUP", False)
+    info = D.init_distributed("cpu", timeout_min=90)
+    assert (info.rank, info.world_size) == (1, 2)
+    assert seen == {"backend": "gloo", "timeout": timedelta(minutes=90)}
+    from mam2_fast.config import TrainConfig
+    assert TrainConfig().dist_timeout_min == 30.0

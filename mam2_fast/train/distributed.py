@@ -38,8 +38,12 @@ _JOINED_GROUP = False   # this process joined a torchrun process group (see exit
 EXIT_SIGTERM = 143      # a run stopped by SIGTERM after writing its checkpoint (128 + 15, as a shell reports it)
 
 
-def init_distributed(device_kind: str) -> DistInfo:
-    """Join the torchrun process group if one is described by the environment."""
+def init_distributed(device_kind: str, timeout_min: Optional[float] = None) -> DistInfo:
+    """Join the torchrun process group if one is described by the environment.
+
+    ``timeout_min`` (``train.dist_timeout_min``): how long a collective may wait for the slowest
+    rank before the job aborts (torch's default is 10 min for NCCL); raise it when one rank does
+    long work the others wait for (a big evaluation, a slow checkpoint on shared storage)."""
     global _JOINED_GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
@@ -49,7 +53,11 @@ def init_distributed(device_kind: str) -> DistInfo:
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if device_kind == "cuda":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
+        kwargs = {}
+        if timeout_min:
+            from datetime import timedelta
+            kwargs["timeout"] = timedelta(minutes=float(timeout_min))
+        dist.init_process_group(backend=backend, **kwargs)
     _JOINED_GROUP = True
     return DistInfo(rank, world, local)
 
