@@ -260,6 +260,7 @@ def test_start_of_run_check_uses_run_shapes_and_falls_back_per_op(monkeypatch):
     monkeypatch.setattr(selfcheck, "check_fused_kernels", lambda device, dtype: {})  # device numerics pass
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
     monkeypatch.setattr("mam2_fast.train.accel.capability", lambda d: (9, 0))
+    monkeypatch.setattr("mam2_fast.kernels.autotune.choose_ops", lambda *a, **k: {})   # timing: test_autotune.py
     monkeypatch.setattr(_common, "CUDA_GRID_LIMITS", (65535, 65535, 65535))       # a tighter device
     shapes = RunShapes.of_model(_model(preset="base"), 32, "random", 0.9)
     cuda = torch.device("cuda")
@@ -288,6 +289,7 @@ def test_start_of_run_check_falls_back_per_op_on_device_failure(monkeypatch):
                         lambda device, dtype: {"factorized_attention[spatial]": "relative error 1e+00 > 3e-02"})
     monkeypatch.setattr(kernels, "triton_available", lambda: True)
     monkeypatch.setattr("mam2_fast.train.accel.capability", lambda d: (8, 0))
+    monkeypatch.setattr("mam2_fast.kernels.autotune.choose_ops", lambda *a, **k: {})
     kernels.clear_fallbacks()
     try:
         lines = []

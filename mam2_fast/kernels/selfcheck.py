@@ -216,7 +216,7 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, lo
     if not problems:
         at = f", launches at batch {shapes.batch} within CUDA's limits" if shapes is not None else ""
         log(f"kernels: fused Triton kernels passed the start-of-run check on {device} ({dtype}{at})")
-        return "fused"
+        return _keep_the_faster(requested, shapes, device, dtype, log)
     if requested == "fused":
         msg = "; ".join(f"{k}: {v}" for k, v in problems.items())
         raise RuntimeError(f"kernels: fused kernels failed the start-of-run check: {msg}")
@@ -226,4 +226,14 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, lo
             f"reference for this run")
     if set(problems) >= set(kernels.FUSED_OPS):
         return "reference"
+    return _keep_the_faster(requested, shapes, device, dtype, log)
+
+
+def _keep_the_faster(requested: str, shapes, device: torch.device, dtype: torch.dtype, log) -> str:
+    """``auto`` at known shapes: each fused op slower than torch at them runs torch's
+    (``kernels/autotune.py``); returns ``"fused"``."""
+    if requested == "auto" and shapes is not None:
+        from mam2_fast.kernels.autotune import choose_ops
+
+        choose_ops(shapes, device, dtype, log)
     return "fused"
