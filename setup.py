@@ -1,18 +1,24 @@
-"""Build mam2_fast and its fused augmentation extension ``mam2_fast._augment``.
+"""Install mam2_fast; its fused augmentation extension ``mam2_fast._augment`` is optional.
 
-Install (torch must already be importable, hence no build isolation)::
+Two commands (the README's quick start; torch comes from install_requires, or pin it first,
+e.g. ``pip install torch==2.13.0`` for the CPU build)::
 
-    pip install torch==2.13.0
-    pip install --no-build-isolation -e .[test]
+    pip install -e . && python -m mam2_fast.pretrain            # install, run the demo
+    pip install -e ".[test]" && python -m pytest -q              # test extras, the tests
 
-The extension is built with ``torch.utils.cpp_extension`` (ninja when installed):
+Nothing is compiled at install time, so the install needs no torch in the build environment.
+The extension (C++ CPU twin ``mam2_fast/csrc/augment.cpp``; plus ``augment_cuda.cu`` with a
+CUDA build of torch and a CUDA toolkit) is compiled on first use by
+``torch.utils.cpp_extension.load`` and cached under ``~/.cache/mam2_fast/ext``
+(``mam2_fast.data.augment.load_extension``). Without a compiler the package runs its
+plain-torch fallback and says so once.
 
-* always the C++ CPU twin (csrc/augment.cpp, OpenMP via ATen's parallel_for);
-* the CUDA kernel (csrc/augment_cuda.cu) only when a CUDA toolkit (nvcc / CUDA_HOME) AND a
-  CUDA build of torch are both present; ``MAM2_FORCE_CUDA=1`` forces it (cross-building on a
-  machine without a GPU), ``MAM2_NO_CUDA=1`` skips it;
-* nothing at all with ``MAM2_NO_EXT=1`` or when torch is not importable: the package then
-  runs its plain-torch fallback and says so once at run time.
+Building it at install time instead (as before; needs torch importable, so no build isolation)::
+
+    MAM2_BUILD_EXT=1 pip install --no-build-isolation -e .
+
+``MAM2_FORCE_CUDA=1`` adds the CUDA kernel (cross-building on a machine without a GPU; also
+implies MAM2_BUILD_EXT), ``MAM2_NO_CUDA=1`` leaves it out.
 """
 import os
 import sys
@@ -28,9 +34,8 @@ def _flag(name: str) -> bool:
 
 def extensions():
     """(ext_modules, cmdclass) for the fused augmentation extension, or empty when unbuildable."""
-    if _flag("MAM2_NO_EXT"):
-        print("mam2_fast: MAM2_NO_EXT set: not building the augmentation extension", file=sys.stderr)
-        return [], {}
+    if _flag("MAM2_NO_EXT") or not (_flag("MAM2_BUILD_EXT") or _flag("MAM2_FORCE_CUDA")):
+        return [], {}            # the default: compiled on first use (mam2_fast.data.augment)
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -40,11 +45,11 @@ def extensions():
         return [], {}
     with_cuda = _flag("MAM2_FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
     with_cuda = with_cuda and not _flag("MAM2_NO_CUDA")
-    sources = ["csrc/augment.cpp"]
+    sources = ["mam2_fast/csrc/augment.cpp"]
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
     kwargs = dict(extra_link_args=["-fopenmp"])
     if with_cuda:
-        sources.append("csrc/augment_cuda.cu")
+        sources.append("mam2_fast/csrc/augment_cuda.cu")
         ext_cls, macros = CUDAExtension, [("WITH_CUDA", None)]
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]}
     else:
@@ -52,7 +57,7 @@ def extensions():
         kwargs["extra_compile_args"] = {"cxx": cxx}
     print(f"mam2_fast: building mam2_fast._augment ({'CPU + CUDA' if with_cuda else 'CPU only'})",
           file=sys.stderr)
-    ext = ext_cls("mam2_fast._augment", sources, include_dirs=[os.path.join(ROOT, "csrc")],
+    ext = ext_cls("mam2_fast._augment", sources, include_dirs=[os.path.join(ROOT, "mam2_fast", "csrc")],
                   define_macros=macros, **kwargs)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
@@ -65,7 +70,8 @@ setup(
     description="A fast, faithful engine for MAM^2 video self-supervised pre-training",
     python_requires=">=3.9",
     packages=find_packages(include=["mam2_fast", "mam2_fast.*"]),
-    package_data={"mam2_fast": ["configs/*.yaml"]},   # presets usable by name (--config k400_vit_b)
+    # presets usable by name (--config k400_vit_b); the extension's sources, compiled on first use
+    package_data={"mam2_fast": ["configs/*.yaml", "csrc/*.cpp", "csrc/*.h", "csrc/*.cu"]},
     entry_points={"console_scripts": [
         "mam2-pretrain=mam2_fast.cli:pretrain", "mam2-finetune=mam2_fast.cli:finetune",
         "mam2-evaluate=mam2_fast.cli:evaluate", "mam2-probe=mam2_fast.cli:probe",
@@ -74,6 +80,7 @@ setup(
     ]},
     install_requires=[
         "torch>=2.6",  # torch.library.custom_op, public fully_shard (FSDP2), CPU fused AdamW
+        "ninja",       # torch.utils.cpp_extension.load compiles the augmentation extension on first use
         "numpy",
         "av>=11",          # default video decoder (bundles FFmpeg)
         "pillow",          # frame folders

@@ -8,12 +8,16 @@ written to row ``dst[m]`` of ``out``, so clips of different resolutions can fill
 Resizing matches ``F.interpolate(crop, (S, S), mode="bilinear", align_corners=False)`` on
 the cropped region (no antialias), i.e. source samples never leave the crop box.
 
-The fused kernel lives in ``csrc/`` (CUDA + an OpenMP CPU twin) and is used when built;
-otherwise a plain-torch implementation runs (one notice is logged).
+The fused kernel lives in ``mam2_fast/csrc/`` (CUDA + an OpenMP CPU twin). It is compiled on
+first use (``torch.utils.cpp_extension.load``, cached under ``~/.cache/mam2_fast/ext``; about a
+minute once) unless it was built at install time (``MAM2_BUILD_EXT=1``, see setup.py);
+``MAM2_NO_EXT=1`` skips it. Without it a plain-torch implementation runs (one notice).
 """
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -28,15 +32,43 @@ _notified = False
 
 
 def load_extension():
-    """The compiled ``mam2_fast._augment`` module, or ``None`` (reason in ``_ext_error``)."""
+    """The compiled augmentation extension, or ``None`` (reason in ``_ext_error``): the module
+    built at install time (``mam2_fast._augment``), else compiled now and cached (first use)."""
     global _ext, _ext_error
     if _ext is None and _ext_error is None:
         try:
-            from mam2_fast import _augment  # built by setup.py
+            from mam2_fast import _augment  # built by setup.py with MAM2_BUILD_EXT=1
             _ext = _augment
         except ImportError as e:
-            _ext_error = str(e)
+            if os.environ.get("MAM2_NO_EXT", "0").lower() in ("1", "true", "yes", "on"):
+                _ext_error = "MAM2_NO_EXT is set"
+            else:
+                try:
+                    _ext = _compile_extension()
+                except Exception as e2:  # noqa: BLE001 - no compiler, no headers...: the torch fallback runs
+                    _ext_error = f"{e}; compiling it failed: {type(e2).__name__}: {str(e2).strip().splitlines()[-1][:300] if str(e2).strip() else ''}"
     return _ext
+
+
+def _compile_extension():
+    """``torch.utils.cpp_extension.load`` of ``mam2_fast/csrc`` (the CUDA kernel too with a CUDA
+    build of torch and a toolkit), cached per torch version and build kind; other processes
+    wait on the build's lock and then load the cached library."""
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    src = Path(__file__).resolve().parent.parent / "csrc"
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and \
+        os.environ.get("MAM2_NO_CUDA", "0").lower() not in ("1", "true", "yes", "on")
+    sources = [str(src / "augment.cpp")] + ([str(src / "augment_cuda.cu")] if with_cuda else [])
+    cuda_flag = ["-DWITH_CUDA"] if with_cuda else []
+    tag = f"torch{torch.__version__.replace('+', '_')}-{'cuda' if with_cuda else 'cpu'}"
+    build = Path(os.environ.get("MAM2_EXT_CACHE", "~/.cache/mam2_fast/ext")).expanduser() / tag
+    build.mkdir(parents=True, exist_ok=True)
+    log.info("compiling the augmentation extension (%s) into %s: once, about a minute", tag, build)
+    return load(name="mam2_fast_augment", sources=sources, build_directory=str(build),
+                extra_include_paths=[str(src)], extra_cflags=["-O3", "-std=c++17", "-fopenmp"] + cuda_flag,
+                extra_ldflags=["-fopenmp"], extra_cuda_cflags=["-O3", "-std=c++17", "--use_fast_math"] + cuda_flag,
+                with_cuda=with_cuda, verbose=False)
 
 
 def extension_has_cuda() -> bool:
