@@ -2,8 +2,11 @@
 ``reference.gather_tokens_ref``, forward and all gradients (dx, dpos_t, dpos_s).
 
 CPU (Triton interpreter): fp32 vs fp32 reference, rel. tol 1e-6 (pure data movement plus
-fp32 sums); bf16 vs float64 reference, rel. tol 1e-2. CUDA: ViT-B shapes (N = 196,
-masks 0.75 / 0.9) in bf16 vs float64, rel. tol 1e-2. Fresh inputs; seed in failure messages.
+fp32 sums); bf16 vs float64 reference, rel. tol 1e-2; gather_tokens (a copy) exact in every
+dtype. Odd sizes: N = 37, T = 3, batch 1, D not a power of two (40, 48, 96, 384), empty index
+sets. CUDA: ViT-B shapes (N = 196, masks 0.75 / 0.9) in bf16 vs float64, rel. tol 1e-2. The
+position gradients are bit-identical run to run (two-stage reduction, no atomics), also when
+the batch is split over several chunks. Fresh inputs; seed in failure messages.
 """
 from mam2_fast.kernels import _testing as kt  # sets TRITON_INTERPRET=1 without CUDA: keep first
 
@@ -93,9 +96,14 @@ else:
         (2, 3, 9, 300, 3, torch.float32, torch.float32),    # D > one 256-wide block
         (2, 2, 6, 32, 3, torch.bfloat16, torch.float32),    # mixed: fp32 out
         (1, 3, 5, 32, 2, torch.bfloat16, torch.bfloat16),
+        (1, 3, 37, 48, 9, torch.float32, torch.float32),    # N = 37, batch 1, D = 3 * 16
+        (2, 3, 37, 384, 11, torch.bfloat16, torch.bfloat16),  # ViT-S width: 3 tiles of 128
+        (2, 3, 37, 96, 5, torch.bfloat16, torch.float32),   # mixed, D = 3 * 32
+        (3, 3, 37, 40, 0, torch.float32, torch.float32),    # empty index sets, D = 40 (padded tile)
     ]
     TOK_CASES = [(2, 3, 11, 40, 4, torch.float32), (1, 2, 6, 24, 6, torch.bfloat16),
-                 (1, 2, 6, 24, 0, torch.float32)]
+                 (1, 2, 6, 24, 0, torch.float32), (1, 3, 37, 384, 9, torch.bfloat16),
+                 (2, 3, 37, 48, 37, torch.float32), (3, 3, 37, 96, 0, torch.bfloat16)]
 
 
 @pytest.mark.parametrize("B,T,N,D,K,dtype,pos_dtype", POS_CASES)
@@ -141,3 +149,52 @@ def test_bad_inputs_raise():
         gather_tokens(x, idx.float(), backend="fused")
     with pytest.raises(ValueError):
         gather_tokens(x[0], idx, backend="fused")
+
+
+def test_tile_width_divides_model_widths():
+    """No idle lanes at the model widths: the tile width divides D (a padded tile otherwise)."""
+    assert [GA._block_d(D) for D in (384, 768, 1024, 48, 512)] == [128, 256, 256, 16, 256]
+    assert GA._block_d(40) == 64 and GA._block_d(8) == 16
+
+
+@pytest.mark.parametrize("programs", [10 ** 6, 27, 1], ids=["chunk1", "chunk2-uneven", "one-chunk"])
+def test_position_grads_deterministic_across_batch_chunks(monkeypatch, programs):
+    """The batch split into chunks of 1, of 2 (B = 5: an uneven last chunk) or not at all:
+    parity with the reference, and two runs give bit-identical gradients."""
+    monkeypatch.setattr(GA, "_POS_BWD_PROGRAMS", programs)
+    seed = kt.fresh_seed()
+    B, T, N, D, K = 5, 3, 37, 48, 12
+    x = torch.randn(B, T, N, D, device=DEV, dtype=torch.bfloat16)
+    pt = torch.randn(T, D, device=DEV)
+    ps = torch.randn(N, D, device=DEV)
+    idx = make_idx(B, N, K)
+    go = torch.randn(B, T, K, D, device=DEV)
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, pt, ps)]
+        out = gather_visible_add_pos(*leaves, idx, backend="fused")
+        return torch.autograd.grad(out, leaves, go)
+
+    first, second = grads(), grads()
+    for name, a, b in zip(("dx", "dpos_t", "dpos_s"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two runs (seed {seed})"
+    leaves_r = [t.detach().double().requires_grad_(True) for t in (x, pt, ps)]
+    want = torch.autograd.grad(gather_visible_add_pos_ref(*leaves_r, idx), leaves_r, go.double())
+    for name, g, w in zip(("dx", "dpos_t", "dpos_s"), first, want):
+        kt.assert_close(f"{name} [chunks for {programs} programs]", g, w, 1e-2 if name == "dx" else 1e-6, seed)
+
+
+def test_dx_in_x_dtype_without_pos_grad():
+    """Frozen positions: the plain scatter writes dx in x's dtype from the fp32 output grad."""
+    seed = kt.fresh_seed()
+    x = torch.randn(1, 3, 37, 48, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    pt, ps = torch.randn(3, 48, device=DEV), torch.randn(37, 48, device=DEV)
+    idx = make_idx(1, 37, 10)
+    out = gather_visible_add_pos(x, pt, ps, idx, backend="fused")
+    assert out.dtype == torch.float32
+    go = torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, x, go)
+    (g_r,) = torch.autograd.grad(gather_visible_add_pos_ref(x, pt, ps, idx), x, go)
+    assert g.dtype == torch.bfloat16, f"seed {seed}"
+    # the kernel rounds fp32 -> bf16 (the interpreter truncates where CUDA rounds to nearest)
+    kt.assert_close("dx (bf16, frozen positions)", g, g_r, 1e-2, seed)

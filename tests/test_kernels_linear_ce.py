@@ -4,7 +4,10 @@
 CPU (Triton interpreter): fp32 vs fp32 reference, rel. tol 1e-5 on the loss and on the
 x / weight / bias gradients; bf16 vs a float64 reference, rel. tol 2e-2. CUDA: ViT-B head
 shapes (K = 8192 / 16384) in bf16 vs float64, rel. tol 2e-2. Several chunk sizes are
-forced so the multi-chunk accumulation is exercised. Fresh inputs; seed in failure messages.
+forced so the multi-chunk accumulation is exercised; in bf16 the weight gradient is checked to
+be accumulated in fp32 across chunks and rounded once (exact on a case built to be exact).
+Out-of-range targets raise like ``F.cross_entropy``, with one host read per call. Fresh
+inputs; seed in failure messages.
 """
 from mam2_fast.kernels import _testing as kt  # sets TRITON_INTERPRET=1 without CUDA: keep first
 
@@ -73,6 +76,8 @@ else:
         (1, 16, 37, False, 0.0, torch.float32, None),      # single row
         (70, 32, 2048, True, 0.3, torch.float32, 16),      # 2 K-tiles, 5 chunks
         (40, 24, 300, True, 0.0, torch.bfloat16, 7),
+        (37, 48, 96, True, 0.1, torch.bfloat16, 5),        # M = 37, 8 chunks, D / K not powers of two
+        (1, 40, 100, False, 0.0, torch.bfloat16, None),    # batch of one row
     ]
 
 
@@ -138,3 +143,67 @@ def test_bad_inputs_raise():
         linear_cross_entropy(x, w.double(), None, y, backend="fused")
     with pytest.raises(TypeError):
         linear_cross_entropy(x, w, None, y.float(), backend="fused")
+
+
+def test_bf16_weight_grad_accumulates_in_fp32_across_chunks():
+    """Built to be exact: W = 0, K = 4 -> dlogits = (1/4 - onehot) / 64 (exact in bf16); x holds
+    integers, so every per-chunk product x * dlogits and every fp32 partial sum is exact. The
+    weight gradient must then equal the exact sum rounded once to bf16; rounding each of the
+    64 chunks' dW to bf16 first (x * 3/256 needs more than bf16's 8 bits) would not."""
+    seed = kt.fresh_seed()
+    M, D, K = 64, 8, 4
+    x = torch.randint(-100, 101, (M, D), device=DEV).to(torch.bfloat16)
+    w = torch.zeros(K, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.zeros(K, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, K, (M,), device=DEV)
+    loss = LCE.linear_cross_entropy_fused(x, w, b, y, chunk_size=1)     # 64 chunks of one row
+    gw, gb = torch.autograd.grad(loss, (w, b))
+    dlogits = (torch.full((M, K), 0.25, dtype=torch.float64, device=DEV)
+               - torch.nn.functional.one_hot(y, K).double()) / M         # [M, K]
+    exact_w = dlogits.t() @ x.double()                                    # [K, D]
+    gap = (gw.double() - exact_w).abs().max().item()
+    assert torch.equal(gw, exact_w.to(torch.bfloat16)), \
+        f"dW not accumulated in fp32 and rounded once (max diff {gap:.3e}, seed {seed})"
+    assert torch.equal(gb, dlogits.sum(0).to(torch.bfloat16)), f"db (seed {seed})"
+    # per-chunk rounding would have shown: the chunk products are not bf16 numbers
+    per_chunk = (dlogits[:, :, None] * x.double()[:, None, :]).to(torch.bfloat16).double().sum(0)
+    assert not torch.equal(per_chunk.to(torch.bfloat16), exact_w.to(torch.bfloat16)), f"weak case (seed {seed})"
+
+
+@pytest.mark.parametrize("bad", [50, 57, -1, -101])
+def test_out_of_range_target_raises(bad):
+    x, w = torch.randn(9, 8, device=DEV), torch.randn(50, 8, device=DEV)
+    y = torch.randint(0, 50, (9,), device=DEV)
+    y[4] = bad
+    with pytest.raises(IndexError, match=rf"linear_cross_entropy: target {bad} is out of bounds for K = 50"):
+        linear_cross_entropy(x, w, None, y, backend="fused")
+    with pytest.raises(IndexError):   # the reference refuses it too
+        linear_cross_entropy_ref(x, w, None, y)
+
+
+def test_ignore_index_and_edge_classes_pass_the_check():
+    """Targets 0 and K-1 and ignored rows are accepted; with ignore_index = -1, -100 is a bad target."""
+    x, w = torch.randn(6, 8, device=DEV), torch.randn(20, 8, device=DEV)
+    y = torch.tensor([0, 19, -100, 5, -100, 7], device=DEV)
+    kt.assert_close("ignored rows", linear_cross_entropy(x, w, None, y, backend="fused"),
+                    linear_cross_entropy_ref(x, w, None, y), 1e-5, 0)
+    y = torch.tensor([0, -1, 3, 19], device=DEV)
+    loss = linear_cross_entropy(x[:4], w, None, y, backend="fused", ignore_index=-1)
+    kt.assert_close("ignore_index=-1", loss, linear_cross_entropy_ref(x[:4], w, None, y, ignore_index=-1), 1e-5, 0)
+    with pytest.raises(IndexError, match="-100"):
+        linear_cross_entropy(x[:4], w, None, torch.tensor([0, -100, 3, 19], device=DEV), backend="fused",
+                             ignore_index=-1)
+
+
+def test_target_check_reads_the_host_once_per_call(monkeypatch):
+    """The bound check is one reduction over all targets and one host read, not one per chunk."""
+    from mam2_fast.train import accel
+    reads = []
+    real = accel.host_bool
+    monkeypatch.setattr(accel, "host_bool", lambda t, stand_in=False: reads.append(1) or real(t, stand_in))
+    x = torch.randn(40, 16, device=DEV, requires_grad=True)
+    w = torch.randn(30, 16, device=DEV, requires_grad=True)
+    y = torch.randint(0, 30, (40,), device=DEV)
+    loss = LCE.linear_cross_entropy_fused(x, w, None, y, chunk_size=4)   # 10 chunks
+    loss.backward()
+    assert len(reads) == 1

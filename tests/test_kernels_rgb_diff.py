@@ -3,9 +3,10 @@
 (``reference.rgb_diff_mse_packed_ref``: random / frame masks, uneven counts, frame-0 rows).
 
 CPU (Triton interpreter): fp32 vs fp32 reference, rel. tol 1e-5 on the loss and d(pred);
-bf16 pred vs a float64 reference, rel. tol 1e-2. CUDA: 224x224 clips, 16 frames, masks
-0.75 / 0.9, bf16 pred vs float64, rel. tol 1e-2. The clip is a constant (no gradient).
-Fresh inputs each run; seed in failure messages.
+bf16 pred (or clip) vs a float64 reference, rel. tol 1e-2. Odd sizes: N = 37 patches, T = 3,
+batch 1, patch sizes 3 and 6 (the clip tile is padded to a power of two), strided clips.
+CUDA: 224x224 clips, 16 frames, masks 0.75 / 0.9, bf16 pred vs float64, rel. tol 1e-2. The
+clip is a constant (no gradient). Fresh inputs each run; seed in failure messages.
 """
 from mam2_fast.kernels import _testing as kt  # sets TRITON_INTERPRET=1 without CUDA: keep first
 
@@ -69,6 +70,8 @@ else:
         (1, 4, 3, 32, 32, 16, 3, torch.float32),   # P = 16: 768 values per patch
         (2, 3, 1, 6, 9, 3, 2, torch.float32),      # C = 1, odd grid
         (1, 3, 3, 8, 12, 4, 4, torch.bfloat16),
+        (1, 3, 3, 2, 74, 2, 20, torch.float32),    # N = 37 (a 1 x 37 grid), batch 1, T = 3
+        (2, 3, 3, 12, 18, 6, 4, torch.bfloat16),   # P = 6: an 8 x 8 tile, masked
     ]
 
 
@@ -79,6 +82,30 @@ def test_parity(B, T, C, H, W, P, Nm, dtype):
 
 def test_strided_inputs():
     run_case(2, 3, 3, 8, 12, 4, 3, torch.float32, layout="strided")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_bf16_clip(packed):
+    """A bf16 clip is read as is (the difference in fp32): parity with a float64 reference."""
+    seed = kt.fresh_seed()
+    B, T, C, H, W, P = 2, 3, 3, 8, 12, 4
+    N = (H // P) * (W // P)
+    clip = torch.randn(B, T, C, H, W, device=DEV, dtype=torch.bfloat16)
+    if packed:
+        rows = uneven_rows(B, T, N, 0.6, DEV)
+        pred = torch.randn(rows.numel(), P * P * C, device=DEV, requires_grad=True)
+        fused, refr, index = rgb_diff_mse_packed, rgb_diff_mse_packed_ref, rows
+    else:
+        index = torch.stack([torch.randperm(N, device=DEV)[:4].sort().values for _ in range(B)])
+        pred = torch.randn(B, T, 4, P * P * C, device=DEV, requires_grad=True)
+        fused, refr = rgb_diff_mse_tube, rgb_diff_mse_tube_ref
+    loss = fused(clip, pred, index, P, backend="fused")
+    (g,) = torch.autograd.grad(loss, pred)
+    pred_r = pred.detach().double().requires_grad_(True)
+    loss_r = refr(clip.double(), pred_r, index, P)
+    (g_r,) = torch.autograd.grad(loss_r, pred_r)
+    kt.assert_close(f"loss [bf16 clip, packed={packed}]", loss, loss_r, 1e-5, seed)
+    kt.assert_close(f"dpred [bf16 clip, packed={packed}]", g, g_r, 1e-5, seed)
 
 
 @pytest.mark.parametrize("T,Nm", [(1, 3), (3, 0)])
@@ -174,6 +201,7 @@ else:
         (3, 2, 1, 6, 9, 3, 0.5, torch.float32, False),      # C = 1, odd grid
         (1, 3, 3, 8, 8, 4, 1.0, torch.float32, False),      # every token masked
         (2, 3, 3, 8, 12, 4, 0.7, torch.bfloat16, True),
+        (1, 3, 3, 2, 74, 2, 0.5, torch.float32, True),      # N = 37, batch 1
     ]
 
 

@@ -9,7 +9,15 @@ without ever holding the full ``[M, K]`` logits. Design (Liger-Kernel style):
   max / sum-exp (fp32), writes the row loss and then overwrites the logits **in place** with
   ``d loss / d logits = (softmax - onehot(y)) / n_valid`` (zero for ignored rows);
 * the chunk's gradients follow from two more GEMMs: ``dx = dlogits @ W`` and
-  ``dW += dlogits.T @ x`` (fp32 accumulators), ``db += dlogits.sum(0)``.
+  ``dW += dlogits.T @ x``, ``db += dlogits.sum(0)``. ``dW`` and ``db`` are accumulated across
+  the chunks in fp32 (each chunk's GEMM writes fp32, it is never rounded to the input dtype
+  first) and cast to the weight's dtype once at the end.
+
+Targets are checked once per call (one host sync, before anything is launched): a target
+outside ``[0, K)`` that is not ``ignore_index`` raises ``IndexError`` naming the op, the value
+and ``K``, as ``F.cross_entropy`` refuses it. (Skipped on the ``meta`` stand-in device and
+while a CUDA graph is being captured; the kernel clamps such a target, it never reads outside
+the row.)
 
 So gradients are computed during the forward (the loss is a scalar; backward only scales
 them by the incoming grad). When no input requires grad the gradient GEMMs are skipped.
@@ -54,7 +62,8 @@ def _ce_rows_kernel(
     lse = row_max + tl.log(total)
 
     ignored = y == ignore_index
-    y_safe = tl.where(ignored, 0, y)
+    # never read outside the row (out-of-range targets are refused on the host, see check_targets)
+    y_safe = tl.where(ignored | (y < 0) | (y >= K), 0, y)
     z_y = tl.load(ptr + y_safe).to(tl.float32)
     tl.store(LOSS + row, tl.where(ignored, 0.0, lse - z_y))
 
@@ -97,12 +106,59 @@ def _launch_rows(logits: Tensor, target: Tensor, row_loss: Tensor, inv_n: Tensor
            op=f"linear_cross_entropy {'forward+backward' if compute_grad else 'forward'}", shape=shape)
 
 
+def check_targets(target: Tensor, K: int, ignore_index: int) -> None:
+    """Raise ``IndexError`` (like ``F.cross_entropy``) when a target ``[M]`` is outside
+    ``[0, K)`` and is not ``ignore_index``. One reduction over the whole tensor and one host
+    read per call; skipped on the stand-in device and inside CUDA graph capture (no host reads
+    there)."""
+    if target.numel() == 0 or accel.is_stand_in(target.device):
+        return
+    if target.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= K))   # [M] bool
+    if accel.host_bool(bad.any()):                                     # the call's one host sync
+        values = accel.to_host(target[bad])
+        raise IndexError(f"linear_cross_entropy: target {int(values[0])} is out of bounds for K = {K} "
+                         f"classes ({values.numel()} bad target(s); each must be in [0, {K}) or equal "
+                         f"ignore_index = {ignore_index})")
+
+
+def _add_gemm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc [K, D] fp32 += a [K, c] @ b [c, D]`` with the product written in fp32: for bf16 / fp16
+    ``a``, ``b`` the GEMM's fp32 result is never rounded to the input dtype. On CUDA the GEMM
+    takes the inputs as they are (cuBLAS, fp32 output); elsewhere (the CPU interpreter) they
+    are upcast first."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    mode = _FP32_OUT_GEMM.get(a.device.type, "addmm" if a.is_cuda else "upcast")
+    if mode == "addmm":      # addmm.dtype_out with an fp32 accumulator (recent torch)
+        try:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            mode = _FP32_OUT_GEMM[a.device.type] = "mm"
+    if mode == "mm":         # mm.dtype: fp32 product, then one add
+        try:
+            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            mode = _FP32_OUT_GEMM[a.device.type] = "upcast"
+    acc.addmm_(a.float(), b.float())
+
+
+# device type -> the fp32-output GEMM form that works there (found on first use, see _add_gemm_fp32)
+_FP32_OUT_GEMM: dict = {}
+
+
 def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
              ignore_index: int, compute_grad: bool, chunk_size: Optional[int]):
-    """-> loss (fp32 scalar), grad_x [M, D], grad_w [K, D], grad_b [K] (empty when unused)."""
+    """x [M, D], weight [K, D], bias [K] | None, target [M]
+    -> loss (fp32 scalar), grad_x [M, D], grad_w [K, D], grad_b [K] (empty when unused)."""
     M, D = x.shape
     K = weight.shape[0]
     dev = x.device
+    check_targets(target, K, ignore_index)
     n_valid = (target != ignore_index).sum().to(torch.float32)  # on device: no host sync
     inv_n = (1.0 / n_valid).reshape(1)  # inf when every row is ignored -> loss nan like F.cross_entropy
     row_loss = torch.empty(M, device=dev, dtype=torch.float32)
@@ -112,8 +168,10 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
     n_chunks = len(chunks)
     if compute_grad:
         grad_x = torch.empty_like(x)
-        acc_w = None
-        grad_b_acc = torch.zeros(K, device=dev, dtype=torch.float32) if bias is not None else None
+        # one chunk: its GEMM (fp32 accumulation inside cuBLAS) rounds once, straight to W's dtype;
+        # several: fp32 accumulators, cast once after the last chunk
+        acc_w = torch.zeros(K, D, device=dev, dtype=torch.float32) if n_chunks > 1 else None
+        acc_b = torch.zeros(K, device=dev, dtype=torch.float32) if bias is not None else None
     shape = f"x [M, D] = {list(x.shape)} {x.dtype}, weight [K, D] = {list(weight.shape)}, {n_chunks} chunks"
     for start, end in chunks:
         xc = x[start:end]  # [c, D]
@@ -121,18 +179,20 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
         _launch_rows(logits, target[start:end], row_loss[start:end], inv_n, ignore_index, compute_grad, shape)
         if compute_grad:  # logits now hold dlogits [c, K]
             torch.mm(logits, weight, out=grad_x[start:end])  # [c, D]
-            gw = torch.mm(logits.t(), xc)                     # [K, D] input dtype
-            if n_chunks == 1:
-                acc_w = gw
+            if acc_w is None:
+                grad_w = torch.mm(logits.t(), xc)             # [K, D] weight dtype (single chunk)
             else:
-                acc_w = gw.float() if acc_w is None else acc_w.add_(gw)
-            if bias is not None:
-                grad_b_acc.add_(logits.sum(0, dtype=torch.float32))
+                _add_gemm_fp32(acc_w, logits.t(), xc)         # [K, D] fp32
+            if acc_b is not None:
+                acc_b.add_(logits.sum(0, dtype=torch.float32))  # [K] fp32
     loss = row_loss.sum() * inv_n[0]
     if compute_grad:
-        grad_w = torch.zeros_like(weight) if acc_w is None else acc_w.to(weight.dtype)
-        if bias is not None:
-            grad_b = grad_b_acc.to(bias.dtype)
+        if acc_w is not None:
+            grad_w = acc_w.to(weight.dtype)
+        elif n_chunks == 0:   # M == 0
+            grad_w = torch.zeros_like(weight)
+        if acc_b is not None:
+            grad_b = acc_b.to(bias.dtype)
     return loss, grad_x, grad_w, grad_b
 
 

@@ -9,7 +9,9 @@ packed masked tokens (random / frame masks).
 
 Neither materializes the patchified clip or the target: each program handles one predicted
 patch, reads the two source patches of frames t and t-1 straight from ``clip [B, T, C, H, W]``
-(any strides) and the prediction in (ph, pw, c) order.
+(any strides) in the clip's own memory order -- per channel a ``[ph, pw]`` tile, contiguous
+along pw, so the loads vectorize -- and the prediction at the same values in the model's
+(ph, pw, c) order (``reference.patchify``).
 
 * forward: per-patch fp32 sums of squared error -> one deterministic ``sum`` -> mean over
   ``count`` values (tube: ``B * (T-1) * Nm * P*P*C``; packed: the rows with ``t >= 1`` times
@@ -34,24 +36,25 @@ from mam2_fast.kernels._common import check_device, check_float, launch, next_po
 @triton.jit
 def _rgb_diff_kernel(
     CLIP, PRED, IDX, OUT, SCALE,
-    s_cb, s_ct, s_cc, s_ch, s_cw,    # clip strides
+    s_cb, s_ct, s_cc, s_ch, s_cw,    # clip strides [B, T, C, H, W]
     s_pb, s_pt, s_pm, s_pj,          # pred strides (packed: s_pm = row stride, s_pb = s_pt = 0)
     s_ib, s_im,                      # mask_idx strides (packed: rows stride in s_im)
-    T, NM, N_PATCHES, W_PATCHES, C, P, PPC,
-    PACKED: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr,
+    T, NM, N_PATCHES, W_PATCHES, C, P,
+    PACKED: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """One predicted patch per program. The clip is read in its own memory order: per channel
+    c a [ph, pw] tile, contiguous along pw (vector loads); the prediction at the same values
+    in the model's (ph, pw, c) flattening, ``j = (ph * P + pw) * C + c``."""
     # tube   -- forward: one program per (b, t >= 1, m), B*(T-1)*Nm; backward: B*T*Nm
     # packed -- one program per packed row (forward and backward), M
     row = tl.program_id(0)
-    j = tl.arange(0, BLOCK)
-    jm = j < PPC
     if PACKED:
         r = tl.load(IDX + row.to(tl.int64) * s_im).to(tl.int64)  # b*T*N + t*N + n
         n = (r % N_PATCHES).to(tl.int32)
         bt = r // N_PATCHES
         t = (bt % T).to(tl.int32)
         b = bt // T
-        p_off = row.to(tl.int64) * s_pm + j * s_pj
+        p_row = row.to(tl.int64) * s_pm
     else:
         m = row % NM
         bt = row // NM
@@ -61,26 +64,44 @@ def _rgb_diff_kernel(
         else:
             t = bt % (T - 1) + 1
             b = bt // (T - 1)
-        p_off = b.to(tl.int64) * s_pb + t.to(tl.int64) * s_pt + m.to(tl.int64) * s_pm + j * s_pj
+        p_row = b.to(tl.int64) * s_pb + t.to(tl.int64) * s_pt + m.to(tl.int64) * s_pm
         n = tl.load(IDX + b.to(tl.int64) * s_ib + m * s_im).to(tl.int32)
-    ld = jm & ((j * 0 + t) > 0)  # rows of frame 0 read nothing: zero error, zero gradient
+    ph = tl.arange(0, BLOCK_P)[:, None]                  # [BP, 1]
+    pw = tl.arange(0, BLOCK_P)[None, :]                  # [1, BP]
+    pm = (ph < P) & (pw < P)                             # [BP, BP]
+    ld = pm & ((ph * 0 + t) > 0)  # rows of frame 0 read nothing: zero error, zero gradient
     hh = n // W_PATCHES
     ww = n % W_PATCHES
-    ph = j // (P * C)   # (ph, pw, c) flattening of the patch
-    pw = (j // C) % P
-    c = j % C
-    c_off = b.to(tl.int64) * s_cb + c * s_cc + (hh * P + ph).to(tl.int64) * s_ch + \
-        (ww * P + pw).to(tl.int64) * s_cw
-    cur = tl.load(CLIP + c_off + t.to(tl.int64) * s_ct, mask=ld, other=0.0).to(tl.float32)
-    prev = tl.load(CLIP + c_off + (t - 1).to(tl.int64) * s_ct, mask=ld, other=0.0).to(tl.float32)
-    pred = tl.load(PRED + p_off, mask=ld, other=0.0).to(tl.float32)
-    err = pred - (cur - prev)
+    # channel-0 pointers of the patch in frames t and t-1 ([BP, BP], 64-bit), and into pred
+    cur_ptr = CLIP + b.to(tl.int64) * s_cb + t.to(tl.int64) * s_ct + \
+        (hh * P).to(tl.int64) * s_ch + (ww * P).to(tl.int64) * s_cw + (ph * s_ch + pw * s_cw)
+    prev_ptr = cur_ptr - s_ct
+    pred_ptr = PRED + p_row + ((ph * P + pw) * C) * s_pj
+    out_ptr = OUT + p_row + ((ph * P + pw) * C) * s_pj  # backward: OUT has pred's strides
     if BACKWARD:
-        g = err * tl.load(SCALE)  # SCALE = 2 * grad_out / count
-        # OUT has pred's strides by construction (see _rgb_bwd_op)
-        tl.store(OUT + p_off, g.to(OUT.dtype.element_ty), mask=jm)
-    else:
-        tl.store(OUT + row, tl.sum(err * err, axis=0))
+        scale = tl.load(SCALE)  # 2 * grad_out / count
+    acc = tl.zeros([BLOCK_P, BLOCK_P], dtype=tl.float32)
+    for c in range(0, C):
+        cur = tl.load(cur_ptr, mask=ld, other=0.0).to(tl.float32)
+        prev = tl.load(prev_ptr, mask=ld, other=0.0).to(tl.float32)
+        pred = tl.load(pred_ptr, mask=ld, other=0.0).to(tl.float32)
+        err = pred - (cur - prev)
+        if BACKWARD:
+            tl.store(out_ptr, (err * scale).to(OUT.dtype.element_ty), mask=pm)
+        else:
+            acc += err * err
+        cur_ptr += s_cc
+        prev_ptr += s_cc
+        pred_ptr += s_pj
+        out_ptr += s_pj
+    if not BACKWARD:
+        tl.store(OUT + row, tl.sum(tl.sum(acc, axis=1), axis=0))
+
+
+def _block_p(patch: int):
+    """(BLOCK_P, num_warps): one [BLOCK_P, BLOCK_P] tile per channel, ~4 values per thread."""
+    bp = max(4, next_pow2(patch))
+    return bp, max(1, min(4, bp * bp // 128))
 
 
 def _check(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int):
@@ -105,16 +126,15 @@ def _check(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int):
 def _launch(clip, pred, mask_idx, patch, out, scale, backward: bool):
     B, T, C, H, W = clip.shape
     Nm = mask_idx.shape[1]
-    PPC = patch * patch * C
     rows = B * T * Nm if backward else B * (T - 1) * Nm
     if rows == 0:
         return
-    BLOCK = max(16, next_pow2(PPC))
+    BP, warps = _block_p(patch)
     launch(_rgb_diff_kernel, (rows,),  # one program per predicted patch, axis 0 (2**31 - 1)
            clip, pred, mask_idx, out, scale,
            *clip.stride(), *pred.stride(), *mask_idx.stride(),
-           T, Nm, (H // patch) * (W // patch), W // patch, C, patch, PPC,
-           PACKED=False, BACKWARD=backward, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8,
+           T, Nm, (H // patch) * (W // patch), W // patch, C, patch,
+           PACKED=False, BACKWARD=backward, BLOCK_P=BP, num_warps=warps,
            op=f"rgb_diff_mse_tube {'backward' if backward else 'forward'}",
            shape=f"clip {list(clip.shape)} {clip.dtype}, pred {list(pred.shape)}, patch {patch}")
 
@@ -218,15 +238,14 @@ def _packed_count(clip: Tensor, rows: Tensor, patch: int) -> Tensor:
 def _launch_packed(clip, pred, rows, patch, out, scale, backward: bool):
     B, T, C, H, W = clip.shape
     M = rows.shape[0]
-    PPC = patch * patch * C
     if M == 0:
         return
-    BLOCK = max(16, next_pow2(PPC))
+    BP, warps = _block_p(patch)
     launch(_rgb_diff_kernel, (M,),  # one program per packed row, axis 0 (2**31 - 1)
            clip, pred, rows, out, scale,
            *clip.stride(), 0, 0, pred.stride(0), pred.stride(1), 0, rows.stride(0),
-           T, 1, (H // patch) * (W // patch), W // patch, C, patch, PPC,
-           PACKED=True, BACKWARD=backward, BLOCK=BLOCK, num_warps=4 if BLOCK <= 1024 else 8,
+           T, 1, (H // patch) * (W // patch), W // patch, C, patch,
+           PACKED=True, BACKWARD=backward, BLOCK_P=BP, num_warps=warps,
            op=f"rgb_diff_mse_packed {'backward' if backward else 'forward'}",
            shape=f"clip {list(clip.shape)} {clip.dtype}, pred {list(pred.shape)}, patch {patch}")
 
