@@ -132,7 +132,8 @@ class TrainConfig:
     max_steps: Optional[int] = None      # stop early (demo, smoke tests)
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda
-    precision: str = "auto"              # auto (bf16 where supported) | bf16 | fp32
+    precision: str = "auto"              # auto (GPUs: bf16 where native, sm_80+, else fp16 with a
+                                         # loss scaler; CPU: fp32) | bf16 | fp16 | fp32
     output_dir: str = "runs/mam2"
     log_every: int = 10
     save_every: int = 500                # optimizer steps between checkpoints
@@ -381,7 +382,7 @@ def validate_train(r: "TrainConfig") -> None:
     _check(r.max_steps is None or r.max_steps >= 1, "train.max_steps", f"must be >= 1, got {r.max_steps}")
     _check(0 <= r.seed < 2 ** 32, "train.seed", f"must be in [0, 2**32), got {r.seed}")
     _one_of(r.device, "train.device", ("auto", "cpu", "cuda"))
-    _one_of(r.precision, "train.precision", ("auto", "bf16", "fp32"))
+    _one_of(r.precision, "train.precision", ("auto", "bf16", "fp16", "fp32"))
     _check(r.output_dir.strip() != "", "train.output_dir", "must not be empty")
     _at_least(r.log_every, "train.log_every", 1)
     _at_least(r.save_every, "train.save_every", 1)
@@ -503,7 +504,7 @@ def validate(cfg: Config) -> None:
     _check(r.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {r.accum_steps}")
     _check(r.max_steps is None or r.max_steps >= 1, "train.max_steps", f"must be >= 1, got {r.max_steps}")
     _one_of(r.device, "train.device", ("auto", "cpu", "cuda"))
-    _one_of(r.precision, "train.precision", ("auto", "bf16", "fp32"))
+    _one_of(r.precision, "train.precision", ("auto", "bf16", "fp16", "fp32"))
     _check(r.log_every >= 1, "train.log_every", f"must be >= 1, got {r.log_every}")
     _check(r.save_every >= 1, "train.save_every", f"must be >= 1, got {r.save_every}")
     _one_of(r.parallel, "train.parallel", ("ddp", "fsdp"))

@@ -30,7 +30,7 @@ from mam2_fast.train import distributed as D
 from mam2_fast.train.checkpoint import save_checkpoint
 from mam2_fast.train.cli import resume_value_as_override  # noqa: F401  (re-exported)
 from mam2_fast.train.collapse import CollapseWatch, FeatureTap, collapse_stats, encoder_output_module
-from mam2_fast.train.loop import Micro, Run, Schedule, Task, run_task
+from mam2_fast.train.loop import Micro, Run, Schedule, Task, amp_dtype, run_task
 from mam2_fast.train.loop import StopRequest, autocast_for, select_device  # noqa: F401  (re-exported)
 from mam2_fast.train.optim import build_optimizer
 
@@ -96,8 +96,7 @@ def choose_kernels(model: torch.nn.Module, requested: str, device: torch.device,
     from mam2_fast.kernels.launch_plan import RunShapes
     from mam2_fast.kernels.selfcheck import resolve_backend
 
-    run_dtype = torch.bfloat16 if (precision == "bf16" or (
-        precision == "auto" and accel.is_gpu(device) and accel.bf16_supported(device))) else torch.float32
+    run_dtype = amp_dtype(device, precision) or torch.float32
     shapes = RunShapes.of_model(model, batch_size, mask_kind, mask_ratio)
     backend = resolve_backend(requested, device, run_dtype, log, shapes)
     model.set_kernel_backend(backend)

@@ -116,3 +116,19 @@ def test_videomae_baseline_trains_through_the_engine(tmp_path):
     assert s["steps"] == 3 and s["last"]["loss"] > 0 and "loss_app" not in s["last"]
     ck = torch.load(tmp_path / "checkpoint-00000003.pt", weights_only=False)
     assert any(k.startswith("encoder.blocks.0") for k in ck["model"]) and ck["tokenizer"] is None
+
+
+def test_fp16_trains_with_a_loss_scale_saved_and_resumed(tmp_path):
+    """train.precision=fp16 (CPU autocast in fp16 here): the loss is scaled, the scale is kept in
+    every checkpoint and restored on resume; a stop-and-resume run logs the same losses."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(small_cfg(full, precision="fp16"), data=SyntheticData(16, 4, 4, 32), log=lambda s: None)
+    ckpt = torch.load(full / "checkpoint-00000012.pt", weights_only=True)
+    assert ckpt["loss_scale"]["scale"] >= 1.0 and "good_steps" in ckpt["loss_scale"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(full).values())
+    train(small_cfg(part, precision="fp16", max_steps=6), data=SyntheticData(16, 4, 4, 32), log=lambda s: None)
+    train(small_cfg(part, precision="fp16"), data=SyntheticData(16, 4, 4, 32), resume="auto", log=lambda s: None)
+    ref, got = losses(full), losses(part)
+    for s in range(7, 13):
+        assert got[s] == pytest.approx(ref[s], rel=1e-4, abs=1e-5), f"step {s}: {got[s]} vs {ref[s]}"
+    assert torch.load(part / "checkpoint-00000012.pt", weights_only=True)["loss_scale"] == ckpt["loss_scale"]

@@ -53,14 +53,21 @@ def select_device(cfg) -> torch.device:
     return torch.device(want)   # also the stand-in "meta" (dry runs, see mam2_fast.train.accel)
 
 
-def autocast_for(device: torch.device, precision: str):
+def amp_dtype(device: torch.device, precision: str) -> Optional[torch.dtype]:
+    """The autocast dtype of ``train.precision`` on ``device`` (None: fp32). ``auto``: on GPUs
+    bf16 where it is native (sm_80+), else fp16 (V100 / T4, with a loss scaler); fp32 on CPU."""
     if precision == "fp32":
-        return contextlib.nullcontext()
+        return None
     if precision == "auto":
-        if accel.is_gpu(device) and accel.bf16_supported(device):
-            return accel.autocast(device, torch.bfloat16)
-        return contextlib.nullcontext()  # CPU: fp32 unless bf16 is asked for
-    return accel.autocast(device, torch.bfloat16)
+        if not accel.is_gpu(device):
+            return None                   # CPU: fp32 unless bf16 / fp16 is asked for
+        return torch.bfloat16 if accel.bf16_supported(device) else torch.float16
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def autocast_for(device: torch.device, precision: str):
+    dtype = amp_dtype(device, precision)
+    return contextlib.nullcontext() if dtype is None else accel.autocast(device, dtype)
 
 
 class StopRequest:
@@ -349,8 +356,12 @@ class Loop:
             (run.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         self.metrics = MetricsLogger(run.run_dir, tensorboard=cfg.train.tensorboard, enabled=run.is_main)
         self.progress = Progress(schedule.last_step, start=pos.step, enabled=cfg.train.progress and run.is_main)
+        # fp16: a dynamic loss scale on the device, state saved with each checkpoint
+        fp16 = amp_dtype(run.device, cfg.train.precision) == torch.float16
         self.guard = NonFiniteGuard(task.optimizer, (p for p in task.model.parameters() if p.requires_grad),
-                                    cfg.optim.clip_grad, cfg.train.max_nonfinite, run.device)
+                                    cfg.optim.clip_grad, cfg.train.max_nonfinite, run.device, loss_scale=fp16)
+        if fp16 and run.ckpt is not None and "loss_scale" in run.ckpt:
+            self.guard.load_scale_state(run.ckpt["loss_scale"])
         self.fsdp_sync = dist.enabled and hasattr(task.wrapped, "set_requires_gradient_sync")   # FSDP2
         self.prefetch_depth = auto_depth(cfg.train.prefetch, run.device)   # -1: 1 on CUDA, 0 on CPU
         self.window = LogWindow()
@@ -421,7 +432,7 @@ class Loop:
                       last and self.is_log_step(self.pos.step + 1))
         with self.grad_sync(last):
             losses = self.task.step(batch, prepared, micro)
-            (losses["loss"] / accum).backward()
+            (self.guard.scale_loss(losses["loss"]) / accum).backward()
         ok = self.guard.micro(losses["loss"])
         self.window.add(losses, ok, batch["clip"].shape[0])
         self.pos.micro_pos = pos + 1
@@ -487,6 +498,8 @@ class Loop:
         cfg, world = self.task.cfg, self.run.world
         state = {**task_state, **self.pos.state(self.schedule.epoch_micro, cfg.train.batch_size * world),
                  "world_size": world, "rng": rng_state(), "config": cfg.to_dict(), "schedule": self.schedule.state()}
+        if self.guard.scaled:
+            state["loss_scale"] = self.guard.scale_state()
         self.last_ckpt = self.task.write_checkpoint(self.run.run_dir, self.pos.step, state, cfg.train.keep_last)
 
     def summary(self) -> dict:

@@ -70,7 +70,8 @@ class NonFiniteGuard:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params, clip_grad: float, max_nonfinite: int,
-                 device: torch.device):
+                 device: torch.device, loss_scale: bool = False, init_scale: float = 2.0 ** 16,
+                 growth_interval: int = 2000):
         self.optimizer, self.params = optimizer, list(params)
         self.max_norm = clip_grad if clip_grad > 0 else float("inf")
         self.max_nonfinite = max_nonfinite
@@ -78,6 +79,37 @@ class NonFiniteGuard:
         self.zero = torch.zeros((), device=device)
         self.streak, self.longest, self.skipped, self.finite = (self.zero.clone() for _ in range(4))
         self._skipped_at_log = 0
+        # fp16 loss scaling (GradScaler's rule, kept on the device): the loss is multiplied by
+        # ``scale``; a step with non-finite gradients is skipped and halves it (not below 1), 2000
+        # good steps in a row double it. Overflow skips count towards ``max_nonfinite`` only once
+        # the scale is at its floor of 1 (then the loss itself is non-finite).
+        self.scaled, self.growth_interval = loss_scale, growth_interval
+        self.scale = torch.full((), init_scale if loss_scale else 1.0, device=device)
+        self.good_steps = self.zero.clone()
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale if self.scaled else loss
+
+    def scale_state(self) -> dict:
+        return {"scale": accel.host_float(self.scale, 2.0 ** 16), "good_steps": accel.host_int(self.good_steps)}
+
+    def load_scale_state(self, state: dict) -> None:
+        self.scale.fill_(float(state["scale"]))
+        self.good_steps.fill_(int(state["good_steps"]))
+
+    def _unscale_and_clip(self) -> torch.Tensor:
+        """Scaled gradients -> true gradients clipped to ``max_norm``, in one multiply; returns the
+        true gradient norm (non-finite after an overflow)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return self.zero.clone()
+        gnorm = torch.nn.utils.get_total_norm(grads)
+        if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor
+            gnorm = gnorm.full_tensor()
+        gnorm = gnorm / self.scale
+        coef = torch.clamp(self.max_norm / (gnorm + 1e-6), max=1.0) / self.scale
+        torch._foreach_mul_(grads, coef)
+        return gnorm
 
     def micro(self, loss: torch.Tensor) -> torch.Tensor:
         """Bool scalar: ``loss`` is finite (counted for the log window's means)."""
@@ -87,9 +119,12 @@ class NonFiniteGuard:
 
     def step(self) -> torch.Tensor:
         """Clip, step (or skip) and zero the gradients; returns the gradient norm (device)."""
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-        if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor
-            gnorm = gnorm.full_tensor()
+        if self.scaled:
+            gnorm = self._unscale_and_clip()
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+            if hasattr(gnorm, "full_tensor"):   # FSDP2: a DTensor
+                gnorm = gnorm.full_tensor()
         found_inf = (~torch.isfinite(gnorm)).float()
         if self.fused:
             self.optimizer.found_inf, self.optimizer.grad_scale = found_inf, None
@@ -97,7 +132,14 @@ class NonFiniteGuard:
         elif not accel.host_bool(found_inf):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.streak = (self.streak + 1) * found_inf
+        counts = found_inf
+        if self.scaled:
+            counts = found_inf * (self.scale <= 1.0).float()          # an overflow above the floor: no count
+            self.good_steps = (self.good_steps + 1) * (1 - found_inf)
+            grow = (self.good_steps >= self.growth_interval).float()
+            self.scale = torch.where(found_inf > 0, (self.scale * 0.5).clamp(min=1.0), self.scale * (1 + grow))
+            self.good_steps = self.good_steps * (1 - grow)
+        self.streak = (self.streak + 1) * counts
         self.longest = torch.maximum(self.longest, self.streak)
         self.skipped = self.skipped + found_inf
         return gnorm
