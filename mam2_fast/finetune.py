@@ -110,20 +110,30 @@ def check_list_labels(cfg: FinetuneConfig, data, test_list: Optional[str]) -> No
         check_labels(read_list_file(test_list, cfg.data.root, cfg.data.format), cfg.model.num_classes, test_list)
 
 
-def evaluate_model(model, cfg: FinetuneConfig, test_list: str, device, amp, out_dir: Path, tag: str, log) -> dict:
+def evaluate_model(model, cfg: FinetuneConfig, test_list: str, device, amp, out_dir: Path, tag: str, log,
+                   dist_info: Optional[D.DistInfo] = None) -> dict:
+    """Multi-view evaluation of ``test_list``; under torchrun every rank scores its shard of the
+    videos and the scores are merged (``evaluate.run_views``), rank 0 writes the report."""
     from mam2_fast.evaluate import classification_metrics, run_views, write_report
     from mam2_fast.ft.data import ViewData, class_names
 
+    dist_info = dist_info or D.DistInfo()
     data = ViewData(cfg.data, test_list, cfg.test.num_clips, cfg.test.num_crops, cfg.test.sampling,
-                    cfg.test.batch_size, device)
-    result = run_views(model, data, device, amp)
+                    cfg.test.batch_size, device, shard=(dist_info.rank, dist_info.world_size))
+    result = run_views(model, data, device, amp, gather=dist_info.enabled)
+    model.train()
     metrics = classification_metrics(result["probs"], result["labels"], class_names(test_list, cfg.model.num_classes))
+    if not dist_info.is_main:
+        return {k: metrics[k] for k in ("top1", "top5", "mean_class_acc", "num_videos")}
     paths = write_report(result, metrics, out_dir / tag, {"list_file": test_list, "num_clips": cfg.test.num_clips,
                                                           "num_crops": cfg.test.num_crops}, records=data.records)
     log(f"eval ({tag}): top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% on {metrics['num_videos']} videos "
         f"({cfg.test.num_clips}x{cfg.test.num_crops} views) -> {paths['json']}")
     model.train()
     return {k: metrics[k] for k in ("top1", "top5", "mean_class_acc", "num_videos")}
+
+
+BEST_CHECKPOINT = "checkpoint-best.pt"   # the model of the best evaluation (resume ignores it)
 
 
 # ----------------------------------------------------------------------------------------
@@ -136,6 +146,7 @@ class FinetuneTask(Task):
     def __init__(self, data=None, test_list: Optional[str] = None):
         self.data, self.test_list = data, test_list
         self.evals: list = []
+        self.best: Optional[dict] = None      # the best evaluation so far (checkpoint-best.pt)
 
     def check_checkpoint(self, path: Path, ckpt: dict) -> None:
         if ckpt.get("kind") != "finetune":
@@ -177,10 +188,11 @@ class FinetuneTask(Task):
 
     def load_state(self, ckpt: dict) -> None:
         self.optimizer.load_state_dict(ckpt["optimizer"])   # the model was loaded in setup
+        self.best = ckpt.get("best_eval")
 
     def checkpoint_state(self) -> dict:
         return {"kind": "finetune", "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "init": self.cfg.init}
+                "init": self.cfg.init, "best_eval": self.best}
 
     def step(self, batch: dict, prepared, micro: Micro) -> dict:
         clip = batch["clip"].to(self.run.device, non_blocking=True)          # [B, T, C, H, W]
@@ -201,30 +213,42 @@ class FinetuneTask(Task):
         return f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f} lr {rec['lr']:.2e}"
 
     def _evaluate(self, loop, tag: str) -> dict:
+        """Every rank scores its shard; rank 0 logs, and keeps ``checkpoint-best.pt`` (the model
+        with the best top-1 so far, with its evaluation) when this one beats the previous best."""
         run = self.run
-        ev = evaluate_model(self.model, self.cfg, self.test_list, run.device, self.amp, run.run_dir, tag, run.log)
+        ev = evaluate_model(self.model, self.cfg, self.test_list, run.device, self.amp, run.run_dir, tag, run.log,
+                            run.dist)
         loop.metrics.log({"step": loop.pos.step, "epoch": loop.pos.epoch, **{f"val_{k}": v for k, v in ev.items()}})
+        if self.best is None or ev["top1"] > self.best["top1"]:
+            self.best = {"step": loop.pos.step, "tag": tag, **ev}
+            if run.is_main:
+                self._write_best(loop)
         return ev
 
+    def _write_best(self, loop) -> None:
+        from mam2_fast.train.checkpoint import _atomic_write, checksum_path
+
+        path = self.run.run_dir / BEST_CHECKPOINT
+        state = {"kind": "finetune", "step": loop.pos.step, "model": self.model.state_dict(),
+                 "config": self.cfg.to_dict(), "init": self.cfg.init, "eval": dict(self.best)}
+        _atomic_write(path, lambda f: torch.save(state, f), sidecar=checksum_path(path))
+        self.run.log(f"best top-1 so far ({self.best['top1']:.2f}%): {path}")
+
     def after_step(self, loop) -> None:
-        """At the end of every ``test.every_epochs``-th epoch (but the last): evaluate on rank 0."""
+        """At the end of every ``test.every_epochs``-th epoch (but the last): evaluate, all ranks."""
         pos, every = loop.pos, self.cfg.test.every_epochs
         end_of_epoch = pos.micro_pos >= loop.schedule.epoch_micro
         if not (self.test_list and every and end_of_epoch and (pos.epoch + 1) % every == 0
                 and pos.step < loop.schedule.last_step):
             return
-        if self.run.is_main:
-            ev = self._evaluate(loop, f"eval-epoch{pos.epoch + 1}")
-            self.evals.append({"step": pos.step, **ev})
-            self.model.train()
-        if self.run.dist.enabled:
-            torch.distributed.barrier()
+        ev = self._evaluate(loop, f"eval-epoch{pos.epoch + 1}")
+        self.evals.append({"step": pos.step, **ev})
 
     def finish(self, loop) -> dict:
         final = None
-        if self.test_list and self.run.is_main and not loop.interrupted:
+        if self.test_list and not loop.interrupted:
             final = self._evaluate(loop, "eval")
-        return {"evals": self.evals, "final_eval": final}
+        return {"evals": self.evals, "final_eval": final if self.run.is_main else None, "best_eval": self.best}
 
     def close(self) -> None:
         if hasattr(self.data, "close"):
