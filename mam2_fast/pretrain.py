@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from mam2_fast.config import Config, config_from_dict, load_config, parse_overrides, _deep_merge
+from mam2_fast.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, _deep_merge
 from mam2_fast.masking import MaskGenerator, MaskInfo
 from mam2_fast.models.mam2 import build_model
 from mam2_fast.targets.tokenizer import build_tokenizer
@@ -84,6 +84,26 @@ def saved_run_config(args: argparse.Namespace) -> Optional[dict]:
         return None
     path = run_dir / "config.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def check_target_files(cfg: Config) -> None:
+    """The weights the targets need, checked before anything is built: a VQGAN / DALL-E
+    tokenizer needs ``tokenizer.checkpoint`` (an existing file), the flow target
+    ``model.flow_weights``; a ``ConfigError`` names the key."""
+    m, t = cfg.model, cfg.tokenizer
+    tokens = m.arch == "mam2" and m.use_appearance and m.appearance_target == "tokens"
+    if tokens and t.kind in ("vqgan", "dalle"):
+        where = ("taming-transformers' VQGAN ImageNet f16 16384 'last.ckpt' (README: Appearance and motion "
+                 "targets)" if t.kind == "vqgan" else "OpenAI's DALL-E 'encoder.pkl'")
+        if not t.checkpoint:
+            raise ConfigError(f"tokenizer.checkpoint: tokenizer.kind '{t.kind}' needs its weights: {where}")
+        if not Path(t.checkpoint).expanduser().is_file():
+            raise ConfigError(f"tokenizer.checkpoint: {t.checkpoint} is not a file")
+        if t.checkpoint_config and not Path(t.checkpoint_config).expanduser().is_file():
+            raise ConfigError(f"tokenizer.checkpoint_config: {t.checkpoint_config} is not a file")
+    if m.use_motion and m.motion_target == "flow" and m.flow_weights and \
+            not Path(m.flow_weights).expanduser().is_file():
+        raise ConfigError(f"model.flow_weights: {m.flow_weights} is not a file")
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,6 +218,7 @@ class PretrainTask(Task):
     # -- setup: data -> tokenizer -> model -> targets and masks -------------------------------
     def setup(self, run: Run) -> None:
         self.run, self.cfg = run, run.cfg
+        check_target_files(self.cfg)          # before any data is decoded or built
         fit_data = self._build_data()
         self.tokenizer = self._build_tokenizer(fit_data)
         self.model = self._build_model()

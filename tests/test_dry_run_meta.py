@@ -145,6 +145,7 @@ def test_pretrain_step_on_stand_in(case, tmp_path, monkeypatch):
 
     mask, model, tokenizer = PRETRAIN_CASES[case]
     monkeypatch.setattr(pretrain, "build_tokenizer", random_weight_tokenizer)
+    monkeypatch.setattr(pretrain, "check_target_files", lambda cfg: None)   # random weights stand in
     monkeypatch.setattr(flow, "load_raft", random_weight_raft)
     cfg = pretrain_config(tmp_path, mask, model, tokenizer)
     data = StandInClips(cfg.train.batch_size, 16, 224, torch.bfloat16)

@@ -102,6 +102,15 @@ def test_resume_without_config_reads_the_runs_config(tmp_path):
     assert got.model.embed_dim == 64 and got.train.max_steps == 4 and got.train.output_dir == str(tmp_path / "r")
     got = resolve_config(parse_args(["--resume", str(tmp_path / "r" / "checkpoint-00000002.pt")]))
     assert got.model.embed_dim == 64
+    # --resume RUN_DIR: the folder as init=, export and evaluate take it
+    a = parse_args(["--resume", str(tmp_path / "r"), "train.max_steps=4"])
+    assert a.resume == "auto" and a.output_dir == str(tmp_path / "r")
+    got = resolve_config(a)
+    assert got.model.embed_dim == 64 and got.train.output_dir == str(tmp_path / "r") and got.train.max_steps == 4
+    res = train(got, data=SyntheticData(16, 4, 4, 32), resume=a.resume, log=lambda s: None)
+    assert res["steps"] == 4
+    with pytest.raises(SystemExit, match="another"):
+        parse_args(["--resume", str(tmp_path / "r"), "--output-dir", str(tmp_path / "elsewhere")])
 
 
 @pytest.mark.parametrize("module", ["pretrain", "finetune", "profile"])
@@ -116,3 +125,21 @@ def test_cli_overrides_before_and_after_options(module):
         assert a.resume == "auto" and a.overrides == ["model.depth=4", "train.epochs=2"]
         a = parse_args(["--resume", "runs/x/checkpoint-00000002.pt", "train.epochs=2"])
         assert a.resume == "runs/x/checkpoint-00000002.pt" and a.overrides == ["train.epochs=2"]
+
+
+@pytest.mark.parametrize("over,key", [(["tokenizer.kind=vqgan"], "tokenizer.checkpoint"),
+                                      (["tokenizer.kind=dalle", "tokenizer.checkpoint=/no/such/encoder.pkl"],
+                                       "tokenizer.checkpoint"),
+                                      (["tokenizer.kind=vqgan", "tokenizer.checkpoint={file}",
+                                        "tokenizer.checkpoint_config=/no/such.yaml"], "tokenizer.checkpoint_config")])
+def test_missing_tokenizer_weights_stop_before_any_data_is_built(tmp_path, capsys, over, key):
+    from mam2_fast import pretrain
+    real = tmp_path / "last.ckpt"
+    real.write_bytes(b"x")
+    argv = [o.format(file=real) for o in over] + [f"data.demo_dir={tmp_path / 'demo'}",
+                                                 f"train.output_dir={tmp_path / 'run'}"]
+    from mam2_fast.config import ConfigError
+    with pytest.raises(ConfigError, match=key) as e:   # the CLI (train/distributed.run_cli) prints it as one line, exit 2
+        pretrain.main(argv)
+    assert e.value.exit_code == 2
+    assert not (tmp_path / "demo").exists()          # the demo set was not built

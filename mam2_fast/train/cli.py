@@ -15,11 +15,19 @@ from mam2_fast.config import ConfigError
 
 def resume_value_as_override(args: argparse.Namespace) -> argparse.Namespace:
     """``--resume key.sub=value`` (no checkpoint path given, an override right after it):
-    resume from the latest checkpoint and keep the override, instead of reading it as a path."""
+    resume from the latest checkpoint and keep the override, instead of reading it as a path.
+    ``--resume RUN_DIR``: resume that run folder (= ``--resume --output-dir RUN_DIR``)."""
     r = args.resume
     if r and r != "auto" and re.match(r"^[A-Za-z_]\w*(\.\w+)+=", r) and not os.path.exists(r):
         args.overrides = [r, *args.overrides]
         args.resume = "auto"
+    elif r and r != "auto" and os.path.isdir(os.path.expanduser(r)):
+        # ``--resume RUN_DIR`` (as init=, export and evaluate take a run folder): that run, from
+        # its newest checkpoint that verifies, with its saved config unless --config is given
+        if args.output_dir and os.path.realpath(os.path.expanduser(args.output_dir)) != os.path.realpath(
+                os.path.expanduser(r)):
+            raise SystemExit(f"--resume {r} is a run folder but --output-dir names another ({args.output_dir})")
+        args.output_dir, args.resume = r, "auto"
     return args
 
 
