@@ -13,8 +13,8 @@ without ever holding the full ``[M, K]`` logits. Design (Liger-Kernel style):
   the chunks in fp32 (each chunk's GEMM writes fp32, it is never rounded to the input dtype
   first) and cast to the weight's dtype once at the end.
 
-Targets are checked once per call (one host sync, before anything is launched): a target
-outside ``[0, K)`` that is not ``ignore_index`` raises ``IndexError`` naming the op, the value
+Targets are checked once per call (on CUDA a device-side assert, no host sync; elsewhere one
+host read): a target outside ``[0, K)`` that is not ``ignore_index`` raises ``IndexError`` naming the op, the value
 and ``K``, as ``F.cross_entropy`` refuses it. (Skipped on the ``meta`` stand-in device and
 while a CUDA graph is being captured; the kernel clamps such a target, it never reads outside
 the row.)
@@ -107,16 +107,21 @@ def _launch_rows(logits: Tensor, target: Tensor, row_loss: Tensor, inv_n: Tensor
 
 
 def check_targets(target: Tensor, K: int, ignore_index: int) -> None:
-    """Raise ``IndexError`` (like ``F.cross_entropy``) when a target ``[M]`` is outside
-    ``[0, K)`` and is not ``ignore_index``. One reduction over the whole tensor and one host
-    read per call; skipped on the stand-in device and inside CUDA graph capture (no host reads
-    there)."""
+    """Refuse a target ``[M]`` outside ``[0, K)`` that is not ``ignore_index``, as
+    ``F.cross_entropy`` does: on CUDA with a device-side assert (``torch._assert_async``: no host
+    sync on the training step's hot path; the error surfaces at the next sync, like
+    ``F.cross_entropy``'s own); elsewhere an ``IndexError`` naming the value (one host read).
+    Skipped on the stand-in device and inside CUDA graph capture."""
     if target.numel() == 0 or accel.is_stand_in(target.device):
         return
     if target.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= K))   # [M] bool
-    if accel.host_bool(bad.any()):                                     # the call's one host sync
+    if target.is_cuda:
+        torch._assert_async(~bad.any(), f"linear_cross_entropy: a target is out of bounds for K = {K} classes "
+                                        f"(each must be in [0, {K}) or equal ignore_index = {ignore_index})")
+        return
+    if accel.host_bool(bad.any()):                                     # CPU: the call's one host read
         values = accel.to_host(target[bad])
         raise IndexError(f"linear_cross_entropy: target {int(values[0])} is out of bounds for K = {K} "
                          f"classes ({values.numel()} bad target(s); each must be in [0, {K}) or equal "
