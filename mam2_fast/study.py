@@ -242,12 +242,13 @@ def heldout_collapse(encoder, data, device, max_batches: int = 2) -> dict:
     from mam2_fast.train.collapse import collapse_stats
 
     tokens = []
+    encoder = encoder.to(device).eval()
     with torch.no_grad():
         for i, batch in enumerate(data):
             if i >= max_batches:
                 break
             clips = batch["views"][:, 0].to(device)                               # [B, T, C, H, W]
-            tokens.append(encoder.to(device).eval().forward_features(clips).float().flatten(0, -2).cpu())
+            tokens.append(encoder.forward_features(clips).float().flatten(0, -2).cpu())
     stats = collapse_stats(torch.cat(tokens), max_tokens=2048)
     return {"heldout_feat_std": stats["feat_std"], "heldout_feat_rank": stats["feat_rank"]}
 
