@@ -28,12 +28,21 @@ set -u
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 OUT="${OUT:-gpu_logs}"
-TOTAL_S="${GPU_SESSION_SECONDS:-540}"
+TOTAL_S="${GPU_SESSION_SECONDS:-450}"
+# The device call returns at most 8 files: stage logs and JSON go to LOGS, and after every stage
+# LOGS is packed into $OUT/logs.tgz (written atomically), beside $OUT/summary.txt.
+LOGS="${GPU_SESSION_LOGS:-/tmp/gpu_session_logs}"
 DRY="${GPU_SESSION_DRY:-}"
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; fi
 PY="${PYTHON:-$(command -v python || command -v python3)}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PY DRY OUT
-mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PY DRY OUT LOGS
+mkdir -p "$OUT" "$LOGS"
+STAGES_ONLY="${GPU_SESSION_STAGES:-}"   # e.g. "parity,kernels": run just these (default: all)
+
+pack() {  # $LOGS -> $OUT/logs.tgz, atomically (a run cut short still returns what finished)
+    [ -n "$DRY" ] && return 0
+    tar czf "$OUT/.logs.tgz.tmp" -C "$LOGS" . 2>/dev/null && mv -f "$OUT/.logs.tgz.tmp" "$OUT/logs.tgz"
+}
 
 run() {  # echo a command, then run it (dry run: echo only)
     echo "\$ $*"
@@ -62,9 +71,11 @@ stage_env() {
 
 stage_parity() {
     local files=(tests/test_kernels_attention.py tests/test_kernels_varlen.py tests/test_kernels_gather.py
-                 tests/test_kernels_rgb_diff.py tests/test_kernels_linear_ce.py)
-    [ -f tests/test_launch_limits.py ] && files+=(tests/test_launch_limits.py)
-    run "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/parity.xml" "${files[@]}"
+                 tests/test_kernels_rgb_diff.py tests/test_kernels_linear_ce.py tests/test_kernels_short.py
+                 tests/test_model_fused.py tests/test_model_targets_fused.py tests/test_launch_limits.py)
+    local have=()
+    for f in "${files[@]}"; do [ -f "$f" ] && have+=("$f"); done
+    run "$PY" -m pytest -q -p no:cacheprovider --maxfail=30 -rfE --junitxml="$LOGS/parity.xml" "${have[@]}"
 }
 
 stage_kernels() {
@@ -73,12 +84,19 @@ stage_kernels() {
 
 stage_step() {
     run "$PY" benchmarks/bench_step.py --models B --batch 32 --variants eager,fused,compile --max-batch "" \
-        --warmup 3 --iters 5 --repeats 3 --verbose --out "$OUT/step.json"
+        --warmup 3 --iters 5 --repeats 3 --verbose --out "$LOGS/step.json"
+}
+
+stage_train() {  # the real loop on CUDA: demo data, kernels auto (parity + timing choice), bf16, checkpoint
+    run "$PY" -m mam2_fast.pretrain data.demo_dir=/tmp/mam2_demo train.output_dir=/tmp/mam2_run --overwrite \
+        train.device=cuda train.precision=auto model.kernels=auto train.batch_size=16 data.num_workers=8 \
+        train.max_steps=60 train.log_every=10 train.save_every=30 train.tensorboard=false train.progress=false
+    run ls -la /tmp/mam2_run
 }
 
 stage_videomae() {
     run "$PY" benchmarks/bench_videomae.py --videomae-repo .gl/VideoMAE --batch 32 --variants official,ours \
-        --warmup 3 --iters 5 --repeats 2 --out "$OUT/videomae.json"
+        --warmup 3 --iters 5 --repeats 2 --out "$LOGS/videomae.json"
 }
 
 stage_loader() {
@@ -94,10 +112,10 @@ stage_loader() {
     run "$PY" -c "from mam2_fast.data.augment import load_extension; e = load_extension(); print('augment extension:', 'cuda' if e is not None and e.has_cuda() else ('cpu only' if e is not None else 'none (torch fallback)'))"
     run "$PY" benchmarks/bench_loader.py --device cuda --workers 4,8,16 --batches 10 --batch 8 --datasets real,demo
 }
-export -f run stage_env stage_parity stage_kernels stage_step stage_videomae stage_loader
+export -f run pack stage_train stage_env stage_parity stage_kernels stage_step stage_videomae stage_loader
 
 # -- the schedule -----------------------------------------------------------------------
-STAGES=(env:45 parity:100 kernels:100 step:150 videomae:60 loader:85)   # name:seconds (sum 540)
+STAGES=(env:25 parity:110 kernels:90 step:110 train:50 videomae:30 loader:35)   # name:seconds (sum 450)
 start=$SECONDS
 planned=0
 status=0
@@ -105,6 +123,7 @@ echo "# gpu_session $(date -u +%FT%TZ) budget ${TOTAL_S}s out $OUT${DRY:+ (dry r
 for item in "${STAGES[@]}"; do
     name="${item%%:*}"
     budget="${item##*:}"
+    if [ -n "$STAGES_ONLY" ] && [[ ",$STAGES_ONLY," != *",$name,"* ]]; then continue; fi
     used=$((DRY ? planned : SECONDS - start))
     left=$((TOTAL_S - used))
     limit=$((budget < left ? budget : left))
@@ -119,12 +138,13 @@ for item in "${STAGES[@]}"; do
         continue
     fi
     t0=$SECONDS
-    echo "== $name (limit ${limit}s) ==" > "$OUT/$name.log"
-    timeout -k 10 "$limit" bash -c "stage_$name" >> "$OUT/$name.log" 2>&1
+    echo "== $name (limit ${limit}s) ==" > "$LOGS/$name.log"
+    timeout -k 10 "$limit" bash -c "stage_$name" >> "$LOGS/$name.log" 2>&1
     rc=$?
     [ "$rc" -eq 124 ] && note="timed out" || note="exit $rc"
-    echo "$name: $note after $((SECONDS - t0))s (limit ${limit}s) -> $OUT/$name.log" | tee -a "$OUT/summary.txt"
-    tail -n 25 "$OUT/$name.log"
+    echo "$name: $note after $((SECONDS - t0))s (limit ${limit}s) -> logs.tgz:$name.log" | tee -a "$OUT/summary.txt"
+    tail -n 25 "$LOGS/$name.log"
+    pack
     if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
 done
 echo "# done after $((DRY ? planned : SECONDS - start))s" | tee -a "$OUT/summary.txt"
