@@ -170,8 +170,29 @@ def test_bf16_weight_grad_accumulates_in_fp32_across_chunks():
     assert not torch.equal(per_chunk.to(torch.bfloat16), exact_w.to(torch.bfloat16)), f"weak case (seed {seed})"
 
 
+_OOB_SCRIPT = """
+import torch
+from mam2_fast.kernels import linear_cross_entropy
+x, w = torch.randn(9, 8, device='cuda'), torch.randn(50, 8, device='cuda')
+y = torch.randint(0, 50, (9,), device='cuda')
+y[4] = {bad}
+loss = linear_cross_entropy(x, w, None, y, backend='fused')
+torch.cuda.synchronize()
+print('NO ERROR', loss.item())
+"""
+
+
 @pytest.mark.parametrize("bad", [50, 57, -1, -101])
 def test_out_of_range_target_raises(bad):
+    if kt.ON_CUDA:
+        # a device-side assert ends the CUDA context: checked in a child process
+        import subprocess
+        import sys
+        r = subprocess.run([sys.executable, "-c", _OOB_SCRIPT.format(bad=bad)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode != 0 and "NO ERROR" not in r.stdout, r.stdout + r.stderr
+        assert "linear_cross_entropy: a target is out of bounds for K = 50" in r.stderr, r.stderr[-2000:]
+        return
     x, w = torch.randn(9, 8, device=DEV), torch.randn(50, 8, device=DEV)
     y = torch.randint(0, 50, (9,), device=DEV)
     y[4] = bad
@@ -190,13 +211,15 @@ def test_ignore_index_and_edge_classes_pass_the_check():
     y = torch.tensor([0, -1, 3, 19], device=DEV)
     loss = linear_cross_entropy(x[:4], w, None, y, backend="fused", ignore_index=-1)
     kt.assert_close("ignore_index=-1", loss, linear_cross_entropy_ref(x[:4], w, None, y, ignore_index=-1), 1e-5, 0)
-    with pytest.raises(IndexError, match="-100"):
-        linear_cross_entropy(x[:4], w, None, torch.tensor([0, -100, 3, 19], device=DEV), backend="fused",
-                             ignore_index=-1)
+    if not kt.ON_CUDA:   # CUDA: a device-side assert (test_out_of_range_target_raises)
+        with pytest.raises(IndexError, match="-100"):
+            linear_cross_entropy(x[:4], w, None, torch.tensor([0, -100, 3, 19], device=DEV), backend="fused",
+                                 ignore_index=-1)
 
 
 def test_target_check_reads_the_host_once_per_call(monkeypatch):
-    """The bound check is one reduction over all targets and one host read, not one per chunk."""
+    """The bound check is one reduction over all targets and one host read, not one per chunk
+    (on CUDA none: the check is a device-side assert)."""
     from mam2_fast.train import accel
     reads = []
     real = accel.host_bool
@@ -206,4 +229,22 @@ def test_target_check_reads_the_host_once_per_call(monkeypatch):
     y = torch.randint(0, 30, (40,), device=DEV)
     loss = LCE.linear_cross_entropy_fused(x, w, None, y, chunk_size=4)   # 10 chunks
     loss.backward()
-    assert len(reads) == 1
+    assert len(reads) == (0 if kt.ON_CUDA else 1)   # CUDA: a device-side assert, no host read
+
+
+def test_fp32_output_gemm_form_is_checked_before_use(monkeypatch):
+    """The dW accumulation's GEMM form is chosen by running each candidate on a small random
+    case: a form that raises or gives a wrong sum is skipped (here a planted one that drops the
+    accumulator), and the chosen one computes acc + a @ b in fp32."""
+    a = torch.randn(8, 4, device=DEV).to(torch.bfloat16)
+    dropped = lambda acc, a_, b_: acc.copy_(torch.mm(a_.float(), b_.float()))  # noqa: E731
+    monkeypatch.setitem(LCE._GEMM_FORMS, "addmm", dropped)
+    mode = LCE._pick_fp32_out_gemm(a)
+    assert mode in ("mm", "upcast")
+    acc = torch.randn(8, 6, device=DEV)
+    b = torch.randn(4, 6, device=DEV).to(torch.bfloat16)
+    want = acc.double() + a.double() @ b.double()
+    LCE._GEMM_FORMS[mode](acc, a, b)
+    assert kt.rel_err(acc, want) < 1e-6
+    monkeypatch.setitem(LCE._GEMM_FORMS, "mm", dropped)
+    assert LCE._pick_fp32_out_gemm(a) == "upcast"

@@ -25,6 +25,7 @@ Peak extra memory: one ``[C, K]`` chunk plus fp32 ``dW``/``db``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional, Tuple
 
 import torch
@@ -34,6 +35,8 @@ from torch import Tensor
 
 from mam2_fast.kernels._common import check_device, check_float, interpreting, launch, next_pow2
 from mam2_fast.train import accel
+
+log = logging.getLogger("mam2_fast")
 
 
 @triton.jit
@@ -136,23 +139,52 @@ def _add_gemm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
         return
-    mode = _FP32_OUT_GEMM.get(a.device.type, "addmm" if a.is_cuda else "upcast")
-    if mode == "addmm":      # addmm.dtype_out with an fp32 accumulator (recent torch)
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            mode = _FP32_OUT_GEMM[a.device.type] = "mm"
-    if mode == "mm":         # mm.dtype: fp32 product, then one add
-        try:
-            acc.add_(torch.mm(a, b, out_dtype=torch.float32))
-            return
-        except (RuntimeError, TypeError, NotImplementedError):
-            mode = _FP32_OUT_GEMM[a.device.type] = "upcast"
+    key = (a.device.type, a.dtype)
+    mode = _FP32_OUT_GEMM.get(key)
+    if mode is None:
+        mode = _FP32_OUT_GEMM[key] = _pick_fp32_out_gemm(a) if a.is_cuda else "upcast"
+    _GEMM_FORMS[mode](acc, a, b)
+
+
+def _gemm_addmm(acc: Tensor, a: Tensor, b: Tensor) -> None:   # addmm.dtype_out into the accumulator
+    torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+def _gemm_mm(acc: Tensor, a: Tensor, b: Tensor) -> None:      # mm.dtype: fp32 product, then one add
+    acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+
+
+def _gemm_upcast(acc: Tensor, a: Tensor, b: Tensor) -> None:
     acc.addmm_(a.float(), b.float())
 
 
-# device type -> the fp32-output GEMM form that works there (found on first use, see _add_gemm_fp32)
+_GEMM_FORMS = {"addmm": _gemm_addmm, "mm": _gemm_mm, "upcast": _gemm_upcast}
+
+
+def _pick_fp32_out_gemm(a: Tensor) -> str:
+    """The first fp32-output GEMM form that runs on ``a``'s device and dtype *and* gives the
+    upcast GEMM's result on a small random case (an accumulator that already holds values, so
+    a form that drops or misreads it is caught): once per (device type, dtype) and process."""
+    g = torch.Generator(device=a.device).manual_seed(0)
+    a_t = torch.randn(96, 40, device=a.device, generator=g).to(a.dtype)
+    b_t = torch.randn(40, 72, device=a.device, generator=g).to(a.dtype)
+    acc0 = torch.randn(96, 72, device=a.device, generator=g)
+    want = acc0.double() + a_t.double() @ b_t.double()
+    for mode in ("addmm", "mm"):
+        acc = acc0.clone()
+        try:
+            _GEMM_FORMS[mode](acc, a_t, b_t)
+        except (RuntimeError, TypeError, NotImplementedError):
+            continue
+        err = ((acc.double() - want).norm() / want.norm()).item()
+        if err < 1e-5:
+            return mode
+        log.warning("linear_cross_entropy: the fp32-output GEMM form %r gives rel. error %.1e on %s %s; "
+                    "not used", mode, err, a.device, a.dtype)
+    return "upcast"
+
+
+# (device type, dtype) -> the fp32-output GEMM form that works there (checked on first use, see _add_gemm_fp32)
 _FP32_OUT_GEMM: dict = {}
 
 
