@@ -101,6 +101,10 @@ else:
         (1, 1, 5, 2, 32, "temporal", "random", torch.float32),   # T = 1
         (1, 3, 1, 2, 32, "spatial", None, torch.float32),        # S = 1
         (1, 3, 11, 2, 32, "spatial", "random", torch.float16),
+        (1, 2, 70, 2, 32, "spatial", "random", torch.float32),   # L > 64: the flash kernels
+        (1, 67, 2, 1, 32, "temporal", "dead", torch.float32),    # L > 64, temporal
+        (1, 2, 65, 1, 16, "spatial", None, torch.float16),       # first length past the short kernels
+        (2, 3, 64, 2, 32, "spatial", "dead", torch.float32),     # last length of the short kernels
     ]
 
 
@@ -167,3 +171,49 @@ def test_torch_compile_fullgraph():
     (g_r,) = torch.autograd.grad(out_r.sum(), lin_r)
     kt.assert_close("compiled out", out, out_r, 1e-5, seed)
     kt.assert_close("compiled grad", g, g_r, 1e-5, seed)
+
+
+# --- the short-sequence kernels (L <= SHORT_L_MAX): both head loops, both families agree ----------
+SHORT_CASES = [  # B, T, S, H, dh, mode, valid, dtype
+    (2, 3, 49, 3, 32, "spatial", "random", torch.float32),
+    (1, 16, 5, 2, 64, "temporal", "dead", torch.float32),
+    (1, 4, 20, 3, 80, "spatial", "empty", torch.float32),
+    (3, 1, 6, 2, 32, "temporal", None, torch.float16),     # T = 1
+    (1, 5, 1, 4, 16, "spatial", "full", torch.float16),    # S = 1
+]
+if kt.ON_CUDA:
+    SHORT_CASES += [(64, 16, 49, 12, 64, "spatial", "random", torch.bfloat16),
+                    (64, 16, 49, 12, 64, "temporal", "dead", torch.bfloat16),
+                    (16, 16, 64, 16, 64, "spatial", None, torch.bfloat16),
+                    (8, 16, 20, 6, 64, "temporal", "random", torch.float16)]
+
+
+@pytest.mark.parametrize("heads", ["1", "all"])
+@pytest.mark.parametrize("B,T,S,H,dh,mode,kind,dtype", SHORT_CASES)
+def test_short_kernels_both_head_loops(monkeypatch, heads, B, T, S, H, dh, mode, kind, dtype):
+    """One program per head, or one per (b, g) looping over all H heads: both vs the reference."""
+    L = T if mode == "temporal" else S
+    assert A._use_short(L)
+    monkeypatch.setenv("MAM2_ATTN_HEADS_PER_PROG", "1" if heads == "1" else str(H))
+    assert A._short_config(B * (S if mode == "temporal" else T), H, L, dh)[0] == (1 if heads == "1" else H)
+    run_case(B, T, S, H, dh, mode, kind, dtype)
+
+
+def test_dispatch_by_length_and_families_agree(monkeypatch):
+    """L <= SHORT_L_MAX takes the short kernels, longer the flash kernels; forcing the flash
+    kernels onto a short sequence gives the same result (each vs the reference, and vs each
+    other), so a wrong dispatch or a broken family cannot hide."""
+    assert A._use_short(A.SHORT_L_MAX) and not A._use_short(A.SHORT_L_MAX + 1)
+    seed = kt.fresh_seed()
+    qkv = torch.randn(2, 3, 37, 3, 2, 32, device=DEV, requires_grad=True)
+    valid = torch.rand(2, 3, 37, device=DEV) < 0.6
+    outs, grads = [], []
+    for short in ("1", "0"):
+        monkeypatch.setenv("MAM2_ATTN_SHORT", short)
+        assert A._use_short(37) == (short == "1")
+        out = factorized_attention(qkv, "spatial", valid, backend="fused")
+        (g,) = torch.autograd.grad(out, qkv, torch.ones_like(out))
+        outs.append(out)
+        grads.append(g)
+    kt.assert_close("short vs flash out", outs[0], outs[1], 1e-5, seed)
+    kt.assert_close("short vs flash grad", grads[0], grads[1], 1e-5, seed)

@@ -16,12 +16,22 @@ Forward: online softmax in fp32 (base-2 exponentials), saves the per-row logsume
 (``lse [B*G*H, L]`` fp32, log2 domain). Backward: FlashAttention-2 recompute scheme, one
 kernel for dK/dV (loop over query blocks) and one for dQ (loop over key blocks), no atomics.
 
+Short sequences (L <= 64: temporal attention over T frames, spatial attention over the visible
+slots) take another pair of kernels (``_short_*``): the whole sequence is one register tile, so
+the forward is a plain softmax (no online rescaling) and the backward is **one** kernel per
+problem: P is recomputed from the saved logsumexp, delta = rowsum(P * dP) is formed in registers
+(equal to rowsum(dO * O), without reading O or a preprocess pass), and dQ, dK and dV are written
+by the same program, without atomics. A program may loop over several heads of one (b, g)
+(``HEADS_PER_PROG``), so the validity row is read once for all of them. The choice by length
+is made in one place, :func:`_use_short`.
+
 ``valid [B, T, S]`` (optional, bool) has the reference semantics: invalid slots are not
 keys, rows without any valid key output zeros, and outputs at invalid slots are zero (so
 their incoming gradient is ignored).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -236,6 +246,115 @@ def _attn_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------
+# short sequences (L <= SHORT_L_MAX): one register tile per problem, single-pass backward
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _short_problem(G, HEAD_GROUPS):
+    """This program's (b, g, head group); grid = B * G * HEAD_GROUPS on axis 0."""
+    pid = tl.program_id(0)
+    hg = pid % HEAD_GROUPS
+    bg = pid // HEAD_GROUPS
+    return bg // G, bg % G, hg
+
+
+@triton.jit
+def _short_fwd_kernel(
+    QKV, O, LSE, VALID,
+    s_qb, s_qg, s_ql, s_q3, s_qh, s_qd,
+    s_ob, s_og, s_ol, s_oh, s_od,
+    s_vb, s_vg, s_vl,
+    G, H, L, DH, qk_scale, HEAD_GROUPS,
+    HAS_VALID: tl.constexpr, HEADS_PER_PROG: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b, g, hg = _short_problem(G, HEAD_GROUPS)
+    offs_l = tl.arange(0, BLOCK_L)          # positions, as queries (rows) and keys (columns) [L]
+    offs_d = tl.arange(0, BLOCK_D)          # [D]
+    l_in = offs_l < L
+    d_in = offs_d < DH
+    key_ok = l_in
+    if HAS_VALID:
+        key_ok = l_in & (tl.load(VALID + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vg + offs_l * s_vl,
+                                 mask=l_in, other=0) != 0)
+    qd_mask = l_in[:, None] & d_in[None, :]
+    kd_mask = key_ok[:, None] & d_in[None, :]
+    rows = offs_l[:, None] * s_ql + offs_d[None, :] * s_qd
+    o_rows = offs_l[:, None] * s_ol + offs_d[None, :] * s_od
+    q_bg = b.to(tl.int64) * s_qb + g.to(tl.int64) * s_qg
+    o_bg = b.to(tl.int64) * s_ob + g.to(tl.int64) * s_og
+    for i in range(0, HEADS_PER_PROG):
+        h = hg * HEADS_PER_PROG + i
+        base = QKV + q_bg + h.to(tl.int64) * s_qh
+        q = tl.load(base + rows, mask=qd_mask, other=0.0)                 # [L, D]
+        k = tl.load(base + s_q3 + rows, mask=kd_mask, other=0.0)          # [L, D]
+        v = tl.load(base + 2 * s_q3 + rows, mask=kd_mask, other=0.0)      # [L, D]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [L, L] log2 domain
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m = tl.maximum(tl.max(s, axis=1), -1.0e30)   # finite: rows without keys stay NaN-free
+        p = tl.exp2(s - m[:, None])
+        l_sum = tl.sum(p, axis=1)
+        has_key = l_sum > 0.0
+        l_safe = tl.where(has_key, l_sum, 1.0)
+        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l_safe[:, None]
+        if HAS_VALID:
+            out = tl.where(key_ok[:, None], out, 0.0)   # outputs at invalid slots are zero
+        tl.store(O + o_bg + h.to(tl.int64) * s_oh + o_rows, out.to(O.dtype.element_ty), mask=qd_mask)
+        lse = tl.where(has_key, m + tl.log2(l_safe), 1.0e30)
+        tl.store(LSE + ((b * G + g) * H + h).to(tl.int64) * L + offs_l, lse, mask=l_in)
+
+
+@triton.jit
+def _short_bwd_kernel(
+    QKV, DO, LSE, VALID, DQKV,
+    s_qb, s_qg, s_ql, s_q3, s_qh, s_qd,
+    s_db, s_dg, s_dl, s_dh, s_dd,
+    s_gb, s_gg, s_gl, s_g3, s_gh, s_gd,
+    s_vb, s_vg, s_vl,
+    G, H, L, DH, qk_scale, sm_scale, HEAD_GROUPS,
+    HAS_VALID: tl.constexpr, HEADS_PER_PROG: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    b, g, hg = _short_problem(G, HEAD_GROUPS)
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_d = tl.arange(0, BLOCK_D)
+    l_in = offs_l < L
+    d_in = offs_d < DH
+    ok = l_in                                  # valid slots: queries kept and keys attended
+    if HAS_VALID:
+        ok = l_in & (tl.load(VALID + b.to(tl.int64) * s_vb + g.to(tl.int64) * s_vg + offs_l * s_vl,
+                             mask=l_in, other=0) != 0)
+    ok_mask = ok[:, None] & d_in[None, :]
+    pair_ok = ok[:, None] & ok[None, :]        # [L, L] (query, key)
+    rows = offs_l[:, None] * s_ql + offs_d[None, :] * s_qd
+    do_rows = offs_l[:, None] * s_dl + offs_d[None, :] * s_dd
+    g_rows = offs_l[:, None] * s_gl + offs_d[None, :] * s_gd
+    st_mask = l_in[:, None] & d_in[None, :]    # invalid slots get explicit zeros
+    q_bg = b.to(tl.int64) * s_qb + g.to(tl.int64) * s_qg
+    do_bg = b.to(tl.int64) * s_db + g.to(tl.int64) * s_dg
+    g_bg = b.to(tl.int64) * s_gb + g.to(tl.int64) * s_gg
+    for i in range(0, HEADS_PER_PROG):
+        h = hg * HEADS_PER_PROG + i
+        base = QKV + q_bg + h.to(tl.int64) * s_qh
+        q = tl.load(base + rows, mask=ok_mask, other=0.0)                  # [L, D]
+        k = tl.load(base + s_q3 + rows, mask=ok_mask, other=0.0)
+        v = tl.load(base + 2 * s_q3 + rows, mask=ok_mask, other=0.0)
+        do = tl.load(DO + do_bg + h.to(tl.int64) * s_dh + do_rows, mask=ok_mask, other=0.0)
+        lse = tl.load(LSE + ((b * G + g) * H + h).to(tl.int64) * L + offs_l, mask=l_in, other=1.0e30)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale    # [L, L]
+        p = tl.where(pair_ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)             # [L, L]
+        delta = tl.sum(p * dp, axis=1)                                       # == rowsum(dO * O)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * sm_scale
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        gb = DQKV + g_bg + h.to(tl.int64) * s_gh + g_rows
+        tl.store(gb, dq.to(DQKV.dtype.element_ty), mask=st_mask)
+        tl.store(gb + s_g3, dk.to(DQKV.dtype.element_ty), mask=st_mask)
+        tl.store(gb + 2 * s_g3, dv.to(DQKV.dtype.element_ty), mask=st_mask)
+
+
+# ----------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------
 def _map6(strides, mode: str):
@@ -299,11 +418,70 @@ def _valid_arg(valid: Optional[Tensor], like: Tensor) -> Tensor:
     return valid.view(torch.uint8) if valid.dtype == torch.bool else valid
 
 
+SHORT_L_MAX = 64   # sequences up to this length take the single-tile kernels (_short_*)
+
+
+def _use_short(L: int) -> bool:
+    """The one place the kernel family is chosen by sequence length: single-tile kernels with a
+    single-pass backward for L <= SHORT_L_MAX (``MAM2_ATTN_SHORT=0`` turns them off, for
+    benchmarks), the flash-attention tiling above."""
+    return L <= SHORT_L_MAX and os.environ.get("MAM2_ATTN_SHORT", "1") != "0"
+
+
+def _short_config(BG: int, H: int, L: int, dh: int):
+    """(heads per program, BLOCK_L, BLOCK_D, num_warps) of the short kernels. One program per
+    (b, g, h) unless there are so many (b, g) pairs that looping over all heads still leaves
+    thousands of programs (then the validity row and the program start are paid once per
+    (b, g)); ``MAM2_ATTN_HEADS_PER_PROG`` = 1 or H forces it (benchmarks)."""
+    block_l = max(16, next_pow2(L))
+    block_d = max(16, next_pow2(dh))
+    forced = os.environ.get("MAM2_ATTN_HEADS_PER_PROG")
+    if forced is not None and int(forced) in (1, H):
+        hpp = int(forced)
+    else:
+        hpp = H if BG >= 8192 else 1
+    if interpreting():
+        return hpp, block_l, block_d, 1
+    warps = 8 if block_l * block_d >= 64 * 128 else 4
+    return hpp, block_l, block_d, warps
+
+
+def _short_fwd(qkv: Tensor, valid: Optional[Tensor], mode: str, scale: float, out: Tensor, lse: Tensor) -> None:
+    B, T, S, H, dh, G, L = _dims(qkv, mode)
+    o5 = out.view(B, T, S, H, dh)
+    hpp, BL, BD, warps = _short_config(B * G, H, L, dh)
+    groups = H // hpp
+    launch(_short_fwd_kernel, (B * G * groups,),
+           qkv, o5, lse, _valid_arg(valid, qkv),
+           *_map6(qkv.stride(), mode), *_map5(o5.stride(), mode), *_map3(valid, mode),
+           G, H, L, dh, scale * _LOG2E, groups,
+           HAS_VALID=valid is not None, HEADS_PER_PROG=hpp, BLOCK_L=BL, BLOCK_D=BD,
+           PRECISION=_precision(qkv.dtype), num_warps=warps,
+           op=f"factorized_attention[{mode}] forward (short)", shape=_shape(qkv, valid))
+
+
+def _short_bwd(do5: Tensor, qkv: Tensor, lse: Tensor, valid: Optional[Tensor], mode: str, scale: float,
+               dqkv: Tensor) -> None:
+    B, T, S, H, dh, G, L = _dims(qkv, mode)
+    hpp, BL, BD, warps = _short_config(B * G, H, L, dh)
+    groups = H // hpp
+    launch(_short_bwd_kernel, (B * G * groups,),
+           qkv, do5, lse, _valid_arg(valid, qkv), dqkv,
+           *_map6(qkv.stride(), mode), *_map5(do5.stride(), mode), *_map6(dqkv.stride(), mode),
+           *_map3(valid, mode), G, H, L, dh, scale * _LOG2E, scale, groups,
+           HAS_VALID=valid is not None, HEADS_PER_PROG=hpp, BLOCK_L=BL, BLOCK_D=BD,
+           PRECISION=_precision(qkv.dtype), num_warps=warps,
+           op=f"factorized_attention[{mode}] backward (short)", shape=_shape(qkv, valid))
+
+
 def _fwd(qkv: Tensor, valid: Optional[Tensor], mode: str, scale: float) -> Tuple[Tensor, Tensor]:
     B, T, S, H, dh, G, L = _dims(qkv, mode)
     out = torch.empty(B, T, S, H * dh, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(B * G * H, L, device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
+        return out, lse
+    if _use_short(L):
+        _short_fwd(qkv, valid, mode, scale, out, lse)
         return out, lse
     o5 = out.view(B, T, S, H, dh)
     BM, BN, BD, warps = _blocks(L, dh, qkv.dtype)
@@ -329,6 +507,9 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, valid: Optiona
     do5 = grad_out.view(B, T, S, H, dh) if grad_out.stride(-1) == 1 else \
         grad_out.as_strided((B, T, S, H, dh), (*grad_out.stride()[:3], dh * grad_out.stride(3),
                                                grad_out.stride(3)))
+    if _use_short(L):
+        _short_bwd(do5, qkv, lse, valid, mode, scale, dqkv)
+        return dqkv
     o5 = out.view(B, T, S, H, dh)
     delta = torch.empty_like(lse)
     BM, BN, BD, warps = _blocks(L, dh, qkv.dtype)
