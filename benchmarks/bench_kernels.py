@@ -61,6 +61,7 @@ MODELS = {  # name: (embed dim D, heads H); head dim = D / H = 64
 T_FRAMES, N_PATCHES, PATCH = 16, 196, 16
 SKIP_COMPILED = False  # --skip-compiled: no torch.compile'd variants (their compile time dominates a short session)
 COPY_MIB = 1024        # --copy-mib: size of the copy that measures the bandwidth
+CUDA_GRAPHS = False    # --cuda-graphs: time CUDA-graph replays (device time, no host gaps)
 OURS = "(triton)"      # variants with this in their name are ours; every other one is a built-in
 
 
@@ -180,8 +181,27 @@ class Table:
                   f"{_cell(bms, '.3f')} | {_cell(ratio, '.2f')} |")
 
 
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured once in a CUDA graph (after 3 warm-up calls on a side stream); returns the
+    graph's replay. Timing the replay measures the device's work alone: no Python, autograd or
+    launch gaps between kernels, which dominate eager timings of the small problems here (a
+    training step at ViT-B batch 32+ keeps the GPU busy, so its host overhead hides)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def run_variant(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], smoke: bool):
-    """-> (fwd ms, fwd+bwd ms, note). Errors / OOM become notes."""
+    """-> (fwd ms, fwd+bwd ms, note). Errors / OOM become notes. With ``--cuda-graphs`` both
+    passes are timed as CUDA-graph replays (device time); a variant that cannot be captured
+    is timed eagerly and says so in its note."""
     def fb():
         out = fwd()
         if out.dim() == 0:
@@ -191,13 +211,24 @@ def run_variant(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], smo
         for t in inputs:
             t.grad = None
     try:
-        with torch.no_grad():
-            ms_f = bench(fwd, smoke)
         out = fwd()
         grad = torch.randn_like(out) if out.dim() else None
         del out
+        if CUDA_GRAPHS and not smoke:
+            try:
+                with torch.no_grad():
+                    ms_f = bench(graphed(fwd), smoke)
+                ms_fb = bench(graphed(fb), smoke)
+                return ms_f, ms_fb, "graph"
+            except Exception as e:  # noqa: BLE001 - not capturable: eager timing below
+                accel.synchronize(torch.device("cuda"))
+                why = f"no graph ({type(e).__name__})"
+        else:
+            why = ""
+        with torch.no_grad():
+            ms_f = bench(fwd, smoke)
         ms_fb = bench(fb, smoke)
-        return ms_f, ms_fb, ""
+        return ms_f, ms_fb, why
     except torch.cuda.OutOfMemoryError:
         accel.empty_cache()
         return None, None, "OOM"
@@ -301,9 +332,27 @@ def attention_variants(mode: str, dev: torch.device) -> Dict[str, Callable[[torc
     def reference(qkv):
         return factorized_attention_ref(qkv, mode)
 
+    def fused_with(env: Dict[str, str]):  # the fused op with a kernel-family switch set for the call
+        def f(qkv):
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                return factorized_attention(qkv, mode, backend="fused")
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        return f
+
     variants = {
         "reference": reference,
         "fused (triton)": lambda qkv: factorized_attention(qkv, mode, backend="fused"),
+        # L <= 64 only (SHORT_ONLY): the single-tile kernels forced to loop over all heads, and
+        # the flash-attention kernels the short ones replaced
+        "fused short, all heads/prog (triton)": fused_with({"MAM2_ATTN_HEADS_PER_PROG": "all"}),
+        "fused flash tiling (triton)": fused_with({"MAM2_ATTN_SHORT": "0"}),
     }
     ref_c = compiled(reference, dev)
     if ref_c is not None:
@@ -345,7 +394,11 @@ def attention_variants(mode: str, dev: torch.device) -> Dict[str, Callable[[torc
     return variants
 
 
+SHORT_ONLY = ("fused short, all heads/prog (triton)", "fused flash tiling (triton)")
+
+
 def bench_attention(args, dev, dtype):
+    from mam2_fast.kernels import attention
     tables = []
     for mode in ("spatial", "temporal"):
         tab = Table(f"factorized attention ({mode}), qkv [B, T, S, 3, H, dh] {dtype}", "TFLOP/s", dev, args.smoke)
@@ -366,6 +419,8 @@ def bench_attention(args, dev, dtype):
                         lin = torch.randn(B, T, S, 3 * D, device=dev, dtype=dtype, requires_grad=True)
                         qkv = lin.view(B, T, S, 3, H, dh)
                         for name, f in variants.items():
+                            if name in SHORT_ONLY and L > attention.SHORT_L_MAX:
+                                continue
                             ms_f, ms_fb, note = run_variant(lambda: f(qkv), [lin], args.smoke)
                             tab.add(shape, name, ms_f, ms_fb, flops_f, 3.5 * flops_f, note)
                         del lin, qkv
@@ -647,7 +702,7 @@ def bench_ce(args, dev, dtype):
 
 
 def main(argv=None) -> int:
-    global SKIP_COMPILED, COPY_MIB, N_PATCHES
+    global SKIP_COMPILED, COPY_MIB, N_PATCHES, CUDA_GRAPHS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="S,B,L")
     p.add_argument("--batch", default="8,32,64")
@@ -659,6 +714,8 @@ def main(argv=None) -> int:
     p.add_argument("--ops", default="attention,varlen,gather,rgb,ce")
     p.add_argument("--skip-compiled", action="store_true",
                    help="leave out the torch.compile'd variants (flex attention, compiled references)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="time CUDA-graph replays of each variant (device time without host launch gaps)")
     p.add_argument("--copy-mib", type=int, default=COPY_MIB,
                    help="size of the device-to-device copy that measures the copy bandwidth (MiB)")
     p.add_argument("--smoke", action="store_true",
@@ -668,7 +725,7 @@ def main(argv=None) -> int:
     args.batch = [int(b) for b in args.batch.split(",")]
     args.masks = [float(m) for m in args.masks.split(",")]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    SKIP_COMPILED, COPY_MIB = args.skip_compiled, args.copy_mib
+    SKIP_COMPILED, COPY_MIB, CUDA_GRAPHS = args.skip_compiled, args.copy_mib, args.cuda_graphs
 
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -421,28 +421,37 @@ def _valid_arg(valid: Optional[Tensor], like: Tensor) -> Tensor:
 SHORT_L_MAX = 64   # sequences up to this length take the single-tile kernels (_short_*)
 
 
-def _use_short(L: int) -> bool:
-    """The one place the kernel family is chosen by sequence length: single-tile kernels with a
-    single-pass backward for L <= SHORT_L_MAX (``MAM2_ATTN_SHORT=0`` turns them off, for
-    benchmarks), the flash-attention tiling above."""
-    return L <= SHORT_L_MAX and os.environ.get("MAM2_ATTN_SHORT", "1") != "0"
+def _use_short(L: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """The one place the kernel family is chosen: single-tile kernels with a single-pass
+    backward for L <= SHORT_L_MAX in bf16 / fp16, the flash-attention tiling otherwise.
+    fp32 stays on the flash kernels on a GPU: a whole 64-long sequence in fp32 with exact
+    (``ieee``) products spills hundreds of bytes per thread on sm_90 (compile_check); under the
+    interpreter fp32 takes the short kernels too, so the CPU parity tests cover their logic.
+    ``MAM2_ATTN_SHORT=0`` turns them off (benchmarks)."""
+    if L > SHORT_L_MAX or os.environ.get("MAM2_ATTN_SHORT", "1") == "0":
+        return False
+    return dtype in (torch.bfloat16, torch.float16) or interpreting()
 
 
 def _short_config(BG: int, H: int, L: int, dh: int):
     """(heads per program, BLOCK_L, BLOCK_D, num_warps) of the short kernels. One program per
     (b, g, h) unless there are so many (b, g) pairs that looping over all heads still leaves
     thousands of programs (then the validity row and the program start are paid once per
-    (b, g)); ``MAM2_ATTN_HEADS_PER_PROG`` = 1 or H forces it (benchmarks)."""
+    (b, g)); ``MAM2_ATTN_HEADS_PER_PROG`` = 1, H or ``all`` forces it (benchmarks)."""
     block_l = max(16, next_pow2(L))
     block_d = max(16, next_pow2(dh))
-    forced = os.environ.get("MAM2_ATTN_HEADS_PER_PROG")
-    if forced is not None and int(forced) in (1, H):
-        hpp = int(forced)
+    forced = os.environ.get("MAM2_ATTN_HEADS_PER_PROG", "")
+    if forced == "all" or forced == str(H):
+        hpp = H
+    elif forced == "1":
+        hpp = 1
     else:
         hpp = H if BG >= 8192 else 1
     if interpreting():
         return hpp, block_l, block_d, 1
-    warps = 8 if block_l * block_d >= 64 * 128 else 4
+    # ptxas on sm_90 (compile_check), bf16: 16-long tiles at 4 warps spill 4-12 B/thread at
+    # dh 64, at 2 warps none (66-96 registers); 64 x 64 tiles at 8 warps 80-135 registers
+    warps = 2 if block_l <= 16 else (8 if block_l * block_d >= 64 * 64 else 4)
     return hpp, block_l, block_d, warps
 
 
@@ -480,7 +489,7 @@ def _fwd(qkv: Tensor, valid: Optional[Tensor], mode: str, scale: float) -> Tuple
     lse = torch.empty(B * G * H, L, device=qkv.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    if _use_short(L):
+    if _use_short(L, qkv.dtype):
         _short_fwd(qkv, valid, mode, scale, out, lse)
         return out, lse
     o5 = out.view(B, T, S, H, dh)
@@ -507,7 +516,7 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, valid: Optiona
     do5 = grad_out.view(B, T, S, H, dh) if grad_out.stride(-1) == 1 else \
         grad_out.as_strided((B, T, S, H, dh), (*grad_out.stride()[:3], dh * grad_out.stride(3),
                                                grad_out.stride(3)))
-    if _use_short(L):
+    if _use_short(L, qkv.dtype):
         _short_bwd(do5, qkv, lse, valid, mode, scale, dqkv)
         return dqkv
     o5 = out.view(B, T, S, H, dh)
