@@ -11,16 +11,22 @@
 # Nothing here touches the network.
 #
 # Stages, highest priority first; each has its own time limit (cut to the time left of the
-# session's GPU_SESSION_SECONDS, default 540) so a slow stage cannot eat the next ones' time,
-# and each writes $OUT/<stage>.log as it runs plus a line in $OUT/summary.txt when it ends, so
-# a session cut short still returns everything finished before:
+# session's GPU_SESSION_SECONDS, default 540) so a slow stage cannot eat the next ones' time.
+# Each stage's log (and JSON) goes to $GPU_SESSION_LOGS and is packed into $OUT/logs.tgz when
+# the stage ends, with a line in $OUT/summary.txt (the device call returns at most 8 files), so
+# a session cut short still returns everything finished before. GPU_SESSION_STAGES=a,b runs
+# only those; KERNELS_ARGS / STEP_ARGS replace the benchmarks' default arguments.
 #   env       GPU, driver, Python / torch / CUDA / Triton versions; missing wheels installed
 #             offline from .whl/ (pip --no-index)
-#   parity    the kernel parity tests on the GPU: real ViT shapes in bf16/fp16 against float64
-#             references (the files CI runs under the Triton interpreter), launch limits
-#   kernels   bench_kernels.py: ViT-B, B 32 and 64, masks 0.75 / 0.9, every op (no compiled
-#             variants: their compile time would not fit)
-#   step      bench_step.py: ViT-B step at B 32, reference eager vs fused vs fused + compile
+#   parity    the kernel and model-level parity tests on the GPU, one pytest per file: real
+#             ViT shapes in bf16/fp16 against float64 references (the files CI runs under
+#             the Triton interpreter)
+#   kernels   bench_kernels.py: ViT-B, B 32 and 64, masks 0.75 / 0.9, every op, CUDA-graph
+#             timings (no compiled variants: their compile time would not fit)
+#   step      bench_step.py: ViT-B step at B 32 without the tokenizer, reference eager vs
+#             fused vs fused + compile
+#   tokenizer bench_tokenizer.py: the VQGAN tokenizer alone, its variants and top kernels
+#   train     the real loop on CUDA: demo data, kernels auto, bf16, checkpoints
 #   videomae  bench_videomae.py: our VideoMAE baseline vs the official code (.gl/VideoMAE)
 #   loader    builds csrc/augment_cuda.cu (setup.py build_ext, MAM2_FORCE_CUDA=1), then
 #             bench_loader.py on CUDA with the extension
@@ -28,7 +34,7 @@ set -u
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
 OUT="${OUT:-gpu_logs}"
-TOTAL_S="${GPU_SESSION_SECONDS:-450}"
+TOTAL_S="${GPU_SESSION_SECONDS:-540}"
 # The device call returns at most 8 files: stage logs and JSON go to LOGS, and after every stage
 # LOGS is packed into $OUT/logs.tgz (written atomically), beside $OUT/summary.txt.
 LOGS="${GPU_SESSION_LOGS:-/tmp/gpu_session_logs}"
@@ -69,22 +75,30 @@ stage_env() {
     run "$PY" -c "import av, yaml, pytest; print('av', av.__version__, 'pyyaml', yaml.__version__, 'pytest', pytest.__version__)"
 }
 
-stage_parity() {
-    local files=(tests/test_kernels_attention.py tests/test_kernels_varlen.py tests/test_kernels_gather.py
-                 tests/test_kernels_rgb_diff.py tests/test_kernels_linear_ce.py
-                 tests/test_model_fused.py tests/test_model_targets_fused.py tests/test_launch_limits.py)
-    local have=()
-    for f in "${files[@]}"; do [ -f "$f" ] && have+=("$f"); done
-    run "$PY" -m pytest -q -p no:cacheprovider --maxfail=30 -rfE --junitxml="$LOGS/parity.xml" "${have[@]}"
+stage_parity() {  # one pytest per file, highest value first, so a slow file cannot hide the others' results
+    local files=(tests/test_kernels_linear_ce.py tests/test_kernels_attention.py tests/test_model_fused.py
+                 tests/test_kernels_varlen.py tests/test_kernels_gather.py tests/test_kernels_rgb_diff.py
+                 tests/test_model_targets_fused.py)
+    local f
+    for f in "${files[@]}"; do
+        [ -f "$f" ] || continue
+        run timeout -k 5 "${PARITY_FILE_S:-90}" "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short "$f"
+    done
 }
 
-stage_kernels() {
-    run "$PY" benchmarks/bench_kernels.py --models B --batch 32,64 --masks 0.75,0.9 --skip-compiled
+stage_kernels() {  # --cuda-graphs: device time of each variant (eager timings of these small ops are launch-bound)
+    # shellcheck disable=SC2086
+    run "$PY" benchmarks/bench_kernels.py ${KERNELS_ARGS:---models B --batch 32,64 --masks 0.75,0.9 --skip-compiled --cuda-graphs}
 }
 
-stage_step() {
-    run "$PY" benchmarks/bench_step.py --models B --batch 32 --variants eager,fused,compile --max-batch "" \
+stage_step() {  # --tokenizer codes: the model step alone; the tokenizer has its own stage
+    # shellcheck disable=SC2086
+    run "$PY" benchmarks/bench_step.py ${STEP_ARGS:---models B --batch 32 --variants eager,fused,compile --tokenizer codes --max-batch ""} \
         --warmup 3 --iters 5 --repeats 3 --verbose --out "$LOGS/step.json"
+}
+
+stage_tokenizer() {  # the VQGAN tokenizer every step runs: precision / layout variants and its top kernels
+    run "$PY" benchmarks/bench_tokenizer.py --batch 32 --profile
 }
 
 stage_train() {  # the real loop on CUDA: demo data, kernels auto (parity + timing choice), bf16, checkpoint
@@ -113,10 +127,10 @@ stage_loader() {
     run "$PY" -c "from mam2_fast.data.augment import load_extension; e = load_extension(); print('augment extension:', 'cuda' if e is not None and e.has_cuda() else ('cpu only' if e is not None else 'none (torch fallback)'))"
     run "$PY" benchmarks/bench_loader.py --device cuda --workers 4,8,16 --batches 10 --batch 8 --datasets real,demo
 }
-export -f run pack stage_train stage_env stage_parity stage_kernels stage_step stage_videomae stage_loader
+export -f run pack stage_train stage_tokenizer stage_env stage_parity stage_kernels stage_step stage_videomae stage_loader
 
 # -- the schedule -----------------------------------------------------------------------
-STAGES=(env:25 parity:110 kernels:90 step:100 train:60 videomae:30 loader:35)   # name:seconds (sum 450)
+STAGES=(env:20 parity:120 kernels:100 step:90 tokenizer:45 train:60 videomae:40 loader:65)   # name:seconds (sum 540)
 start=$SECONDS
 planned=0
 status=0
