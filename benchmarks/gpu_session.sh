@@ -15,7 +15,8 @@
 # Each stage's log (and JSON) goes to $GPU_SESSION_LOGS and is packed into $OUT/logs.tgz when
 # the stage ends, with a line in $OUT/summary.txt (the device call returns at most 8 files), so
 # a session cut short still returns everything finished before. GPU_SESSION_STAGES=a,b runs
-# only those; KERNELS_ARGS / STEP_ARGS replace the benchmarks' default arguments.
+# only those, GPU_SESSION_PLAN="name:seconds ..." replaces the whole schedule; KERNELS_ARGS /
+# STEP_ARGS replace the benchmarks' default arguments.
 #   env       GPU, driver, Python / torch / CUDA / Triton versions; missing wheels installed
 #             offline from .whl/ (pip --no-index)
 #   parity    the kernel and model-level parity tests on the GPU, one pytest per file: real
@@ -131,6 +132,7 @@ export -f run pack stage_train stage_tokenizer stage_env stage_parity stage_kern
 
 # -- the schedule -----------------------------------------------------------------------
 STAGES=(env:20 parity:120 kernels:100 step:90 tokenizer:45 train:60 videomae:40 loader:65)   # name:seconds (sum 540)
+if [ -n "${GPU_SESSION_PLAN:-}" ]; then read -r -a STAGES <<< "$GPU_SESSION_PLAN"; fi   # e.g. "env:15 parity:100"
 start=$SECONDS
 planned=0
 status=0

@@ -12,7 +12,8 @@ textured, panning background with moving distractor objects. One training split 
 without labels, then fine-tuning and probe training) and one held-out test split.
 
 Grid (``VARIANTS``): ``mam2`` (the model as configured), ``mam2_c`` (one coupled decoder),
-``no_motion``, ``no_appearance``, ``no_regressor``, ``no_alignment``, ``pixel`` (the
+``mam2_norm_motion`` (the RGB-difference target taken on the mean/std-normalized clip instead of
+raw RGB: about 20x the target's variance), ``no_motion``, ``no_appearance``, ``no_regressor``, ``no_alignment``, ``pixel`` (the
 appearance target is per-patch normalized pixels, MAE-style, motion kept), ``videomae``
 (the VideoMAE baseline through the engine, ``model.arch=videomae``) and ``random`` (no
 pre-training: a randomly initialized encoder for the probe, training from scratch for
@@ -50,6 +51,7 @@ import numpy as np
 VARIANTS: dict = {
     "mam2": {},
     "mam2_c": {"model": {"coupled_decoder": True}},
+    "mam2_norm_motion": {"model": {"motion_space": "normalized"}},   # RGB difference of the normalized clip
     "no_motion": {"model": {"use_motion": False}},
     "no_appearance": {"model": {"use_appearance": False}},
     "no_regressor": {"model": {"use_regressor": False}},
