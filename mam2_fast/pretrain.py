@@ -218,23 +218,30 @@ class PretrainTask(Task):
     # -- setup: data -> tokenizer -> model -> targets and masks -------------------------------
     def setup(self, run: Run) -> None:
         self.run, self.cfg = run, run.cfg
-        check_target_files(self.cfg)          # before any data is decoded or built
+        self._check_target_files()            # before any data is decoded or built
         fit_data = self._build_data()
         self.tokenizer = self._build_tokenizer(fit_data)
         self.model = self._build_model()
         m = self.cfg.model
-        self.flow_target = None
-        if m.arch == "mam2" and m.use_motion and m.motion_target == "flow":
-            from mam2_fast.targets.flow import FlowTarget
-            self.flow_target = FlowTarget(m.patch_size, weights_path=m.flow_weights, variant=m.flow_variant,
-                                          num_flow_updates=m.flow_updates,
-                                          flow_scale=m.flow_scale).to(run.device).eval()
+        self.flow_target = self._build_flow_target()
         self.clip_order = m.arch == "mam2" and m.use_motion and m.motion_target == "clip_order"
         if m.arch == "videomae":
             self.masker = self.model.mask_generator()          # tube over the T / tubelet temporal slices
         else:
             self.masker = MaskGenerator(self.cfg.mask.kind, self.cfg.mask.ratio, m.num_frames, self.model.grid,
                                         self.cfg.mask.cube_min_block, self.cfg.mask.cube_max_aspect)
+
+    def _check_target_files(self) -> None:
+        check_target_files(self.cfg)
+
+    def _build_flow_target(self) -> Optional[torch.nn.Module]:
+        """RAFT flow of the clip, ``[B, T, N, P*P*2]`` (the flow motion target only)."""
+        m = self.cfg.model
+        if not (m.arch == "mam2" and m.use_motion and m.motion_target == "flow"):
+            return None
+        from mam2_fast.targets.flow import FlowTarget
+        return FlowTarget(m.patch_size, weights_path=m.flow_weights, variant=m.flow_variant,
+                          num_flow_updates=m.flow_updates, flow_scale=m.flow_scale).to(self.run.device).eval()
 
     def _build_data(self):
         """The training data (the demo set is made first when asked for); returns what fits the
@@ -311,9 +318,15 @@ class PretrainTask(Task):
 
     # -- steps --------------------------------------------------------------------------------
     def start(self, loop) -> None:
-        run, cfg = self.run, self.cfg
+        run = self.run
         if run.is_main and self.tokenizer is not None and run.ckpt is None:
             torch.save(self.tokenizer.state_dict(), run.run_dir / "tokenizer.pt")
+        self.init_steps()
+
+    def init_steps(self) -> None:
+        """What ``step`` needs: the (compiled) model, the collapse tap, autocast, the pixel
+        statistics (``start`` calls it; so does the profiler, which runs no loop)."""
+        run, cfg = self.run, self.cfg
         self.step_model = torch.compile(self.wrapped, mode=cfg.train.compile_mode) if cfg.train.compile else self.wrapped
         # collapse monitor: the encoder's output on the visible tokens of each log step (train/collapse.py);
         # off under torch.compile (a hook armed per step would re-trace the graph)
