@@ -343,6 +343,9 @@ class DecoderInput(NamedTuple):
 class MAM2(nn.Module):
     """MAM^2 pre-training model. Build with :func:`build_model` from a ``ModelConfig``."""
 
+    # Long on purpose: the submodules are made in this one order -- each draws its initial weights
+    # from the global RNG and the state_dict keys follow it, so checkpoints and seeded runs depend
+    # on it; read top to bottom it is the architecture (encoder, regressor, decoders, heads).
     def __init__(self, cfg, pixel_mean: Optional[tuple] = None, pixel_std: Optional[tuple] = None):
         super().__init__()
         self.cfg = cfg
