@@ -9,9 +9,12 @@ is not installed, a small stand-in module provides the three helpers the officia
 import from it (``drop_path``, ``to_2tuple``, ``trunc_normal_``) and ``register_model``.
 
 Both run ViT-B/16, 16 x 224, tubelet 2, tube mask 0.9, decoder 4 x 384, the same fused
-AdamW (lr 1.5e-4 x B / 256, betas 0.9/0.95, wd 0.05), the same synthetic clips and masks,
-under bf16 autocast (the official recipe uses fp16 + GradScaler; both get bf16 here so the
-comparison is about the code, not the precision). Before timing, the official weights are
+AdamW (lr 1.5e-4 x B / 256, betas 0.9/0.95, wd 0.05), the same synthetic clips, under bf16
+autocast (the official recipe uses fp16 + GradScaler; both get bf16 here so the comparison is
+about the code, not the precision). Ours is timed through the training task's own step
+(``mam2_fast.profile.MAM2Step``: the pre-training task's masks, forward and loss, the loop's
+backward and guarded update, which also takes the gradient norm, as training does); the
+official code has no task, so its side is a plain forward / backward / AdamW step. Before timing, the official weights are
 loaded into ours (``strict=True``) and loss + gradients are compared on one batch (fp32).
 
 Timing as in bench_step.py: warm-up, ``--repeats`` windows of ``--iters`` steps between
@@ -30,6 +33,7 @@ import argparse
 import gc
 import importlib
 import importlib.util
+import itertools
 import json
 import statistics
 import sys
@@ -166,6 +170,8 @@ def _parity(mod, cfg, device, batch: int) -> Dict[str, float]:
 
 
 def make_optimizer(model: nn.Module, batch: int, device) -> torch.optim.Optimizer:
+    """The official side's AdamW: our defaults (fused, lr 1.5e-4 x B / 256, betas 0.9/0.95, wd 0.05),
+    as the training task builds it for our side."""
     from mam2_fast.config import OptimConfig
     from mam2_fast.train.optim import build_optimizer, scaled_lr
 
@@ -173,33 +179,63 @@ def make_optimizer(model: nn.Module, batch: int, device) -> torch.optim.Optimize
     return build_optimizer(model, oc, scaled_lr(oc, batch), device)
 
 
+def task_config(vcfg, batch: int, device):
+    """The pre-training Config (``model.arch=videomae``) whose task builds ``vcfg``'s model:
+    bf16 autocast on the GPU (fp32 on CPU), default optimizer, synthetic data (none is read)."""
+    from mam2_fast.config import config_from_dict
+
+    model = {k: getattr(vcfg, k) for k in ("img_size", "num_frames", "tubelet_size", "patch_size", "in_chans",
+                                            "embed_dim", "depth", "num_heads", "decoder_dim", "decoder_heads",
+                                            "mlp_ratio", "drop_path")}
+    return config_from_dict({
+        "model": {"arch": "videomae", "preset": "base", "appearance_depth": vcfg.decoder_depth, **model},
+        "mask": {"kind": "tube", "ratio": vcfg.mask_ratio},
+        "data": {"demo": True, "num_frames": vcfg.num_frames, "input_size": vcfg.img_size, "num_sample": 1,
+                 "mean": list(vcfg.mean), "std": list(vcfg.std)},
+        "train": {"batch_size": batch, "precision": "bf16" if accel.is_gpu(device) else "fp32"},
+    })
+
+
+def our_step(vcfg, batch: int, clips: List[torch.Tensor], device, compile: bool):
+    """Our side: the training task's own step (``mam2_fast.profile.MAM2Step``: PretrainTask's masks,
+    forward and loss, the loop's backward and guarded AdamW update) on ``clips`` in turn. The
+    official code has no task, so its side keeps the hand-written step in :func:`bench_variant`."""
+    from mam2_fast.profile import MAM2Step
+
+    runner = MAM2Step(task_config(vcfg, batch, device), device, compile="default" if compile else None,
+                      split_alignment=False, log=lambda s: None)
+    if runner.model.cfg != vcfg:
+        raise ValueError(f"the task's VideoMAE config differs from the benchmark's: {runner.model.cfg} vs {vcfg}")
+    batches = ({"clip": clips[i % len(clips)]} for i in itertools.count(1))
+    return runner, lambda: runner.step(batches)
+
+
 def bench_variant(variant: str, mod, cfg, batch: int, args, device) -> Dict:
     row = {"variant": variant, "batch": batch}
-    model = opt = None
+    model = opt = runner = None
     try:
         torch.manual_seed(0)
-        model = (official_model(mod, cfg) if variant == "official" else VideoMAE(cfg)).to(device).train()
-        opt = make_optimizer(model, batch, device)
         g = torch.Generator().manual_seed(0)
         clips = [torch.randn(batch, cfg.num_frames, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g).to(device)
                  for _ in range(2)]
-        masker = tube_mask_generator(cfg)
-        amp = accel.autocast(device, torch.bfloat16, enabled=accel.is_gpu(device))
-        fwd = torch.compile(model) if variant == "ours+compile" else model
-        it = [0]
+        if variant == "official":
+            model = official_model(mod, cfg).to(device).train()
+            opt = make_optimizer(model, batch, device)
+            masker = tube_mask_generator(cfg)
+            amp = accel.autocast(device, torch.bfloat16, enabled=accel.is_gpu(device))
+            it = [0]
 
-        def step():
-            it[0] += 1
-            clip = clips[it[0] % 2]
-            info = masker(batch, g).to(device)
-            with amp:
-                if variant == "official":
-                    loss = official_loss(fwd, clip, info.mask.flatten(1), cfg)
-                else:
-                    loss = fwd(clip, info)["loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            def step():
+                it[0] += 1
+                clip = clips[it[0] % 2]
+                info = masker(batch, g).to(device)
+                with amp:
+                    loss = official_loss(model, clip, info.mask.flatten(1), cfg)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        else:
+            runner, step = our_step(cfg, batch, clips, device, compile=variant == "ours+compile")
 
         accel.reset_peak_memory(device)
         warm = 1 if args.smoke else args.warmup + (3 if variant == "ours+compile" else 0)
@@ -213,7 +249,7 @@ def bench_variant(variant: str, mod, cfg, batch: int, args, device) -> Dict:
     except Exception as exc:
         row["error"] = "OOM" if accel.is_oom(exc) else f"{type(exc).__name__}: {str(exc)[:160]}"
     finally:
-        del model, opt
+        del model, opt, runner
         gc.collect()
         accel.empty_cache()
     return row

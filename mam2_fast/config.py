@@ -412,9 +412,28 @@ def validate_optim(o: "OptimConfig") -> None:
 
 
 def validate(cfg: Config) -> None:
+    """Every pre-training value in range and consistent; the first failing check raises a
+    ``ConfigError`` naming its key, so the checks keep this order: model, mask, tokenizer, the
+    pre-training's optim / train checks, data against the model, then the checks shared with
+    fine-tuning (:func:`validate_data`, :func:`validate_train`, :func:`validate_optim`)."""
+    m = cfg.model
+    _validate_arch(m, cfg.mask.kind)
+    _validate_model_values(m)
+    _validate_model_tasks(m, cfg.mask.kind)
+    _validate_mask(cfg.mask)
+    _validate_tokenizer(cfg.tokenizer)
+    _validate_pretrain_optim(cfg.optim)
+    _validate_pretrain_train(cfg.train)
+    _validate_data_against_model(cfg.data, m)
+    validate_data(cfg.data)
+    validate_train(cfg.train)
+    validate_optim(cfg.optim)
+
+
+def _validate_arch(m: ModelConfig, mask_kind: str) -> None:
+    """``model.arch`` and ``model.preset`` (the VideoMAE baseline: its presets, tubelets, tube masks)."""
     from mam2_fast.models.mam2 import PRESETS  # local import: models import config types
 
-    m = cfg.model
     _one_of(m.arch, "model.arch", ("mam2", "videomae"))
     _one_of(m.preset, "model.preset", tuple(PRESETS))
     if m.arch == "videomae":
@@ -422,7 +441,11 @@ def validate(cfg: Config) -> None:
         _one_of(m.preset, "model.preset", tuple(VIDEOMAE_PRESETS))
         _check(m.num_frames % m.tubelet_size == 0, "model.num_frames",
                f"{m.num_frames} must be a multiple of model.tubelet_size ({m.tubelet_size})")
-        _check(cfg.mask.kind == "tube", "mask.kind", "the VideoMAE baseline uses tube masking")
+        _check(mask_kind == "tube", "mask.kind", "the VideoMAE baseline uses tube masking")
+
+
+def _validate_model_values(m: ModelConfig) -> None:
+    """Each ``model.*`` value in range on its own (sizes, depths, choices, flow settings)."""
     _check(m.img_size > 0 and m.img_size % m.patch_size == 0, "model.img_size",
            f"{m.img_size} must be a positive multiple of model.patch_size ({m.patch_size})")
     _check(m.num_frames >= 1, "model.num_frames", f"must be >= 1, got {m.num_frames}")
@@ -453,6 +476,11 @@ def validate(cfg: Config) -> None:
     _check(m.layer_scale_init is None or m.layer_scale_init >= 0, "model.layer_scale_init",
            f"must be >= 0 (or null for the block's default), got {m.layer_scale_init}")
     _check(m.flow_scale > 0 and math.isfinite(m.flow_scale), "model.flow_scale", f"must be > 0, got {m.flow_scale}")
+
+
+def _validate_model_tasks(m: ModelConfig, mask_kind: str) -> None:
+    """The task switches fit together: a task on, the decoders they use deep enough, clip order's
+    needs (whole masked tubes, the regressor, its own decoder, two clips)."""
     _check(m.use_appearance or m.use_motion, "model.use_appearance",
            "at least one of use_appearance / use_motion must be true")
     if m.use_regressor:
@@ -462,21 +490,23 @@ def validate(cfg: Config) -> None:
     if m.use_motion and not m.coupled_decoder:
         _check(m.motion_depth >= 1, "model.motion_depth", "must be >= 1 when the motion decoder is used")
     if m.use_motion and m.motion_target == "clip_order":
-        _check(cfg.mask.kind in ("tube", "cube"), "model.motion_target",
-               f"'clip_order' needs whole masked tubes: mask.kind must be 'tube' or 'cube', got {cfg.mask.kind!r}")
+        _check(mask_kind in ("tube", "cube"), "model.motion_target",
+               f"'clip_order' needs whole masked tubes: mask.kind must be 'tube' or 'cube', got {mask_kind!r}")
         _check(m.use_regressor, "model.motion_target", "'clip_order' shuffles the regressor's latents: "
                "it needs model.use_regressor=true")
         _check(not m.coupled_decoder, "model.motion_target",
                "'clip_order' needs its own motion decoder: it cannot be used with model.coupled_decoder=true")
         _check(m.num_frames >= 2, "model.motion_target", f"'clip_order' needs model.num_frames >= 2, got {m.num_frames}")
 
-    k = cfg.mask
+
+def _validate_mask(k: MaskConfig) -> None:
     _one_of(k.kind, "mask.kind", ("tube", "random", "cube", "frame"))
     _check(0.0 < k.ratio < 1.0, "mask.ratio", f"must be in (0, 1), got {k.ratio}")
     _check(k.cube_min_block >= 1, "mask.cube_min_block", f"must be >= 1, got {k.cube_min_block}")
     _check(k.cube_max_aspect >= 1.0, "mask.cube_max_aspect", f"must be >= 1, got {k.cube_max_aspect}")
 
-    t = cfg.tokenizer
+
+def _validate_tokenizer(t: TokenizerConfig) -> None:
     _one_of(t.kind, "tokenizer.kind", ("kmeans", "vqgan", "dalle"))
     _check(t.vocab_size >= 2, "tokenizer.vocab_size", f"must be >= 2, got {t.vocab_size}")
     _check(t.kmeans_fit_clips >= 1, "tokenizer.kmeans_fit_clips", f"must be >= 1, got {t.kmeans_fit_clips}")
@@ -485,7 +515,10 @@ def validate(cfg: Config) -> None:
     _check(t.chunk_frames >= 1, "tokenizer.chunk_frames", f"must be >= 1, got {t.chunk_frames}")
     _at_least(t.kmeans_pool, "tokenizer.kmeans_pool", 1)
 
-    o = cfg.optim
+
+def _validate_pretrain_optim(o: OptimConfig) -> None:
+    """Pre-training's own optim checks (most repeat :func:`validate_optim`, which runs later;
+    kept here, in this order, so a config with several errors names the same one first)."""
     _check(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
     _check(o.lr is None or o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
@@ -496,7 +529,10 @@ def validate(cfg: Config) -> None:
     _check(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0, got {o.clip_grad}")
     _one_of(str(o.fused).lower(), "optim.fused", ("auto", "true", "false"))
 
-    r = cfg.train
+
+def _validate_pretrain_train(r: TrainConfig) -> None:
+    """Pre-training's own train checks (``global_batch`` a multiple of ``batch_size``; the rest
+    repeat :func:`validate_train`, kept for the same reason as :func:`_validate_pretrain_optim`)."""
     _check(r.epochs >= 1, "train.epochs", f"must be >= 1, got {r.epochs}")
     _check(r.batch_size >= 1, "train.batch_size", f"must be >= 1, got {r.batch_size}")
     _check(r.global_batch is None or (r.global_batch >= r.batch_size and r.global_batch % r.batch_size == 0),
@@ -515,7 +551,9 @@ def validate(cfg: Config) -> None:
     _check(r.prefetch >= -1, "train.prefetch", f"must be >= 0, or -1 for auto; got {r.prefetch}")
     _check(r.keep_last >= 1, "train.keep_last", f"must be >= 1, got {r.keep_last}")
 
-    d = cfg.data
+
+def _validate_data_against_model(d: DataConfig, m: ModelConfig) -> None:
+    """The clips the data makes fit the model (frames, size, channels) and a source is named."""
     _one_of(d.format, "data.format", ("video", "frames"))
     _check(d.num_frames == m.num_frames, "data.num_frames",
            f"{d.num_frames} must equal model.num_frames ({m.num_frames})")
@@ -528,6 +566,3 @@ def validate(cfg: Config) -> None:
     _check(all(s > 0 for s in d.std), "data.std", f"must be > 0, got {d.std}")
     _check(d.demo or d.list_file is not None, "data.list_file",
            "is required unless data.demo is true")
-    validate_data(d)
-    validate_train(r)
-    validate_optim(o)

@@ -33,9 +33,9 @@ from mam2_fast.ft.config import FinetuneConfig, finetune_config_from_dict, load_
 from mam2_fast.ft.mixup import build_mixup, soft_target_cross_entropy
 from mam2_fast.ft.weights import WeightsError, check_arch, load_encoder_into, read_encoder_weights
 from mam2_fast.models.classifier import VideoClassifier, build_classifier, param_groups_layer_decay, set_scaled_lr
-from mam2_fast.pretrain import choose_kernels
 from mam2_fast.train import cli
 from mam2_fast.train import distributed as D
+from mam2_fast.train.backend import select_kernels
 from mam2_fast.train.loop import Micro, Run, Schedule, Task, autocast_for, run_task
 
 DEMO_YAML = Path(__file__).resolve().parent.parent / "configs" / "finetune_demo.yaml"
@@ -169,9 +169,7 @@ class FinetuneTask(Task):
         else:
             model, _ = build_finetune_model(cfg, run.log)
         self.model = model.to(run.device)
-        if cfg.model.kernels != "reference" and hasattr(self.model, "set_kernel_backend"):
-            choose_kernels(self.model, cfg.model.kernels, run.device, cfg.train.precision, cfg.train.batch_size,
-                           run.log)
+        select_kernels(self.model, cfg, run)
         run.log(f"model: {cfg.model.preset} classifier, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                 f"parameters, {cfg.model.num_classes} classes, device {run.device}")
         self.amp = autocast_for(run.device, cfg.train.precision)

@@ -339,31 +339,49 @@ def _dims(mcfg):
     return D, depth, heads, Dd
 
 
-def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] = None,
-                    include_tokenizer: bool = True, include_logging: bool = True,
-                    packed: bool = False) -> StepFlops:
-    """FLOPs of one MAM^2 training step on ``batch`` clips (default ``cfg.train.batch_size``).
+@dataclass(frozen=True)
+class _StepSets:
+    """The token sets one MAM^2 step works on (from the config and the mask), per frame unless
+    said: ``S_vis`` / ``S_tgt`` / ``S_dec`` slots of the encoder, the alignment target and the
+    decoders (tube masks: ``N - Nm`` / ``Nm`` / ``Nm``; grid masks: ``N``); ``app_rows`` /
+    ``motion_rows`` rows of the heads for the whole batch; ``vis_set`` / ``mask_set``: the packed
+    sets' :func:`packed_set_sums` (``packed`` only)."""
+    B: int
+    T: int
+    N: int
+    P: int
+    C: int
+    D: int
+    depth: int
+    Dd: int
+    hid: int                      # encoder MLP width
+    dhid: int                     # decoder / regressor MLP width
+    tfc: bool                     # temporal_fc
+    K: int                        # appearance codes
+    tube: bool                    # tube-like mask (tube / cube)
+    nm: int                       # masked slots a frame (tube-like masks; 0 otherwise)
+    S_vis: int
+    S_tgt: int
+    S_dec: int
+    app_rows: int
+    motion_rows: int
+    packed: bool                  # random / frame masks counted as the fused kernels run them
+    vis_set: Optional[tuple] = None
+    mask_set: Optional[tuple] = None
 
-    ``cfg`` is a :class:`mam2_fast.config.Config`. ``vocab_size`` overrides the appearance
-    head size (default: the tokenizer's, e.g. 16384 for VQGAN-f16-16384). ``packed``: count
-    random / frame masks as the fused kernels run them (encoder, alignment target, regressor
-    queries and decoders on packed sets; expected attention lengths for random masks, see
-    :func:`packed_set_sums`) instead of on the grid; tube masks are the same either way.
-    """
+
+def _step_sets(cfg, batch: Optional[int], vocab_size: Optional[int], packed: bool) -> _StepSets:
     from mam2_fast.masking import num_masked
 
     m, k = cfg.model, cfg.mask
     B = int(batch if batch is not None else cfg.train.batch_size)
-    D, depth, heads, Dd = _dims(m)
-    hid, dhid = int(D * m.mlp_ratio), int(Dd * m.mlp_ratio)
-    tfc = bool(getattr(m, "temporal_fc", False))
-    T, P, C = m.num_frames, m.patch_size, m.in_chans
+    D, depth, _, Dd = _dims(m)
+    T, P = m.num_frames, m.patch_size
     g = m.img_size // P
     N = g * g
     K = int(vocab_size if vocab_size is not None else tokenizer_vocab(cfg.tokenizer))
-    sf = StepFlops(batch=B)
-
     tube = k.kind in ("tube", "cube")
+    nm = 0
     if tube:
         nm = num_masked(k.ratio, N)
         S_vis, S_tgt, S_dec = N - nm, nm, nm
@@ -378,48 +396,85 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
     if not m.use_regressor:
         S_dec = N  # decoders see visible latents + mask queries on the full grid
     packed = packed and not tube
+    vis_set = mask_set = None
     if packed:
         vis_set = packed_set_sums(k.kind, k.ratio, T, N, masked=False)
         mask_set = packed_set_sums(k.kind, k.ratio, T, N, masked=True)
         if m.use_regressor:  # heads and the alignment target's projection read the packed rows
             motion_rows = app_rows
+    return _StepSets(B, T, N, P, m.in_chans, D, depth, Dd, int(D * m.mlp_ratio), int(Dd * m.mlp_ratio),
+                     bool(getattr(m, "temporal_fc", False)), K, tube, nm, S_vis, S_tgt, S_dec, app_rows,
+                     motion_rows, packed, vis_set, mask_set)
 
-    embed = 2 * B * T * N * D * C * P * P
+
+def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] = None,
+                    include_tokenizer: bool = True, include_logging: bool = True,
+                    packed: bool = False) -> StepFlops:
+    """FLOPs of one MAM^2 training step on ``batch`` clips (default ``cfg.train.batch_size``).
+
+    ``cfg`` is a :class:`mam2_fast.config.Config`. ``vocab_size`` overrides the appearance
+    head size (default: the tokenizer's, e.g. 16384 for VQGAN-f16-16384). ``packed``: count
+    random / frame masks as the fused kernels run them (encoder, alignment target, regressor
+    queries and decoders on packed sets; expected attention lengths for random masks, see
+    :func:`packed_set_sums`) instead of on the grid; tube masks are the same either way.
+    The terms come in the order the step runs: encoder side, regressor and decoders, heads,
+    then the tokenizer.
+    """
+    m = cfg.model
+    s = _step_sets(cfg, batch, vocab_size, packed)
+    sf = StepFlops(batch=s.B)
+    _add_encoder_terms(sf, m, s)
+    _add_decoder_terms(sf, m, s)
+    _add_head_terms(sf, m, s, include_logging)
+    if include_tokenizer and m.use_appearance and getattr(m, "appearance_target", "tokens") == "tokens":
+        for name, f in tokenizer_flops(cfg.tokenizer, s.B, s.T, m.img_size, s.P, sf.notes).items():
+            sf.add(name, f, 0, "tokenizer")
+    return sf
+
+
+def _add_encoder_terms(sf: StepFlops, m, s: _StepSets) -> None:
+    """Patch embedding, the encoder on the visible set, the width projections and the
+    alignment target (the encoder on the masked set, no grad)."""
+    B, T, N, D, depth, hid, tfc = s.B, s.T, s.N, s.D, s.depth, s.hid, s.tfc
+    embed = 2 * B * T * N * D * s.C * s.P * s.P
     sf.add("patch embed", embed, embed)  # backward: weight grad only (clip has no grad)
-    if packed:
-        enc = depth * packed_divided_block(B, *vis_set, D, hid, tfc)
-        sf.add(f"encoder ({depth} blocks, packed {vis_set[0]} tokens)", enc, 2 * enc)
+    if s.packed:
+        enc = depth * packed_divided_block(B, *s.vis_set, D, hid, tfc)
+        sf.add(f"encoder ({depth} blocks, packed {s.vis_set[0]} tokens)", enc, 2 * enc)
     else:
-        enc = depth * divided_block(B, T, S_vis, D, hid, tfc)
-        sf.add(f"encoder ({depth} blocks, {S_vis} slots)", enc, 2 * enc)
-    if Dd != D:
-        e2d = linear(B * T * S_vis, D, Dd)
+        enc = depth * divided_block(B, T, s.S_vis, D, hid, tfc)
+        sf.add(f"encoder ({depth} blocks, {s.S_vis} slots)", enc, 2 * enc)
+    if s.Dd != D:
+        e2d = linear(B * T * s.S_vis, D, s.Dd)
         sf.add("encoder_to_decoder", e2d, 2 * e2d)
         n_pos = 2 if m.use_regressor else 1
-        p2d = n_pos * linear(T * N, D, Dd)
+        p2d = n_pos * linear(T * N, D, s.Dd)
         sf.add("pos_to_decoder", p2d, 2 * p2d)
-
     if m.use_alignment:
-        tgt = depth * (packed_divided_block(B, *mask_set, D, hid, tfc) if packed  # reuses the step's
-                       else divided_block(B, T, S_tgt, D, hid, tfc))               # patch embedding
-        if Dd != D:
-            tgt += linear(app_rows if (packed and m.use_regressor) else B * T * S_tgt, D, Dd)
-        sf.add(f"alignment target (no grad, {S_tgt} slots)", tgt, 0, "target")
+        tgt = depth * (packed_divided_block(B, *s.mask_set, D, hid, tfc) if s.packed  # reuses the step's
+                       else divided_block(B, T, s.S_tgt, D, hid, tfc))                 # patch embedding
+        if s.Dd != D:
+            tgt += linear(s.app_rows if (s.packed and m.use_regressor) else B * T * s.S_tgt, D, s.Dd)
+        sf.add(f"alignment target (no grad, {s.S_tgt} slots)", tgt, 0, "target")
 
+
+def _add_decoder_terms(sf: StepFlops, m, s: _StepSets) -> None:
+    """The regressor (mask queries over visible latents + queries) and the decoders."""
+    B, T, N, Dd, dhid = s.B, s.T, s.N, s.Dd, s.dhid
     if m.use_regressor:
-        if tube:
-            Lq, Lk = T * nm, T * N
-        elif packed:
-            Lq, Lk = mask_set[0], T * N   # the masked queries only (equal counts per sample)
+        if s.tube:
+            Lq, Lk = T * s.nm, T * N
+        elif s.packed:
+            Lq, Lk = s.mask_set[0], T * N   # the masked queries only (equal counts per sample)
         else:
             Lq = Lk = T * N
         reg = m.regressor_depth * cross_block(B, Lq, Lk, Dd, dhid)
         sf.add(f"regressor ({m.regressor_depth} blocks, Lq {Lq}, Lk {Lk})", reg, 2 * reg)
 
     def decoder(depth_: int) -> int:
-        if packed and m.use_regressor:  # without a regressor the decoders see the whole grid
-            return depth_ * packed_divided_block(B, *mask_set, Dd, dhid, tfc)
-        return depth_ * divided_block(B, T, S_dec, Dd, dhid, tfc)
+        if s.packed and m.use_regressor:  # without a regressor the decoders see the whole grid
+            return depth_ * packed_divided_block(B, *s.mask_set, Dd, dhid, s.tfc)
+        return depth_ * divided_block(B, T, s.S_dec, Dd, dhid, s.tfc)
 
     if m.coupled_decoder:
         dec = decoder(m.appearance_depth)
@@ -432,34 +487,33 @@ def mam2_step_flops(cfg, batch: Optional[int] = None, vocab_size: Optional[int] 
             dec = decoder(m.motion_depth)
             sf.add(f"motion decoder ({m.motion_depth} blocks)", dec, 2 * dec)
 
+
+def _add_head_terms(sf: StepFlops, m, s: _StepSets, include_logging: bool) -> None:
+    """The appearance and motion heads (and the logged accuracy), with notes on what is not counted."""
+    Dd, P, C, K = s.Dd, s.P, s.C, s.K
     app_target = getattr(m, "appearance_target", "tokens")
     motion_target = getattr(m, "motion_target", "rgb_diff")
     if m.use_appearance and app_target == "pixels":
         # the pixel head runs on the decoder's whole output set (masked set, or full grid)
-        head = linear(motion_rows, Dd, P * P * C)
+        head = linear(s.motion_rows, Dd, P * P * C)
         sf.add("appearance head (pixels)", head, 2 * head)
     elif m.use_appearance:
-        head = linear(app_rows, Dd, K)
+        head = linear(s.app_rows, Dd, K)
         sf.add(f"appearance head (K={K})", head, 2 * head)
         if include_logging:
-            sf.add("appearance accuracy (logging)", linear(min(app_rows, 4096), Dd, K), 0, "logging")
+            sf.add("appearance accuracy (logging)", linear(min(s.app_rows, 4096), Dd, K), 0, "logging")
     if m.use_motion and motion_target == "clip_order":
         sf.notes.append("motion_target='clip_order': counted as a motion decoder on the masked set without "
                         "the head; the per-tube [CLS] step and the 2-way head are not counted")
     elif m.use_motion:
         out_dim = P * P * (2 if motion_target == "flow" else C)
-        head = linear(motion_rows, Dd, out_dim)
+        head = linear(s.motion_rows, Dd, out_dim)
         sf.add(f"motion head ({motion_target})", head, 2 * head)
         if motion_target == "flow":
             sf.notes.append("motion_target='flow': the RAFT flow target is not counted")
     if getattr(m, "grad_checkpointing", False):
         sf.notes.append("grad_checkpointing: the backward recomputes each block's forward; those extra "
                         "FLOPs are not counted (model FLOPs, as MFU conventionally uses)")
-
-    if include_tokenizer and m.use_appearance and app_target == "tokens":
-        for name, f in tokenizer_flops(cfg.tokenizer, B, T, m.img_size, P, sf.notes).items():
-            sf.add(name, f, 0, "tokenizer")
-    return sf
 
 
 # ----------------------------------------------------------------------------------------

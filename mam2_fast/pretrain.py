@@ -26,11 +26,12 @@ from mam2_fast.masking import MaskGenerator, MaskInfo
 from mam2_fast.models.mam2 import build_model
 from mam2_fast.targets.tokenizer import build_tokenizer
 from mam2_fast.train import accel, cli
+from mam2_fast.train.backend import choose_kernels, select_kernels  # noqa: F401  (choose_kernels re-exported)
 from mam2_fast.train import distributed as D
 from mam2_fast.train.checkpoint import save_checkpoint
 from mam2_fast.train.cli import resume_value_as_override  # noqa: F401  (re-exported)
 from mam2_fast.train.collapse import CollapseWatch, FeatureTap, collapse_stats, encoder_output_module
-from mam2_fast.train.loop import Micro, Run, Schedule, Task, amp_dtype, run_task
+from mam2_fast.train.loop import Micro, Run, Schedule, Task, run_task
 from mam2_fast.train.loop import StopRequest, autocast_for, select_device  # noqa: F401  (re-exported)
 from mam2_fast.train.optim import build_optimizer
 
@@ -107,22 +108,8 @@ def check_target_files(cfg: Config) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# kernels, masks, baseline
+# masks, baseline
 # ----------------------------------------------------------------------------------------
-def choose_kernels(model: torch.nn.Module, requested: str, device: torch.device, precision: str,
-                   batch_size: int, log, mask_kind: Optional[str] = None, mask_ratio: float = 0.0) -> str:
-    """The start-of-run kernel check (``kernels/selfcheck.py``) at the run's dtype and launch
-    shapes; sets and returns the model's backend (ops that fail run their reference)."""
-    from mam2_fast.kernels.launch_plan import RunShapes
-    from mam2_fast.kernels.selfcheck import resolve_backend
-
-    run_dtype = amp_dtype(device, precision) or torch.float32
-    shapes = RunShapes.of_model(model, batch_size, mask_kind, mask_ratio)
-    backend = resolve_backend(requested, device, run_dtype, log, shapes)
-    model.set_kernel_backend(backend)
-    return backend
-
-
 def _generator(*key) -> torch.Generator:
     h = hashlib.blake2b("/".join(map(str, key)).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(h, "little") & ((1 << 63) - 1))
@@ -218,23 +205,30 @@ class PretrainTask(Task):
     # -- setup: data -> tokenizer -> model -> targets and masks -------------------------------
     def setup(self, run: Run) -> None:
         self.run, self.cfg = run, run.cfg
-        check_target_files(self.cfg)          # before any data is decoded or built
+        self._check_target_files()            # before any data is decoded or built
         fit_data = self._build_data()
         self.tokenizer = self._build_tokenizer(fit_data)
         self.model = self._build_model()
         m = self.cfg.model
-        self.flow_target = None
-        if m.arch == "mam2" and m.use_motion and m.motion_target == "flow":
-            from mam2_fast.targets.flow import FlowTarget
-            self.flow_target = FlowTarget(m.patch_size, weights_path=m.flow_weights, variant=m.flow_variant,
-                                          num_flow_updates=m.flow_updates,
-                                          flow_scale=m.flow_scale).to(run.device).eval()
+        self.flow_target = self._build_flow_target()
         self.clip_order = m.arch == "mam2" and m.use_motion and m.motion_target == "clip_order"
         if m.arch == "videomae":
             self.masker = self.model.mask_generator()          # tube over the T / tubelet temporal slices
         else:
             self.masker = MaskGenerator(self.cfg.mask.kind, self.cfg.mask.ratio, m.num_frames, self.model.grid,
                                         self.cfg.mask.cube_min_block, self.cfg.mask.cube_max_aspect)
+
+    def _check_target_files(self) -> None:
+        check_target_files(self.cfg)
+
+    def _build_flow_target(self) -> Optional[torch.nn.Module]:
+        """RAFT flow of the clip, ``[B, T, N, P*P*2]`` (the flow motion target only)."""
+        m = self.cfg.model
+        if not (m.arch == "mam2" and m.use_motion and m.motion_target == "flow"):
+            return None
+        from mam2_fast.targets.flow import FlowTarget
+        return FlowTarget(m.patch_size, weights_path=m.flow_weights, variant=m.flow_variant,
+                          num_flow_updates=m.flow_updates, flow_scale=m.flow_scale).to(self.run.device).eval()
 
     def _build_data(self):
         """The training data (the demo set is made first when asked for); returns what fits the
@@ -281,9 +275,7 @@ class PretrainTask(Task):
             vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
             model = build_model(cfg.model, vocab_size=vocab, pixel_mean=tuple(cfg.data.mean),
                                 pixel_std=tuple(cfg.data.std)).to(run.device)
-        if cfg.model.kernels != "reference" and hasattr(model, "set_kernel_backend"):
-            choose_kernels(model, cfg.model.kernels, run.device, cfg.train.precision, cfg.train.batch_size, run.log,
-                           cfg.mask.kind, cfg.mask.ratio)
+        select_kernels(model, cfg, run, cfg.mask.kind, cfg.mask.ratio)
         n_params = sum(p.numel() for p in model.parameters())
         run.log(f"model: {cfg.model.preset} encoder, {n_params / 1e6:.2f}M parameters, device {run.device}, "
                 f"{run.world} process(es){' (' + cfg.train.parallel + ')' if run.dist.enabled else ''}")
@@ -311,9 +303,15 @@ class PretrainTask(Task):
 
     # -- steps --------------------------------------------------------------------------------
     def start(self, loop) -> None:
-        run, cfg = self.run, self.cfg
+        run = self.run
         if run.is_main and self.tokenizer is not None and run.ckpt is None:
             torch.save(self.tokenizer.state_dict(), run.run_dir / "tokenizer.pt")
+        self.init_steps()
+
+    def init_steps(self) -> None:
+        """What ``step`` needs: the (compiled) model, the collapse tap, autocast, the pixel
+        statistics (``start`` calls it; so does the profiler, which runs no loop)."""
+        run, cfg = self.run, self.cfg
         self.step_model = torch.compile(self.wrapped, mode=cfg.train.compile_mode) if cfg.train.compile else self.wrapped
         # collapse monitor: the encoder's output on the visible tokens of each log step (train/collapse.py);
         # off under torch.compile (a hook armed per step would re-trace the graph)

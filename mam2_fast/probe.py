@@ -253,7 +253,7 @@ def probe_encoders(encoders: dict, train_data, test_data, targets: list[str], de
 # ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
-def main(argv: Optional[list[str]] = None) -> int:
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m mam2_fast.probe", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", required=True, help="pre-training checkpoint, run folder or exported .safetensors")
@@ -278,7 +278,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--out", help="JSON report (default: probe.json beside the weights)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
     try:
         grid = tuple(int(v) for v in args.grid.split(","))
         if len(grid) != 2 or min(grid) < 1:
@@ -335,13 +339,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
 
-    cols = ["pretrained"] + (["random"] if args.compare_random else [])
+    print_table(results, targets, ["pretrained"] + (["random"] if args.compare_random else []))
+    print(f"report: {out}")
+    return 0
+
+
+def print_table(results: dict, targets: list, cols: list) -> None:
+    """Chance and test accuracy per target, one column per encoder kind."""
     print(f"{'target':<12}{'chance':>8}" + "".join(f"{c + ' test':>18}" for c in cols))
     for t in targets:
         print(f"{t:<12}{results['pretrained'][t]['chance']:>7.1f}%"
               + "".join(f"{results[c][t]['test_acc']:>17.1f}%" for c in cols))
-    print(f"report: {out}")
-    return 0
 
 
 if __name__ == "__main__":

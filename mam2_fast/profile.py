@@ -2,9 +2,10 @@
 (``model.arch=videomae`` profiles the VideoMAE baseline: no tokenizer or alignment phase,
 FLOPs from ``flops.videomae_step_flops``.)
 
-Builds the model, tokenizer and AdamW exactly as ``mam2_fast.pretrain`` does, runs
+Times the training task's own step (:class:`MAM2Step`: ``PretrainTask.prepare`` / ``step``, then
+the loop's ``backward`` / ``update``; model, tokenizer and AdamW built by the task's ``setup``),
 ``--warmup`` + ``--steps`` steps on synthetic clips (or the configured data with
-``--real-data``) and prints
+``--real-data``), and prints
 
 * clips/s and the step time (median over the timed steps);
 * the step split: data wait, tokenizer, alignment target, forward (rest), backward,
@@ -32,6 +33,7 @@ synthetic data and is fitted on the data with ``--real-data``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -41,7 +43,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from mam2_fast.pretrain import autocast_for, select_device  # the trainer's own rules
+from mam2_fast.pretrain import PretrainTask, select_device  # the trainer's own task and rules
 from mam2_fast.config import Config, ConfigError
 from mam2_fast.flops import config_without_data, mam2_step_flops, videomae_step_flops
 from mam2_fast.train import accel
@@ -228,52 +230,107 @@ def build_tokenizer_for_timing(cfg: Config, device: torch.device, data=None, log
     return tok.prepare(device) if hasattr(tok, "prepare") else tok.to(device).eval()
 
 
-def autocast_ctx(device: torch.device, precision: str):
-    return autocast_for(device, precision)
+class TimedPretrainTask(PretrainTask):
+    """The training task (:class:`mam2_fast.pretrain.PretrainTask`) with the profiler's
+    stand-ins for what timing does not need: the tokenizer of :func:`build_tokenizer_for_timing`
+    (random weights when no checkpoint is given: same compute) or the one passed in, and random
+    flow of the target's shape (RAFT is not part of this profile); the weight files those would
+    read are not required."""
+
+    def __init__(self, data, tokenizer=None, fit_data=None):
+        super().__init__(data)
+        self.given_tokenizer, self.fit_data = tokenizer, fit_data
+
+    def _check_target_files(self) -> None:
+        pass   # missing tokenizer / RAFT weights: the stand-ins below
+
+    def _build_tokenizer(self, fit_data):
+        if self.cfg.model.arch == "videomae":
+            return None
+        if self.given_tokenizer is not None:
+            return self.given_tokenizer
+        return build_tokenizer_for_timing(self.cfg, self.run.device, self.fit_data, self.run.log)
+
+    def _build_flow_target(self):
+        m = self.cfg.model
+        if not (m.arch == "mam2" and m.use_motion and m.motion_target == "flow"):
+            return None
+        return RandomFlow(m.patch_size)
+
+
+class RandomFlow(torch.nn.Module):
+    """Stand-in flow target: random ``[B, T, N, P*P*2]`` on the clip's device."""
+
+    def __init__(self, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        B, T, _, H, W = frames.shape
+        P = self.patch_size
+        return torch.randn(B, T, (H // P) * (W // P), P * P * 2, device=frames.device)
+
+
+class _FedBatches:
+    """The task's data when the caller feeds the batches: the schedule's ``steps_per_epoch`` only."""
+    steps_per_epoch = 1 << 30
+
+    def stats(self) -> dict:
+        return {}
 
 
 class MAM2Step:
-    """Model + tokenizer + AdamW + masker for one training step, timed by phase.
+    """One training step as training runs it, timed by phase: the training task's own ``prepare``
+    (masks) and ``step`` (targets, forward, losses), then the loop's :func:`~mam2_fast.train.loop.backward`
+    and :func:`~mam2_fast.train.loop.update` (non-finite guard, clip, AdamW) -- no copy of them here.
 
     ``compile``: ``None`` (eager), ``"default"``, ``"max-autotune-no-cudagraphs"`` or
-    ``"reduce-overhead"`` (CUDA graphs) -- ``torch.compile(model, mode=...)``.
+    ``"reduce-overhead"`` (CUDA graphs) -- ``train.compile`` / ``train.compile_mode``.
+    ``data``: the real data (k-means is fitted on it), else none is read: the caller feeds batches.
     """
 
     def __init__(self, cfg: Config, device: torch.device, data=None, compile: Optional[str] = None,
                  log: Callable[[str], None] = print, split_alignment: bool = True, tokenizer=None):
-        from mam2_fast.masking import MaskGenerator
-        from mam2_fast.models.mam2 import build_model
-        from mam2_fast.train.optim import build_optimizer, scaled_lr
+        from mam2_fast.train import distributed as D
+        from mam2_fast.train.loop import Run, Schedule, make_guard
 
-        self.cfg, self.device = cfg, device
+        if compile:
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True, compile_mode=compile))
         self.batch = cfg.train.batch_size
+        self.device = device
         self.videomae = getattr(cfg.model, "arch", "mam2") == "videomae"
-        if self.videomae:
-            # the VideoMAE baseline (pixel target, tubelet tubes): no tokenizer, no alignment pass
-            from mam2_fast.pretrain import build_baseline
-            self.tokenizer = None
-            self.model = build_baseline(cfg).to(device)
-            self.masker = self.model.mask_generator()
-            split_alignment = False
-        else:
-            self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer_for_timing(cfg, device, data, log)
-            vocab = self.tokenizer.vocab_size if self.tokenizer is not None else None
-            self.model = build_model(cfg.model, vocab_size=vocab).to(device)
-            self.masker = MaskGenerator(cfg.mask.kind, cfg.mask.ratio, cfg.model.num_frames, self.model.grid,
-                                        cfg.mask.cube_min_block, cfg.mask.cube_max_aspect)
-        self.model.train()
-        self.optimizer = build_optimizer(self.model, cfg.optim, scaled_lr(cfg.optim, self.batch), device)
-        self.norm_mean = torch.tensor(cfg.data.mean, device=device).view(1, 1, -1, 1, 1)
-        self.norm_std = torch.tensor(cfg.data.std, device=device).view(1, 1, -1, 1, 1)
-        self.gen = torch.Generator().manual_seed(cfg.train.seed)
-        self.amp_precision = cfg.train.precision
+        self.task = TimedPretrainTask(data if data is not None else _FedBatches(), tokenizer, fit_data=data)
+        self.run = Run(cfg, device, D.DistInfo(), Path(cfg.train.output_dir).expanduser(), log)
+        self.task.setup(self.run)
+        self.cfg = self.task.cfg
+        self.schedule = Schedule.plan(self.cfg, self.task.data.steps_per_epoch, 1)
+        self.task.build_optimizer(self.schedule)
+        self.guard = make_guard(self.task, self.run)
+        self.task.model.train()
+        self.task.init_steps()       # not task.start: it would write tokenizer.pt into the run folder
+        self.model, self.tokenizer, self.optimizer = self.task.model, self.task.tokenizer, self.task.optimizer
         self.timer: Optional[PhaseTimer] = None
-        self.compiled = compile
-        self.forward_fn = self.model if not compile else torch.compile(self.model, mode=compile)
-        if split_alignment and not compile:
+        self.steps_done = 0
+        if self.tokenizer is not None or self.task.flow_target is not None or self.task.clip_order:
+            self._wrap_targets()
+        if split_alignment and not compile and not self.videomae:
             self._wrap_encode()
 
+    def _wrap_targets(self) -> None:
+        """Time the task's targets (tokenizer codes, flow, clip-order labels) as the tokenizer phase."""
+        task, orig = self.task, self.task.targets
+
+        def targets(clip, info, micro):
+            with torch.profiler.record_function("tokenizer"):
+                out = orig(clip, info, micro)
+            if self.timer is not None:
+                self.timer.mark("tokenizer")
+            return out
+
+        task.targets = targets  # instance attribute: the task's code is unchanged
+
     def _wrap_encode(self) -> None:
+        """Time the alignment target (the no-grad encoder pass on the masked tokens) apart."""
         model, orig = self.model, self.model.encode
 
         def encode(clip, info, masked=False, patches=None):
@@ -291,13 +348,15 @@ class MAM2Step:
         model.encode = encode  # instance attribute: the model file is unchanged
 
     def step(self, batch_iter: Iterator[dict], timer: Optional[PhaseTimer] = None) -> torch.Tensor:
-        """One step; returns the (device) loss. Phases: data, tokenizer, forward (incl.
-        alignment target when split), backward, optimizer."""
+        """One optimizer step of one micro-batch; returns the (device) loss. Phases: data (next
+        batch, masks), tokenizer (targets), forward (incl. the alignment target when split),
+        backward, optimizer."""
+        from mam2_fast.train.loop import Micro, backward, update
+
         self.timer = timer
-        if self.compiled == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA-graph trees
         mark = timer.mark if timer is not None else (lambda name: None)
         rf = torch.profiler.record_function
+        n = self.steps_done
         if timer is not None:
             timer.start_step()
         with rf("data"):
@@ -305,38 +364,22 @@ class MAM2Step:
             batch = next(batch_iter)
             if timer is not None:
                 timer.host_time("data wait (host)", time.perf_counter() - t0)
-            clip = batch["clip"].to(self.device, non_blocking=True)
-            info = self.masker(clip.shape[0], self.gen).to(self.device)
+            info = self.task.prepare(batch, 0, n)        # the loop runs it on the prefetch thread
         mark("data")
-        codes = None
-        if self.tokenizer is not None:
-            with rf("tokenizer"):
-                frames = (clip.float() * self.norm_std + self.norm_mean).clamp_(0, 1)
-                codes = self.tokenizer.tokenize(frames).flatten(2)
-            mark("tokenizer")
-        extra = {}
-        if not self.videomae and getattr(self.cfg.model, "motion_target", "rgb_diff") == "flow" \
-                and self.cfg.model.use_motion:
-            # the RAFT flow target is not part of this profile: a random stand-in of its shape
-            m = self.model
-            extra["motion_target"] = torch.randn(clip.shape[0], clip.shape[1], m.num_patches,
-                                                 m.patch_size * m.patch_size * 2, device=self.device)
-        with rf("forward"), autocast_ctx(self.device, self.amp_precision):
-            out = self.forward_fn(clip, info) if self.videomae else self.forward_fn(clip, info, codes, **extra)
+        with rf("forward"):
+            losses = self.task.step(batch, info, Micro(step=n, epoch=0, pos=n, index=0, last=True, logs=False))
         mark("forward")
         with rf("backward"):
-            out["loss"].backward()
+            backward(self.guard, losses["loss"], 1)
         mark("backward")
         with rf("optimizer"):
-            if self.cfg.optim.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            update(self.task, self.guard, self.schedule.lr(n))
         mark("optimizer")
         if timer is not None:
             timer.end_step()
         self.timer = None
-        return out["loss"].detach()
+        self.steps_done += 1
+        return losses["loss"].detach()
 
     def flops(self):
         if self.videomae:
@@ -424,7 +467,7 @@ def _run_profile(cfg, warmup, steps, real_data, dataset_size, gpus, peak_tflops,
         batches = iter(SyntheticClips(B, cfg, device))
     if compile is None and getattr(cfg.train, "compile", False):
         compile = getattr(cfg.train, "compile_mode", "default")
-    runner = MAM2Step(cfg, device, data=data, compile=compile, log=log)
+    runner = MAM2Step(cfg, device, data=data, compile=compile, log=log)   # the training task's step
     n_params = sum(p.numel() for p in runner.model.parameters())
     log(f"model {cfg.model.preset}: {n_params / 1e6:.2f}M parameters, batch {B}, device {device}, "
         f"precision {cfg.train.precision}, kernels {cfg.model.kernels}, compile {compile or 'off'}, "
@@ -474,23 +517,27 @@ def _run_profile(cfg, warmup, steps, real_data, dataset_size, gpus, peak_tflops,
     out_dir = Path(output_dir or (Path(cfg.train.output_dir) / "profile")).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     if trace_steps > 0:
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(trace_steps):
-                with torch.profiler.record_function("train_step"):
-                    runner.step(batches, None)
-                sync(device)
-        trace = out_dir / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        res["trace"] = str(trace)
+        res["trace"] = str(write_trace(runner, batches, device, trace_steps, out_dir / "trace.json"))
     (out_dir / "profile.json").write_text(json.dumps(res, indent=2))
     res["output_dir"] = str(out_dir)
     if data is not None:
         res["data_stats"] = data.stats()
         data.close()
     return res
+
+
+def write_trace(runner: MAM2Step, batches: Iterator[dict], device: torch.device, steps: int, path: Path) -> Path:
+    """A ``torch.profiler`` chrome trace of ``steps`` further steps."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            with torch.profiler.record_function("train_step"):
+                runner.step(batches, None)
+            sync(device)
+    prof.export_chrome_trace(str(path))
+    return path
 
 
 def format_report(res: dict) -> str:

@@ -232,6 +232,9 @@ def _densify(pts: Sequence[tuple[float, float]], spacing: float = 4.0) -> np.nda
     return np.concatenate([start + np.repeat(seg, n, axis=0) * t[:, None], p[-1:]])
 
 
+# Long on purpose: one drawing pass on one canvas; the steps (axes, ticks, grid, lines, legend) share
+# the panel's box, scales and fonts and fill the returned layout as they draw, so helpers would
+# only pass those a dozen locals back and forth.
 def render_line_panels(panels: Sequence[dict], title: str, xlabel: str = "step",
                        panel_size: tuple[int, int] = (460, 320)):
     """Side-by-side line charts with a figure title, numbered ticks on both axes, a grid and a

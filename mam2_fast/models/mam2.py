@@ -59,7 +59,7 @@ activation memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -331,9 +331,21 @@ class Decoder(nn.Module):
         return (x, first) if return_first else x
 
 
+class DecoderInput(NamedTuple):
+    """What MAM^2's decoders read (``MAM2._decoder_inputs``)."""
+    dec_in: Tensor                     # [M, D'] packed, [B, T, Nm|N, D'] regressed, [B, T, N, D'] full grid
+    valid: Any                         # the decoders' token set: PackedSegments, grid mask or None
+    rows: Optional[Tensor]             # [M] flat token rows of the packed path, else None
+    pred_latent: Optional[Tensor]      # the regressed latents (None without a regressor)
+    full_grid: bool                    # no regressor: decoder outputs cover all T x N slots
+
+
 class MAM2(nn.Module):
     """MAM^2 pre-training model. Build with :func:`build_model` from a ``ModelConfig``."""
 
+    # Long on purpose: the submodules are made in this one order -- each draws its initial weights
+    # from the global RNG and the state_dict keys follow it, so checkpoints and seeded runs depend
+    # on it; read top to bottom it is the architecture (encoder, regressor, decoders, heads).
     def __init__(self, cfg, pixel_mean: Optional[tuple] = None, pixel_std: Optional[tuple] = None):
         super().__init__()
         self.cfg = cfg
@@ -682,6 +694,11 @@ class MAM2(nn.Module):
         return self.motion_head(feat)                                               # [B, Nm, 2]
 
     # -- forward ---------------------------------------------------------------------------
+    # forward() reads as: check the inputs, encode the visible tokens, the alignment target,
+    # the decoders' inputs (regressor), the decoders, then one loss term per task (Eq. 4).
+    # Shapes: B clips, T frames, N patches a frame, Nv / Nm visible / masked slots a frame
+    # (tube-like masks), M masked tokens of the batch (packed path), D / D' encoder / decoder
+    # widths; grid (random / frame / cube masks) tensors keep all N slots.
     def forward(self, clip: Tensor, info: MaskInfo, codes: Optional[Tensor] = None,
                 motion_target: Optional[Tensor] = None,
                 generator: Optional[torch.Generator] = None,
@@ -702,169 +719,197 @@ class MAM2(nn.Module):
         with clip order also ``order_acc`` and the drawn ``order_labels [B, Nm]``.
         """
         cfg = self.cfg
-        B, T = clip.shape[:2]
-        Dd = self.decoder_dim
-        out: dict = {}
-        use_motion = cfg.use_motion
-        clip_order = use_motion and self.motion_target == "clip_order"
-        if clip_order and not info.is_tube:
-            raise ValueError("model.motion_target='clip_order' needs tube-like masks (mask.kind tube or "
-                             "cube): every masked slot must be a whole tube over time")
-        if use_motion and self.motion_target == "flow":
-            if motion_target is None:
-                raise ValueError("model.motion_target='flow': forward() needs motion_target "
-                                 "[B, T, N, P*P*2] (targets.flow.FlowTarget on the clip)")
-            want = (B, T, self.num_patches, self.patch_size * self.patch_size * 2)
-            if tuple(motion_target.shape) != want:
-                raise ValueError(f"motion_target (flow) must be {list(want)}, got {list(motion_target.shape)}")
+        clip_order = cfg.use_motion and self.motion_target == "clip_order"
+        self._check_forward_inputs(clip, info, motion_target, clip_order)
         patches = self.embed_patches(clip)                                 # [B, T, N, D], shared
         latent, valid_vis = self.encode(clip, info, masked=False, patches=patches)  # [B, T, Nv|N, D]
         latent = self.encoder_to_decoder(latent)                           # [B, T, Nv|N, D']
         pos = self.pos_to_decoder(self.pos_grid())                         # [T, N, D']
-        valid_m = None if info.is_tube else info.mask
 
         # packed decoders (random / frame masks, fused kernels): the regressor, decoders, heads
         # and losses work on the masked tokens only, [M, .] in info.segments(masked=True).rows
         # order, instead of the grid with the visible slots as padding
         packed_dec = self.regressor is not None and not info.is_tube and self.kernel_backend != "reference"
+        align_target = self._alignment_target(clip, info, patches, packed_dec) if cfg.use_alignment else None
+        dec = self._decoder_inputs(latent, info, valid_vis, pos, packed_dec)
+        app_feat, motion_feat, first_block = self._run_decoders(dec, info, clip_order)
 
-        align_target = None
+        out: dict = {}
+        loss = clip.new_zeros(())
         if cfg.use_alignment:
-            with torch.no_grad():
-                if packed_dec:
-                    target = self.encode_packed(patches, info, masked=True)          # [M, D]
-                else:
-                    target, _ = self.encode(clip, info, masked=True, patches=patches)  # [B, T, Nm|N, D]
-                align_target = self.encoder_to_decoder(target).detach()
+            # regressed latents of masked tokens; without a regressor: first decoder block's
+            r = dec.pred_latent if dec.pred_latent is not None else self._masked_view(first_block, info, dec.full_grid)
+            out["loss_align"] = self._alignment_loss(r, align_target, info, packed_dec, dec.rows)
+            loss = loss + cfg.align_weight * out["loss_align"]
+        if cfg.use_appearance:
+            out.update(self._appearance_loss(clip, info, codes, app_feat, dec.rows, packed_dec))
+            loss = loss + out["loss_app"]
+        if clip_order:
+            out.update(self._clip_order_loss(clip, info, dec.pred_latent, generator, order_labels))
+            loss = loss + out["loss_motion"]
+        elif cfg.use_motion:
+            out["loss_motion"] = self._motion_loss(clip, info, motion_feat, motion_target, dec.rows, packed_dec)
+            loss = loss + out["loss_motion"]
+        out["loss"] = loss
+        return out
 
-        dec_rows = None
-        if self.regressor is not None:
+    def _check_forward_inputs(self, clip: Tensor, info: MaskInfo, motion_target: Optional[Tensor],
+                              clip_order: bool) -> None:
+        """Refuse what the motion task cannot use before anything runs: clip order needs
+        tube-like masks, the flow target must be ``[B, T, N, P*P*2]``."""
+        if clip_order and not info.is_tube:
+            raise ValueError("model.motion_target='clip_order' needs tube-like masks (mask.kind tube or "
+                             "cube): every masked slot must be a whole tube over time")
+        if self.cfg.use_motion and self.motion_target == "flow":
+            if motion_target is None:
+                raise ValueError("model.motion_target='flow': forward() needs motion_target "
+                                 "[B, T, N, P*P*2] (targets.flow.FlowTarget on the clip)")
+            B, T = clip.shape[:2]
+            want = (B, T, self.num_patches, self.patch_size * self.patch_size * 2)
+            if tuple(motion_target.shape) != want:
+                raise ValueError(f"motion_target (flow) must be {list(want)}, got {list(motion_target.shape)}")
+
+    def _alignment_target(self, clip: Tensor, info: MaskInfo, patches: Tensor, packed_dec: bool) -> Tensor:
+        """The encoder's latents of the masked tokens (no gradient), in decoder width:
+        ``[M, D']`` (packed) or ``[B, T, Nm|N, D']``."""
+        with torch.no_grad():
             if packed_dec:
-                # packed: the decoders run on the masked tokens only (varlen attention), not
-                # on the grid with the visible slots as padding; so does the regressor when
-                # every sample has as many masked tokens (random / frame masks do)
-                dec_valid = info.segments(masked=True)
-                dec_rows = dec_valid.rows                                   # [M]
-                if dec_valid.per_sample is not None:
-                    pred_latent = self.regress(latent, info, valid_vis, packed=dec_valid)  # [M, D']
-                    dec_in = pred_latent + pos.reshape(-1, Dd)[dec_rows % (T * self.num_patches)]
-                else:
-                    pred_latent = self.regress(latent, info, valid_vis)    # [B, T, N, D']
-                    dec_in = (pred_latent + pos).reshape(-1, Dd).index_select(0, dec_rows)  # [M, D']
-                take = None
+                target = self.encode_packed(patches, info, masked=True)          # [M, D]
             else:
-                pred_latent = self.regress(latent, info, valid_vis)        # [B, T, Nm|N, D']
-                dec_in = pred_latent + select_pos(pos, info, masked=True)
-                dec_valid, take = valid_m, None
-        else:
+                target, _ = self.encode(clip, info, masked=True, patches=patches)  # [B, T, Nm|N, D]
+            return self.encoder_to_decoder(target).detach()
+
+    def _decoder_inputs(self, latent: Tensor, info: MaskInfo, valid_vis, pos: Tensor,
+                        packed_dec: bool) -> DecoderInput:
+        """The regressor's predicted latents of the masked tokens plus their positions, or
+        (w/o regressor, Table 2) the visible latents and mask queries on the full grid.
+        latent ``[B, T, Nv|N, D']``, pos ``[T, N, D']``."""
+        valid_m = None if info.is_tube else info.mask
+        Dd = self.decoder_dim
+        if self.regressor is None:
             # w/o regressor (Table 2): decoders see visible latents and mask queries together
+            B, T = latent.shape[:2]
             pos_full = pos.unsqueeze(0).expand(B, *pos.shape)
             full = self.mask_query.expand(B, T, self.num_patches, Dd)
             if info.is_tube:
                 full = full.scatter(2, info.vis_idx[:, None, :, None].expand(B, T, -1, Dd), latent)
             else:
                 full = torch.where(info.mask.unsqueeze(-1), full, latent)
-            dec_in = full + pos_full
-            dec_valid, take = None, True
-            pred_latent = None
+            return DecoderInput(full + pos_full, None, None, None, True)   # [B, T, N, D']
+        if not packed_dec:
+            pred_latent = self.regress(latent, info, valid_vis)        # [B, T, Nm|N, D']
+            return DecoderInput(pred_latent + select_pos(pos, info, masked=True), valid_m, None,
+                                pred_latent, False)
+        # packed: the decoders run on the masked tokens only (varlen attention), not on the grid
+        # with the visible slots as padding; so does the regressor when every sample has as many
+        # masked tokens (random / frame masks do)
+        T = latent.shape[1]
+        dec_valid = info.segments(masked=True)
+        dec_rows = dec_valid.rows                                   # [M]
+        if dec_valid.per_sample is not None:
+            pred_latent = self.regress(latent, info, valid_vis, packed=dec_valid)  # [M, D']
+            dec_in = pred_latent + pos.reshape(-1, Dd)[dec_rows % (T * self.num_patches)]
+        else:
+            pred_latent = self.regress(latent, info, valid_vis)    # [B, T, N, D']
+            dec_in = (pred_latent + pos).reshape(-1, Dd).index_select(0, dec_rows)  # [M, D']
+        return DecoderInput(dec_in, dec_valid, dec_rows, pred_latent, False)
 
-        def masked_view(x: Tensor) -> Tensor:
-            # decoder output on the full grid -> the masked token set (packed: already it)
-            if take is None:
-                return x
-            return kernels.gather_tokens(x, info.mask_idx, backend=self.kernel_backend) if info.is_tube else x
+    def _masked_view(self, x: Tensor, info: MaskInfo, full_grid: bool) -> Tensor:
+        """Decoder output on the full grid -> the masked token set (packed / regressed: already it)."""
+        if not full_grid:
+            return x
+        return kernels.gather_tokens(x, info.mask_idx, backend=self.kernel_backend) if info.is_tube else x
 
+    def _run_decoders(self, dec: DecoderInput, info: MaskInfo, clip_order: bool):
+        """The appearance and motion decoders -> ``(app_feat, motion_feat, first_block)``, each
+        ``[B, T, Nm|N, D']`` or ``[M, D']`` (or None); ``first_block``: the first decoder block's
+        output (the alignment input without a regressor). Clip order decodes in its loss."""
         app_feat = motion_feat = first_block = None
         if self.appearance_decoder is not None:
-            app_feat, first_block = self.appearance_decoder(dec_in, dec_valid, return_first=True)
-            app_feat = masked_view(app_feat)                             # [B, T, Nm|N, D'] or [M, D']
-            if cfg.coupled_decoder:
+            app_feat, first_block = self.appearance_decoder(dec.dec_in, dec.valid, return_first=True)
+            app_feat = self._masked_view(app_feat, info, dec.full_grid)     # [B, T, Nm|N, D'] or [M, D']
+            if self.cfg.coupled_decoder:
                 motion_feat = app_feat
         if self.motion_decoder is not None and not clip_order:
-            motion_feat, mfirst = self.motion_decoder(dec_in, dec_valid, return_first=True)
-            motion_feat = masked_view(motion_feat)
+            motion_feat, mfirst = self.motion_decoder(dec.dec_in, dec.valid, return_first=True)
+            motion_feat = self._masked_view(motion_feat, info, dec.full_grid)
             if first_block is None:
                 first_block = mfirst
+        return app_feat, motion_feat, first_block
 
-        zero = clip.new_zeros(())
-        loss = zero
-        if cfg.use_alignment:
-            # regressed latents of masked tokens; without a regressor: first decoder block's
-            r = pred_latent if pred_latent is not None else masked_view(first_block)
-            if packed_dec and r.dim() != 2:  # grid regressor (uneven counts) -> the masked rows
-                r = r.reshape(-1, Dd).index_select(0, dec_rows)             # [M, D']
-            sq = (r.float() - align_target.float()) ** 2
-            err = sq.sum(dim=-1) if cfg.align_reduction == "sum" else sq.mean(dim=-1)  # [B, T, Nm|N] or [M]
-            if info.is_tube or packed_dec:
-                loss_align = err.mean()
-            else:
-                loss_align = (err * info.mask).sum() / info.mask.sum().clamp(min=1)
-            out["loss_align"] = loss_align
-            loss = loss + cfg.align_weight * loss_align
+    def _alignment_loss(self, r: Tensor, align_target: Tensor, info: MaskInfo, packed_dec: bool,
+                        dec_rows: Optional[Tensor]) -> Tensor:
+        """Eq. 1: squared error of the predicted latents ``r`` to the encoder's (masked tokens)."""
+        if packed_dec and r.dim() != 2:  # grid regressor (uneven counts) -> the masked rows
+            r = r.reshape(-1, self.decoder_dim).index_select(0, dec_rows)   # [M, D']
+        sq = (r.float() - align_target.float()) ** 2
+        err = sq.sum(dim=-1) if self.cfg.align_reduction == "sum" else sq.mean(dim=-1)  # [B, T, Nm|N] or [M]
+        if info.is_tube or packed_dec:
+            return err.mean()
+        return (err * info.mask).sum() / info.mask.sum().clamp(min=1)
 
-        if cfg.use_appearance and self.appearance_target == "pixels":
+    def _appearance_loss(self, clip: Tensor, info: MaskInfo, codes: Optional[Tensor], app_feat: Tensor,
+                         dec_rows: Optional[Tensor], packed_dec: bool) -> dict:
+        """``{"loss_app"}``: MSE to the per-patch normalized pixels, or (Eq. 2) the cross entropy
+        over the tokenizer's codes ``[B, T, N]`` with ``app_acc``."""
+        if self.appearance_target == "pixels":
             with torch.no_grad(), accel.autocast(clip.device, enabled=False):
                 from mam2_fast.targets.pixel import pixel_target  # lazy: keep models independent of targets
                 pix = pixel_target(clip, self.patch_size)                   # [B, T, N, P*P*C] float32
-            loss_app = self.masked_patch_mse(self.appearance_head(app_feat), pix, info, skip_first_frame=False,
-                                             rows=dec_rows)
-            out["loss_app"] = loss_app
-            loss = loss + loss_app
-        elif cfg.use_appearance:
-            if codes is None:
-                raise ValueError("appearance task is on: forward() needs codes [B, T, N]")
-            if self.appearance_head is None:
-                raise RuntimeError("call set_vocab_size() before training the appearance head")
-            if info.is_tube:
-                tgt = torch.gather(codes, 2, info.mask_idx[:, None, :].expand(B, T, -1))  # [B, T, Nm]
-                feat = app_feat.reshape(-1, Dd)
-                tgt = tgt.reshape(-1)
-            else:
-                rows = info.segments(masked=True).rows                      # [M] (no data-dependent shape)
-                feat = app_feat if packed_dec else app_feat.reshape(-1, Dd).index_select(0, rows)
-                tgt = codes.reshape(-1).index_select(0, rows)               # feat [M, D'], tgt [M]
-            loss_app = kernels.linear_cross_entropy(feat, self.appearance_head.weight,
-                                                    self.appearance_head.bias, tgt, backend=self.kernel_backend)
-            with torch.no_grad():
-                acc = (self.appearance_head(feat.detach()[:4096]).argmax(-1) == tgt[:4096]).float().mean()
-            out["loss_app"], out["app_acc"] = loss_app, acc
-            loss = loss + loss_app
+            return {"loss_app": self.masked_patch_mse(self.appearance_head(app_feat), pix, info,
+                                                      skip_first_frame=False, rows=dec_rows)}
+        if codes is None:
+            raise ValueError("appearance task is on: forward() needs codes [B, T, N]")
+        if self.appearance_head is None:
+            raise RuntimeError("call set_vocab_size() before training the appearance head")
+        if info.is_tube:
+            B, T = clip.shape[:2]
+            tgt = torch.gather(codes, 2, info.mask_idx[:, None, :].expand(B, T, -1))  # [B, T, Nm]
+            feat = app_feat.reshape(-1, self.decoder_dim)
+            tgt = tgt.reshape(-1)
+        else:
+            rows = info.segments(masked=True).rows                      # [M] (no data-dependent shape)
+            feat = app_feat if packed_dec else app_feat.reshape(-1, self.decoder_dim).index_select(0, rows)
+            tgt = codes.reshape(-1).index_select(0, rows)               # feat [M, D'], tgt [M]
+        loss_app = kernels.linear_cross_entropy(feat, self.appearance_head.weight,
+                                                self.appearance_head.bias, tgt, backend=self.kernel_backend)
+        with torch.no_grad():
+            acc = (self.appearance_head(feat.detach()[:4096]).argmax(-1) == tgt[:4096]).float().mean()
+        return {"loss_app": loss_app, "app_acc": acc}
 
-        if clip_order:
-            if order_labels is None:
-                labels = self.draw_order_labels(tuple(info.mask_idx.shape), clip.device, generator)  # [B, Nm]
-            else:
-                if tuple(order_labels.shape) != tuple(info.mask_idx.shape):
-                    raise ValueError(f"order_labels must be [B, Nm] = {list(info.mask_idx.shape)}, "
-                                     f"got {list(order_labels.shape)}")
-                labels = order_labels.to(device=clip.device, dtype=torch.long)
-            logits = self.clip_order_logits(pred_latent, info, labels).float()       # [B, Nm, 2]
-            loss_motion = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1))
-            with torch.no_grad():
-                out["order_acc"] = (logits.argmax(-1) == labels).float().mean()
-            out["order_labels"] = labels
-            out["loss_motion"] = loss_motion
-            loss = loss + loss_motion
-        elif use_motion:
-            pred = self.motion_head(motion_feat)                            # [B, T, Nm|N, P*P*(C|2)] or [M, .]
-            if self.motion_target == "flow":
-                loss_motion = self.masked_patch_mse(pred, motion_target, info, skip_first_frame=True,
-                                                    rows=dec_rows)
-            else:
-                mclip = self.motion_clip(clip)                              # raw: std-scaled clip
-                if packed_dec:
-                    loss_motion = kernels.rgb_diff_mse_packed(mclip, pred, dec_rows, self.patch_size,
-                                                              backend=self.kernel_backend)
-                elif info.is_tube:
-                    loss_motion = kernels.rgb_diff_mse_tube(mclip, pred, info.mask_idx, self.patch_size,
-                                                            backend=self.kernel_backend)
-                else:
-                    loss_motion = ref.rgb_diff_mse_ref(mclip, pred, info.mask, self.patch_size)
-            out["loss_motion"] = loss_motion
-            loss = loss + loss_motion
-
-        out["loss"] = loss
+    def _clip_order_loss(self, clip: Tensor, info: MaskInfo, pred_latent: Tensor,
+                         generator: Optional[torch.Generator], order_labels: Optional[Tensor]) -> dict:
+        """Clip order (Sec. 2.2): labels ``[B, Nm]`` (given, or drawn from ``generator`` / the
+        global RNG), the cross entropy of :meth:`clip_order_logits`; ``order_acc``, ``order_labels``."""
+        if order_labels is None:
+            labels = self.draw_order_labels(tuple(info.mask_idx.shape), clip.device, generator)  # [B, Nm]
+        else:
+            if tuple(order_labels.shape) != tuple(info.mask_idx.shape):
+                raise ValueError(f"order_labels must be [B, Nm] = {list(info.mask_idx.shape)}, "
+                                 f"got {list(order_labels.shape)}")
+            labels = order_labels.to(device=clip.device, dtype=torch.long)
+        logits = self.clip_order_logits(pred_latent, info, labels).float()       # [B, Nm, 2]
+        loss_motion = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1))
+        out = {}
+        with torch.no_grad():
+            out["order_acc"] = (logits.argmax(-1) == labels).float().mean()
+        out["order_labels"] = labels
+        out["loss_motion"] = loss_motion
         return out
+
+    def _motion_loss(self, clip: Tensor, info: MaskInfo, motion_feat: Tensor, motion_target: Optional[Tensor],
+                     dec_rows: Optional[Tensor], packed_dec: bool) -> Tensor:
+        """The flow MSE or (Eq. 3) the RGB-difference MSE of the masked patches (frames t >= 1)."""
+        pred = self.motion_head(motion_feat)                            # [B, T, Nm|N, P*P*(C|2)] or [M, .]
+        if self.motion_target == "flow":
+            return self.masked_patch_mse(pred, motion_target, info, skip_first_frame=True, rows=dec_rows)
+        mclip = self.motion_clip(clip)                                  # raw: std-scaled clip
+        if packed_dec:
+            return kernels.rgb_diff_mse_packed(mclip, pred, dec_rows, self.patch_size, backend=self.kernel_backend)
+        if info.is_tube:
+            return kernels.rgb_diff_mse_tube(mclip, pred, info.mask_idx, self.patch_size,
+                                             backend=self.kernel_backend)
+        return ref.rgb_diff_mse_ref(mclip, pred, info.mask, self.patch_size)
 
     @torch.no_grad()
     def predict(self, clip: Tensor, info: MaskInfo) -> dict:

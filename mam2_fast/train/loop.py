@@ -317,6 +317,33 @@ class Task:
 # ----------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------
+def make_guard(task: Task, run: Run) -> NonFiniteGuard:
+    """The non-finite guard of ``task``'s optimizer; fp16: a dynamic loss scale on the device,
+    state saved with each checkpoint (and restored from the one resumed)."""
+    cfg = task.cfg
+    fp16 = amp_dtype(run.device, cfg.train.precision) == torch.float16
+    guard = NonFiniteGuard(task.optimizer, (p for p in task.model.parameters() if p.requires_grad),
+                           cfg.optim.clip_grad, cfg.train.max_nonfinite, run.device, loss_scale=fp16)
+    if fp16 and run.ckpt is not None and "loss_scale" in run.ckpt:
+        guard.load_scale_state(run.ckpt["loss_scale"])
+    return guard
+
+
+# A training step is, per micro-batch, ``task.step`` then :func:`backward`, and every ``accum``
+# micro-batches :func:`update`; the loop adds gradient sync, logs and checkpoints. The profiler
+# and the step benchmarks (mam2_fast/profile.py, benchmarks/) time these same calls.
+def backward(guard: NonFiniteGuard, loss: torch.Tensor, accum: int) -> None:
+    """The backward of one micro-batch: ``loss / accum`` (times the fp16 loss scale)."""
+    (guard.scale_loss(loss) / accum).backward()
+
+
+def update(task: Task, guard: NonFiniteGuard, lr: float) -> torch.Tensor:
+    """One optimizer step at ``lr``: clip and step, a non-finite step skipped on the device
+    (no host sync); returns the gradient norm (device)."""
+    task.set_lr(lr)
+    return guard.step()
+
+
 class LogWindow:
     """Sums of the logged scalars between two log steps (device tensors: no host sync per step)."""
 
@@ -356,12 +383,7 @@ class Loop:
             (run.run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         self.metrics = MetricsLogger(run.run_dir, tensorboard=cfg.train.tensorboard, enabled=run.is_main)
         self.progress = Progress(schedule.last_step, start=pos.step, enabled=cfg.train.progress and run.is_main)
-        # fp16: a dynamic loss scale on the device, state saved with each checkpoint
-        fp16 = amp_dtype(run.device, cfg.train.precision) == torch.float16
-        self.guard = NonFiniteGuard(task.optimizer, (p for p in task.model.parameters() if p.requires_grad),
-                                    cfg.optim.clip_grad, cfg.train.max_nonfinite, run.device, loss_scale=fp16)
-        if fp16 and run.ckpt is not None and "loss_scale" in run.ckpt:
-            self.guard.load_scale_state(run.ckpt["loss_scale"])
+        self.guard = make_guard(task, run)
         self.fsdp_sync = dist.enabled and hasattr(task.wrapped, "set_requires_gradient_sync")   # FSDP2
         self.prefetch_depth = auto_depth(cfg.train.prefetch, run.device)   # -1: 1 on CUDA, 0 on CPU
         self.window = LogWindow()
@@ -432,7 +454,7 @@ class Loop:
                       last and self.is_log_step(self.pos.step + 1))
         with self.grad_sync(last):
             losses = self.task.step(batch, prepared, micro)
-            (self.guard.scale_loss(losses["loss"]) / accum).backward()
+            backward(self.guard, losses["loss"], accum)
         ok = self.guard.micro(losses["loss"])
         self.window.add(losses, ok, batch["clip"].shape[0])
         self.pos.micro_pos = pos + 1
@@ -446,8 +468,7 @@ class Loop:
         """Step (no host sync: a non-finite step is skipped on the device), log, agree on a
         stop, checkpoint; True: the run is over."""
         lr = self.schedule.lr(self.pos.step)
-        self.task.set_lr(lr)
-        self.window.add_grad_norm(self.guard.step())
+        self.window.add_grad_norm(update(self.task, self.guard, lr))
         self.pos.step += 1
         step, last_step = self.pos.step, self.schedule.last_step
         if self.is_log_step(step):
