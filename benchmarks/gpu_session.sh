@@ -77,8 +77,8 @@ stage_env() {
 }
 
 stage_parity() {  # one pytest per file, highest value first, so a slow file cannot hide the others' results
-    local files=(tests/test_kernels_linear_ce.py tests/test_kernels_attention.py tests/test_model_fused.py
-                 tests/test_kernels_varlen.py tests/test_kernels_gather.py tests/test_kernels_rgb_diff.py
+    local files=(tests/test_kernels_linear_ce.py tests/test_kernels_attention.py tests/test_kernels_gather.py
+                 tests/test_model_fused.py tests/test_kernels_varlen.py tests/test_kernels_rgb_diff.py
                  tests/test_model_targets_fused.py)
     local f
     for f in "${files[@]}"; do
