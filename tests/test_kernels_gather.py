@@ -2,9 +2,10 @@
 ``reference.gather_tokens_ref``, forward and all gradients (dx, dpos_t, dpos_s).
 
 CPU (Triton interpreter): fp32 vs fp32 reference, rel. tol 1e-6 (pure data movement plus
-fp32 sums); bf16 vs float64 reference, rel. tol 1e-2; gather_tokens (a copy) exact in every
-dtype. Odd sizes: N = 37, T = 3, batch 1, D not a power of two (40, 48, 96, 384), empty index
-sets. CUDA: ViT-B shapes (N = 196, masks 0.75 / 0.9) in bf16 vs float64, rel. tol 1e-2. The
+fp32 sums); bf16 vs float64 reference, rel. tol 1e-2; fp16 vs float64, 5e-3; gather_tokens (a
+copy) exact in every dtype. Odd sizes: N = 37, T = 1 and 3, batch 1, K = 1, D not a power of
+two (40, 48, 80, 96, 384), empty index sets, batches that end in a partial step of the position
+backward's batch loop, per-sample unsorted indices. CUDA: ViT-B shapes (N = 196, masks 0.75 / 0.9) in bf16 vs float64, rel. tol 1e-2. The
 position gradients are bit-identical run to run (two-stage reduction, no atomics), also when
 the batch is split over several chunks. Fresh inputs; seed in failure messages.
 """
@@ -100,10 +101,17 @@ else:
         (2, 3, 37, 384, 11, torch.bfloat16, torch.bfloat16),  # ViT-S width: 3 tiles of 128
         (2, 3, 37, 96, 5, torch.bfloat16, torch.float32),   # mixed, D = 3 * 32
         (3, 3, 37, 40, 0, torch.float32, torch.float32),    # empty index sets, D = 40 (padded tile)
+        (2, 1, 13, 80, 1, torch.float16, torch.float16),    # T = 1, K = 1, D = 80, fp16 vs float64
+        (1, 4, 20, 80, 7, torch.float16, torch.float32),    # mixed fp16 / fp32: fp32 out
+        (3, 2, 9, 48, 1, torch.float32, torch.float32),     # K = 1
+        (6, 1, 10, 80, 5, torch.float32, torch.float32),    # B = 6: a full and a partial batch step
+        (5, 2, 11, 48, 6, torch.float16, torch.float16),    # fp16, batch steps 4 + 1
     ]
     TOK_CASES = [(2, 3, 11, 40, 4, torch.float32), (1, 2, 6, 24, 6, torch.bfloat16),
                  (1, 2, 6, 24, 0, torch.float32), (1, 3, 37, 384, 9, torch.bfloat16),
-                 (2, 3, 37, 48, 37, torch.float32), (3, 3, 37, 96, 0, torch.bfloat16)]
+                 (2, 3, 37, 48, 37, torch.float32), (3, 3, 37, 96, 0, torch.bfloat16),
+                 (2, 1, 13, 80, 1, torch.float16), (1, 4, 20, 80, 20, torch.float16),
+                 (5, 2, 9, 48, 1, torch.float32)]
 
 
 @pytest.mark.parametrize("B,T,N,D,K,dtype,pos_dtype", POS_CASES)
@@ -123,6 +131,30 @@ def test_gather_tokens(B, T, N, D, K, dtype):
 
 def test_gather_tokens_strided():
     run_tokens_case(2, 3, 8, 24, 5, torch.float32, layout="strided")
+
+
+def test_per_sample_unsorted_indices():
+    """Each sample keeps its own, unsorted slots (the first and last slot included): forward and
+    all three gradients vs the fp32 reference, and the plain gather bit-exact."""
+    seed = kt.fresh_seed()
+    B, T, N, D = 3, 2, 9, 80
+    idx = torch.tensor([[8, 0, 3], [2, 7, 1], [4, 5, 6]], device=DEV)
+    x = torch.randn(B, T, N, D, device=DEV, requires_grad=True)
+    pt = torch.randn(T, D, device=DEV, requires_grad=True)
+    ps = torch.randn(N, D, device=DEV, requires_grad=True)
+    out = gather_visible_add_pos(x, pt, ps, idx, backend="fused")
+    go = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, pt, ps], go)
+    out_r = gather_visible_add_pos_ref(x, pt, ps, idx)
+    grads_r = torch.autograd.grad(out_r, [x, pt, ps], go)
+    kt.assert_close("out [unsorted per-sample idx]", out, out_r, 1e-6, seed)
+    for name, g, g_r in zip(("dx", "dpos_t", "dpos_s"), grads, grads_r):
+        kt.assert_close(f"{name} [unsorted per-sample idx]", g, g_r, 1e-6, seed)
+    assert torch.equal(grads[0][0, :, 5], torch.zeros(T, D)), f"unselected slot got a gradient (seed {seed})"
+    z = gather_tokens(x, idx, backend="fused")
+    assert torch.equal(z, gather_tokens_ref(x, idx)), f"gather_tokens (seed {seed})"
+    (gz,) = torch.autograd.grad(z, x, go)
+    assert torch.equal(gz, torch.autograd.grad(gather_tokens_ref(x, idx), x, go)[0]), f"seed {seed}"
 
 
 def test_tolerance_discriminates():

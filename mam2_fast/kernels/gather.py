@@ -10,9 +10,11 @@
   plain copy in x's dtype (no fp32 round trip); backward is the scatter into zeros-filled
   ``[B, T, N, D]``.
 
-Every kernel works on 2-D tiles ``[rows, BLOCK_D]``: ``BLOCK_D`` divides D where it can
-(384 -> 128, 768 / 1024 -> 256), so no lane idles on the model widths, and a tile holds several
-rows so each program moves ~4K elements.
+The gather and the plain scatter work on 2-D tiles ``[rows, BLOCK_D]``: ``BLOCK_D`` divides D
+where it can (384 -> 128, 768 / 1024 -> 256), so no lane idles on the model widths, and a tile
+holds several rows so each program moves ~2K elements. The position backward's tiles are 3-D,
+``[BLOCK_B batch rows, BLOCK_N slots, BLOCK_D]`` (again ~2K elements): each step of its loop over
+the batch has BLOCK_B independent row loads in flight, summed over the batch axis in registers.
 
 Backward requires each row of ``idx`` to hold **distinct** indices (true for masks): the
 scatter writes instead of accumulating. Out-of-range indices are undefined behaviour.
@@ -88,12 +90,14 @@ def _scatter_pos_kernel(
     s_ob, s_ot, s_ok, s_od,   # dout strides [B, T, K, D]
     B, T, N, D,
     B_CHUNK, N_BLOCKS,        # batch rows per program; cdiv(N, BLOCK_N)
-    WRITE_DX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_DX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (slot block nb, frame t, batch chunk c) x D-block. For each b of the chunk:
-    dx[b, t, n-block] = dout at inv (zeros at unselected slots, if WRITE_DX); the fp32 sums over
-    those b go to PART_S[c, t, n-block] and, summed over the block's slots too, to
-    PART_T[c, nb, t] (first stage of the position gradients; no atomics)."""
+    """Program (slot block nb, frame t, batch chunk c) x D-block; 3-D tiles [BLOCK_B batch rows,
+    BLOCK_N slots, BLOCK_D columns], BLOCK_B rows of the chunk per step (independent loads in
+    flight). For each b of the chunk: dx[b, t, n-block] = dout at inv (zeros at unselected
+    slots, if WRITE_DX); the fp32 sums over those b go to PART_S[c, t, n-block] and, summed over
+    the block's slots too, to PART_T[c, nb, t] (first stage of the position gradients; no
+    atomics, a fixed summation order)."""
     pid = tl.program_id(0)    # over n_chunks * T * N_BLOCKS, slot blocks fastest
     nb = pid % N_BLOCKS
     t = ((pid // N_BLOCKS) % T).to(tl.int64)
@@ -102,19 +106,22 @@ def _scatter_pos_kernel(
     nm = n < N
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     cm = cols < D
-    m2 = nm[:, None] & cm[None, :]
+    cm3 = cm[None, None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_start = c.to(tl.int64) * B_CHUNK
-    for j in range(0, tl.minimum(B_CHUNK, B - b_start)):   # the chunk's batch rows, in order
-        b64 = b_start + j                                     # int64
-        i = tl.load(INV + b64 * N + n, mask=nm, other=-1).to(tl.int64)  # [BN]
-        g = tl.load(DOUT + b64 * s_ob + t * s_ot + (i * s_ok)[:, None] + (cols * s_od)[None, :],
-                    mask=(nm & (i >= 0))[:, None] & cm[None, :], other=0.0)
+    b_end = tl.minimum(b_start + B_CHUNK, B)
+    for j in range(0, b_end - b_start, BLOCK_B):               # the chunk's batch rows, in order
+        b64 = b_start + j + tl.arange(0, BLOCK_B)              # [BB] int64
+        m2 = (b64 < b_end)[:, None] & nm[None, :]              # [BB, BN]
+        i = tl.load(INV + b64[:, None] * N + n[None, :], mask=m2, other=-1).to(tl.int64)
+        g = tl.load(DOUT + (b64 * s_ob + t * s_ot)[:, None, None] + (i * s_ok)[:, :, None]
+                    + (cols * s_od)[None, None, :], mask=(m2 & (i >= 0))[:, :, None] & cm3, other=0.0)
         if WRITE_DX:
-            tl.store(DX + ((b64 * T + t) * N + n)[:, None] * D + cols[None, :],
-                     g.to(DX.dtype.element_ty), mask=m2)
-        acc += g.to(tl.float32)
+            tl.store(DX + (((b64[:, None] * T + t) * N + n[None, :]) * D)[:, :, None] + cols[None, None, :],
+                     g.to(DX.dtype.element_ty), mask=m2[:, :, None] & cm3)
+        acc += tl.sum(g.to(tl.float32), axis=0)
     c64 = c.to(tl.int64)
+    m2 = nm[:, None] & cm[None, :]
     tl.store(PART_S + ((c64 * T + t) * N + n)[:, None] * D + cols[None, :], acc, mask=m2)
     tl.store(PART_T + ((c64 * N_BLOCKS + nb) * T + t) * D + cols, tl.sum(acc, axis=0), mask=cm)
 
@@ -191,9 +198,11 @@ def _scatter(dout: Tensor, idx: Tensor, N: int, dtype: Optional[torch.dtype] = N
     return dx
 
 
-# elements of the position-gradient scatter's tile (half a gather tile: it also carries the fp32
-# sums through its loop over the batch)
-_POS_TILE = 1024
+# [slots, columns] elements of the position-gradient scatter's tile (a quarter of a gather
+# tile: it also carries the fp32 sums through its loop over the batch) ...
+_POS_TILE = 512
+# ... times the batch rows it reads per step (a gather tile in all)
+_POS_BLOCK_B = 4
 # programs the position-gradient scatter aims for (enough to fill an H100/H200 at ~4 per SM;
 # more would only grow the partial-sum buffer)
 _POS_BWD_PROGRAMS = 512
@@ -210,7 +219,7 @@ def _gather_pos_bwd(dout: Tensor, idx: Tensor, N: int, write_dx: bool,
     if N * D == 0 or T == 0 or B == 0:
         return dx.zero_(), torch.zeros(T, D, device=dev), torch.zeros(N, D, device=dev)
     BD = _block_d(D)
-    BN = min(max(1, _POS_TILE // BD), next_pow2(N))   # [BN, BD] tile per batch row; fp32 sums kept
+    BN = min(max(1, _POS_TILE // BD), next_pow2(N))   # [BN, BD] per batch row, fp32 sums kept
     n_blocks, d_blocks = triton.cdiv(N, BN), triton.cdiv(D, BD)
     # split the batch into as few chunks as give ~_POS_BWD_PROGRAMS programs
     n_chunks = min(B, triton.cdiv(_POS_BWD_PROGRAMS, n_blocks * T * d_blocks))
@@ -221,7 +230,7 @@ def _gather_pos_bwd(dout: Tensor, idx: Tensor, N: int, write_dx: bool,
     launch(_scatter_pos_kernel, (n_chunks * T * n_blocks, d_blocks),  # large product on axis 0
            dout, _inverse(idx, N), dx if write_dx else part_s, part_s, part_t,
            *dout.stride(), B, T, N, D, b_chunk, n_blocks,
-           WRITE_DX=write_dx, BLOCK_N=BN, BLOCK_D=BD, num_warps=4,
+           WRITE_DX=write_dx, BLOCK_B=_POS_BLOCK_B, BLOCK_N=BN, BLOCK_D=BD, num_warps=4,
            op="gather_visible_add_pos backward",
            shape=f"dout [B, T, K, D] = {list(dout.shape)} {dout.dtype}, N {N}, dx: {write_dx}")
     # second stage: fixed-order reductions of the partials (deterministic)
