@@ -181,6 +181,20 @@ class Table:
                   f"{_cell(bms, '.3f')} | {_cell(ratio, '.2f')} |")
 
 
+_INPUT_GEN: Dict[str, torch.Generator] = {}
+
+
+def randn(*shape, device, dtype, requires_grad: bool = False) -> torch.Tensor:
+    """Benchmark inputs from a generator of their own: a CUDA-graph capture that fails part-way
+    can leave the default CUDA generator marked as capturing (seen on the H200 with
+    ``--cuda-graphs``: the next ``torch.randn`` raised "Offset increment outside graph capture")."""
+    key = str(device)
+    if key not in _INPUT_GEN:
+        _INPUT_GEN[key] = torch.Generator(device=device).manual_seed(0)
+    t = torch.randn(*shape, device=device, dtype=dtype, generator=_INPUT_GEN[key])
+    return t.requires_grad_(requires_grad)
+
+
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """``fn`` captured once in a CUDA graph (after 3 warm-up calls on a side stream); returns the
     graph's replay. Timing the replay measures the device's work alone: no Python, autograd or
@@ -212,7 +226,7 @@ def run_variant(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], smo
             t.grad = None
     try:
         out = fwd()
-        grad = torch.randn_like(out) if out.dim() else None
+        grad = randn(*out.shape, device=out.device, dtype=out.dtype) if out.dim() else None
         del out
         if CUDA_GRAPHS and not smoke:
             try:
@@ -416,7 +430,7 @@ def bench_attention(args, dev, dtype):
                         shape = f"ViT-{model} B{B} m{mask} {where} S{S}"
                         singles = B * T * S if L == 1 else 0
                         tab.set_bytes(shape, kb.factorized_attention_bytes(B, T, S, H, dh, dtype, singletons=singles))
-                        lin = torch.randn(B, T, S, 3 * D, device=dev, dtype=dtype, requires_grad=True)
+                        lin = randn(B, T, S, 3 * D, device=dev, dtype=dtype, requires_grad=True)
                         qkv = lin.view(B, T, S, 3, H, dh)
                         for name, f in variants.items():
                             if name in SHORT_ONLY and L > attention.SHORT_L_MAX:

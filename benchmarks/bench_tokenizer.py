@@ -35,11 +35,12 @@ VARIANTS = {  # name -> VQGANTokenizer keyword arguments
     # an experiment, not a config option yet: weights cast to bf16 once and no autocast, so
     # GroupNorm / SiLU run on bf16 activations (autocast runs group_norm in fp32: every norm
     # then writes fp32 activations, twice the bytes, and each conv re-casts its weights)
-    "bf16 weights, no autocast": dict(dtype="float32", channels_last=True, pure_bf16=True),
+    "bf16 weights no autocast": dict(dtype="float32", channels_last=True, pure_bf16=True),
 }
 
 
 def make_tokenizer(dev: torch.device, pure_bf16: bool = False, **kwargs) -> VQGANTokenizer:
+    torch.manual_seed(0)    # the same random weights in every variant, so their codes can be compared
     tok = VQGANTokenizer(patch_size=16, **kwargs).to(dev)
     if pure_bf16:
         tok.to(torch.bfloat16)

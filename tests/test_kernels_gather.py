@@ -150,7 +150,7 @@ def test_per_sample_unsorted_indices():
     kt.assert_close("out [unsorted per-sample idx]", out, out_r, 1e-6, seed)
     for name, g, g_r in zip(("dx", "dpos_t", "dpos_s"), grads, grads_r):
         kt.assert_close(f"{name} [unsorted per-sample idx]", g, g_r, 1e-6, seed)
-    assert torch.equal(grads[0][0, :, 5], torch.zeros(T, D)), f"unselected slot got a gradient (seed {seed})"
+    assert torch.equal(grads[0][0, :, 5], torch.zeros(T, D, device=grads[0].device, dtype=grads[0].dtype)), f"unselected slot got a gradient (seed {seed})"
     z = gather_tokens(x, idx, backend="fused")
     assert torch.equal(z, gather_tokens_ref(x, idx)), f"gather_tokens (seed {seed})"
     (gz,) = torch.autograd.grad(z, x, go)

@@ -67,7 +67,7 @@ if kt.ON_CUDA:
     CASES = [
         (4096, 768, 16384, True, 0.0, torch.bfloat16, None),
         (3000, 768, 8192, False, 0.1, torch.bfloat16, 1024),
-        (2048, 384, 16384, True, 0.05, torch.float16, None),
+        (2048, 384, 16384, True, 0.05, torch.float16, None),   # failed (db 5.6e-2) before DLOGITS_SCALE
         (1000, 512, 8192, True, 0.2, torch.float32, 300),
     ]
 else:
@@ -78,6 +78,9 @@ else:
         (40, 24, 300, True, 0.0, torch.bfloat16, 7),
         (37, 48, 96, True, 0.1, torch.bfloat16, 5),        # M = 37, 8 chunks, D / K not powers of two
         (1, 40, 100, False, 0.0, torch.bfloat16, None),    # batch of one row
+        # fp16, many classes: softmax / n_valid (~3e-8) is below fp16's smallest normal; the
+        # bias gradient was 5.6e-2 off on the H200 before dlogits were stored scaled
+        (2048, 16, 16384, True, 0.0, torch.float16, 8192),
     ]
 
 
