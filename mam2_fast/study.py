@@ -497,6 +497,81 @@ def target_baselines(run_dir: str, batches: int = 16) -> dict:
     return out
 
 
+ENCODER_PREFIXES = ("patch_embed.", "pos_embed_time", "pos_embed_space", "blocks.", "norm.")
+
+
+def loss_gradient_balance(run_dir: str, batches: int = 4, at_init: bool = False) -> dict:
+    """How hard each loss term pulls on the **encoder**: the norm of the gradient of each
+    weighted term (``loss_app``, ``loss_motion``, ``align_weight * loss_align``) with respect to
+    the encoder's parameters, averaged over ``batches`` training batches of the run's own data,
+    masks and tokenizer. ``at_init``: the run's model freshly initialized (seeded as the run),
+    else its latest checkpoint. A term whose gradient is orders of magnitude below the others
+    shapes the encoder little, whatever its loss value does."""
+    import torch
+    from mam2_fast.config import config_from_dict
+    from mam2_fast.data.loader import PretrainData
+    from mam2_fast.masking import MaskGenerator
+    from mam2_fast.models.mam2 import build_model
+    from mam2_fast.pretrain import make_masks
+    from mam2_fast.targets.tokenizer import build_tokenizer
+    from mam2_fast.train.checkpoint import find_latest, load_checkpoint
+
+    run = Path(run_dir)
+    cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    if cfg.model.arch != "mam2":
+        raise SystemExit(f"study: --grad-balance needs a MAM2 run, {run} is {cfg.model.arch!r}")
+    tok = None
+    if cfg.tokenizer.kind == "kmeans" and (run / "tokenizer.pt").is_file():
+        tok = build_tokenizer(cfg.tokenizer, cfg.model.patch_size)
+        tok.load_state_dict(torch.load(run / "tokenizer.pt", weights_only=True))
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, vocab_size=tok.vocab_size if tok is not None else None,
+                        pixel_mean=tuple(cfg.data.mean), pixel_std=tuple(cfg.data.std))
+    source = "init"
+    if not at_init:
+        ckpt_path = find_latest(run)
+        if ckpt_path is None:
+            raise SystemExit(f"study: no checkpoint in {run}")
+        model.load_state_dict(load_checkpoint(ckpt_path)["model"])
+        source = ckpt_path.name
+    model.train()
+    enc = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
+    masker = MaskGenerator(cfg.mask.kind, cfg.mask.ratio, cfg.model.num_frames, model.grid,
+                           cfg.mask.cube_min_block, cfg.mask.cube_max_aspect)
+    data = PretrainData(cfg.data, cfg.train.batch_size, seed=cfg.train.seed)
+    mean = torch.tensor(cfg.data.mean).view(1, 1, 3, 1, 1)
+    std = torch.tensor(cfg.data.std).view(1, 1, 3, 1, 1)
+    weights = {"loss_app": 1.0, "loss_motion": 1.0, "loss_align": float(cfg.model.align_weight)}
+    sums: dict = {}
+    n = 0
+    for i, (_, b) in enumerate(data.iter_epoch(0)):
+        clip = b["clip"].float()                                              # [B, T, 3, H, W]
+        info = make_masks(masker, clip.shape[0], 1, cfg.train.seed, 0, i, 0, 1)
+        extra = {}
+        if tok is not None:
+            extra["codes"] = tok.tokenize((clip * std + mean).clamp(0, 1)).flatten(2)   # [B, T, N]
+        out = model(clip, info, **extra)
+        for k, w in weights.items():
+            if k not in out:
+                continue
+            grads = torch.autograd.grad(w * out[k], enc, retain_graph=True, allow_unused=True)
+            norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads if g is not None))
+            sums.setdefault(k, {"grad_norm": 0.0, "loss": 0.0})
+            sums[k]["grad_norm"] += norm
+            sums[k]["loss"] += float(out[k].detach())
+        n += 1
+        if n >= batches:
+            break
+    if hasattr(data, "close"):
+        data.close()
+    terms = {k: {"weighted_grad_norm_encoder": v["grad_norm"] / n, "loss": v["loss"] / n, "weight": weights[k]}
+             for k, v in sums.items()}
+    total = sum(t["weighted_grad_norm_encoder"] for t in terms.values()) or 1.0
+    for t in terms.values():
+        t["share"] = t["weighted_grad_norm_encoder"] / total
+    return {"run": str(run), "model": source, "batches": n, "terms": terms}
+
+
 # ----------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------
@@ -550,7 +625,14 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--baselines", metavar="RUN", default=None,
                     help="print the trivial baselines of a pre-training run's targets (code entropy, "
                          "zero-motion MSE) and exit")
+    ap.add_argument("--grad-balance", metavar="RUN", default=None,
+                    help="print the norm of each weighted loss term's gradient on the encoder for a "
+                         "MAM2 pre-training run (its latest checkpoint and its initialization) and exit")
     args = ap.parse_args(argv)
+    if args.grad_balance:
+        print(json.dumps({"init": loss_gradient_balance(args.grad_balance, at_init=True),
+                          "trained": loss_gradient_balance(args.grad_balance)}, indent=1))
+        return 0
     if args.baselines:
         print(json.dumps(target_baselines(args.baselines), indent=1))
         return 0
