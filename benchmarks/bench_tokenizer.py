@@ -41,7 +41,7 @@ VARIANTS = {  # name -> VQGANTokenizer keyword arguments
 
 def make_tokenizer(dev: torch.device, pure_bf16: bool = False, **kwargs) -> VQGANTokenizer:
     torch.manual_seed(0)    # the same random weights in every variant, so their codes can be compared
-    tok = VQGANTokenizer(patch_size=16, **kwargs).to(dev)
+    tok = VQGANTokenizer(patch_size=16, **kwargs).to(dev)   # channels_last given by every variant
     if pure_bf16:
         tok.to(torch.bfloat16)
         tok.quantize.float()                       # distances stay fp32, as in every variant

@@ -649,7 +649,10 @@ class VQGANTokenizer(FrozenCodeTokenizer):
 
     def __init__(self, config: Any = "vqgan_imagenet_f16_16384", patch_size: Optional[int] = None,
                  resize_mode: str = "lanczos", dtype: str = "bfloat16", chunk_frames: int = 0,
-                 channels_last: bool = True):
+                 channels_last: bool = False):
+        # channels_last off: on the H200 (benchmarks/bench_tokenizer.py, 32 clips x 16 x 224^2,
+        # bf16 autocast) the VQGAN encoder took 502 ms contiguous against 637 ms channels-last,
+        # its GroupNorm / SiLU / cast passes falling to strided elementwise kernels in NHWC
         super().__init__(patch_size=patch_size, resize_mode=resize_mode, dtype=dtype,
                          chunk_frames=chunk_frames, channels_last=channels_last)
         spec = parse_vqgan_config(config) if not (isinstance(config, dict) and "quantizer" in config) else copy.deepcopy(config)
