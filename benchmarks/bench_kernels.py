@@ -188,6 +188,8 @@ def randn(*shape, device, dtype, requires_grad: bool = False) -> torch.Tensor:
     """Benchmark inputs from a generator of their own: a CUDA-graph capture that fails part-way
     can leave the default CUDA generator marked as capturing (seen on the H200 with
     ``--cuda-graphs``: the next ``torch.randn`` raised "Offset increment outside graph capture")."""
+    if torch.device(device).type != "cuda":      # the CPU smoke run, the meta stand-in
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(requires_grad)
     key = str(device)
     if key not in _INPUT_GEN:
         _INPUT_GEN[key] = torch.Generator(device=device).manual_seed(0)
