@@ -58,6 +58,8 @@ CASES = [  # (segment lengths, H, dh, permute)
     ([1], 3, 16, False),             # one token
     ([0, 0], 2, 32, False),          # all empty
     ([7] * 6, 2, 64, True),          # regular sets through the varlen path
+    ([70, 3, 0, 65], 2, 16, True),   # max_seqlen > 64: the flash kernels
+    ([64, 1, 0, 20], 3, 32, False),  # max_seqlen 64: the last length of the short kernels
 ]
 
 
@@ -126,3 +128,28 @@ def test_bad_arguments():
         varlen_attention(qkv, cu, 4, torch.arange(3, device=DEV), backend="fused")
     with pytest.raises(ValueError, match=r"\[Ntok, 3, H, dh\]"):
         varlen_attention(qkv[:, :2], cu, 4, backend="fused")
+
+
+@pytest.mark.parametrize("heads", ["1", "all"])
+def test_short_segments_both_head_loops_and_flash_agree(monkeypatch, heads):
+    """Segments up to SHORT_L_MAX take the single-tile kernels (one program per segment and
+    head, or per segment looping over all heads); forcing the flash kernels gives the same
+    result, and both match the reference."""
+    from mam2_fast.kernels import attention as A
+    seed = kt.fresh_seed()
+    dtype = torch.float16 if kt.ON_CUDA else torch.float32
+    lengths, H, dh = [49, 0, 1, 20, 33, 7], 3, 32
+    cu, ntok, index = random_segments(lengths, True)
+    base = torch.randn(ntok, 3 * H * dh, device=DEV, dtype=dtype, requires_grad=True)
+    view = lambda t: t.view(ntok, 3, H, dh)  # noqa: E731
+    monkeypatch.setenv("MAM2_ATTN_HEADS_PER_PROG", heads)
+    assert A._use_short(max(lengths), dtype)
+    check(base, view, cu, max(lengths), index, dtype, f"short heads={heads}", seed)
+    outs = []
+    for short in ("1", "0"):
+        monkeypatch.setenv("MAM2_ATTN_SHORT", short)
+        out = varlen_attention(view(base), cu, max(lengths), index, backend="fused")
+        (g,) = torch.autograd.grad(out, base, torch.ones_like(out))
+        outs.append((out, g))
+    kt.assert_close("short vs flash out", outs[0][0], outs[1][0], TOL[dtype], seed)
+    kt.assert_close("short vs flash grad", outs[0][1], outs[1][1], TOL[dtype], seed)

@@ -18,7 +18,11 @@ flash-attn's varlen API.
 
 Forward: online softmax (fp32, base 2) per (query block, segment, head), saves the logsumexp
 per (head, position). Backward: FlashAttention-2 recompute, a dK/dV kernel and a dQ kernel,
-no atomics. Empty segments are allowed. The reference is
+no atomics. Segments of at most ``attention.SHORT_L_MAX`` tokens (``max_seqlen``; the choice is
+``attention._use_short``, shared with the grid kernels) take single-tile kernels instead: one
+program per segment (and head, or looping over all heads), a plain softmax forward and a
+single-pass backward (delta = rowsum(P * dP) in registers; dQ, dK, dV from one program).
+Empty segments are allowed. The reference is
 :func:`mam2_fast.kernels.reference.varlen_attention_ref`.
 """
 from __future__ import annotations
@@ -32,7 +36,8 @@ from torch import Tensor
 
 from mam2_fast.kernels._common import check_device, check_float, launch
 from mam2_fast.kernels._flash import online_softmax_step, probs_and_score_grads
-from mam2_fast.kernels.attention import _LOG2E, _SUPPORTED_DH_MAX, _blocks, _precision  # same tiling rules
+from mam2_fast.kernels.attention import (  # same tiling rules, same choice of kernel family
+    _LOG2E, _SUPPORTED_DH_MAX, _blocks, _precision, _short_config, _use_short)
 
 
 # Grid: one flat axis over (segment g, head h, block), the block fastest; G*H (segments times
@@ -210,6 +215,94 @@ def _varlen_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------
+# short segments (max_seqlen <= attention.SHORT_L_MAX): one register tile per segment
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _varlen_short_fwd_kernel(
+    QKV, O, LSE, CU, INDEX,
+    s_qr, s_q3, s_qh, s_qd,
+    s_or, s_oh, s_od,
+    NTOK, H, DH, qk_scale, HEAD_GROUPS,
+    HAS_INDEX: tl.constexpr, HEADS_PER_PROG: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)                     # over G * HEAD_GROUPS
+    g = pid // HEAD_GROUPS
+    hg = pid % HEAD_GROUPS
+    start = tl.load(CU + g)
+    L = tl.load(CU + g + 1) - start
+    if L > 0:
+        offs_l = tl.arange(0, BLOCK_L)
+        offs_d = tl.arange(0, BLOCK_D)
+        l_in = offs_l < L
+        ld_mask = l_in[:, None] & (offs_d < DH)[None, :]
+        rows = _rows(INDEX, start + offs_l, l_in, HAS_INDEX)                   # [L] packed rows
+        q_off = rows[:, None] * s_qr + offs_d[None, :] * s_qd
+        o_off = rows[:, None] * s_or + offs_d[None, :] * s_od
+        for i in range(0, HEADS_PER_PROG):
+            h = (hg * HEADS_PER_PROG + i).to(tl.int64)
+            base = QKV + h * s_qh
+            q = tl.load(base + q_off, mask=ld_mask, other=0.0)                  # [L, D]
+            k = tl.load(base + s_q3 + q_off, mask=ld_mask, other=0.0)
+            v = tl.load(base + 2 * s_q3 + q_off, mask=ld_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [L, L]
+            s = tl.where(l_in[None, :], s, float("-inf"))
+            m = tl.max(s, axis=1)                      # every position has at least itself as key
+            p = tl.exp2(s - m[:, None])
+            l_sum = tl.sum(p, axis=1)
+            out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l_sum[:, None]
+            tl.store(O + h * s_oh + o_off, out.to(O.dtype.element_ty), mask=ld_mask)
+            tl.store(LSE + h * NTOK + start + offs_l, m + tl.log2(l_sum), mask=l_in)
+
+
+@triton.jit
+def _varlen_short_bwd_kernel(
+    QKV, DO, LSE, CU, INDEX, DQKV,
+    s_qr, s_q3, s_qh, s_qd,
+    s_dr, s_dh, s_dd,
+    s_gr, s_g3, s_gh, s_gd,
+    NTOK, H, DH, qk_scale, sm_scale, HEAD_GROUPS,
+    HAS_INDEX: tl.constexpr, HEADS_PER_PROG: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    g = pid // HEAD_GROUPS
+    hg = pid % HEAD_GROUPS
+    start = tl.load(CU + g)
+    L = tl.load(CU + g + 1) - start
+    if L > 0:
+        offs_l = tl.arange(0, BLOCK_L)
+        offs_d = tl.arange(0, BLOCK_D)
+        l_in = offs_l < L
+        ld_mask = l_in[:, None] & (offs_d < DH)[None, :]
+        pair_ok = l_in[:, None] & l_in[None, :]
+        rows = _rows(INDEX, start + offs_l, l_in, HAS_INDEX)
+        q_off = rows[:, None] * s_qr + offs_d[None, :] * s_qd
+        do_off = rows[:, None] * s_dr + offs_d[None, :] * s_dd
+        g_off = rows[:, None] * s_gr + offs_d[None, :] * s_gd
+        for i in range(0, HEADS_PER_PROG):
+            h = (hg * HEADS_PER_PROG + i).to(tl.int64)
+            base = QKV + h * s_qh
+            q = tl.load(base + q_off, mask=ld_mask, other=0.0)                  # [L, D]
+            k = tl.load(base + s_q3 + q_off, mask=ld_mask, other=0.0)
+            v = tl.load(base + 2 * s_q3 + q_off, mask=ld_mask, other=0.0)
+            do = tl.load(DO + h * s_dh + do_off, mask=ld_mask, other=0.0)
+            lse = tl.load(LSE + h * NTOK + start + offs_l, mask=l_in, other=1.0e30)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [L, L]
+            p = tl.where(pair_ok, tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            delta = tl.sum(p * dp, axis=1)                                       # == rowsum(dO * O)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * sm_scale
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            gb = DQKV + h * s_gh + g_off
+            tl.store(gb, dq.to(DQKV.dtype.element_ty), mask=ld_mask)
+            tl.store(gb + s_g3, dk.to(DQKV.dtype.element_ty), mask=ld_mask)
+            tl.store(gb + 2 * s_g3, dv.to(DQKV.dtype.element_ty), mask=ld_mask)
+
+
+# ----------------------------------------------------------------------------------------
 # launch helpers
 # ----------------------------------------------------------------------------------------
 def _shape(qkv: Tensor, segments: int, max_seqlen: int, index: Optional[Tensor]) -> str:
@@ -229,6 +322,15 @@ def _fwd(qkv: Tensor, cu: Tensor, index: Optional[Tensor], max_seqlen: int, scal
     if out.numel() == 0 or G == 0 or max_seqlen == 0:
         return out, lse
     o3 = out.view(ntok, H, dh)
+    if _use_short(max_seqlen, qkv.dtype):
+        hpp, BL, BD, warps = _short_config(G, H, max_seqlen, dh)
+        launch(_varlen_short_fwd_kernel, (G * (H // hpp),),
+               qkv, o3, lse, cu, _index_arg(index, cu), *qkv.stride(), *o3.stride(),
+               ntok, H, dh, scale * _LOG2E, H // hpp,
+               HAS_INDEX=index is not None, HEADS_PER_PROG=hpp, BLOCK_L=BL, BLOCK_D=BD,
+               PRECISION=_precision(qkv.dtype), num_warps=warps,
+               op="varlen_attention forward (short)", shape=_shape(qkv, G, max_seqlen, index))
+        return out, lse
     BM, BN, BD, warps = _blocks(max_seqlen, dh, qkv.dtype)
     m_blocks = triton.cdiv(max_seqlen, BM)
     launch(_varlen_fwd_kernel, (G * H * m_blocks,),
@@ -249,10 +351,19 @@ def _bwd(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, cu: Tensor, in
         return dqkv.zero_()
     grad_out = grad_out.to(qkv.dtype)
     do3 = grad_out.view(ntok, H, dh) if grad_out.stride(-1) == 1 else grad_out.contiguous().view(ntok, H, dh)
+    ia, has_index = _index_arg(index, cu), index is not None
+    if _use_short(max_seqlen, qkv.dtype):
+        hpp, BL, BD, warps = _short_config(G, H, max_seqlen, dh)
+        launch(_varlen_short_bwd_kernel, (G * (H // hpp),),
+               qkv, do3, lse, cu, ia, dqkv, *qkv.stride(), *do3.stride(), *dqkv.stride(),
+               ntok, H, dh, scale * _LOG2E, scale, H // hpp,
+               HAS_INDEX=has_index, HEADS_PER_PROG=hpp, BLOCK_L=BL, BLOCK_D=BD,
+               PRECISION=_precision(qkv.dtype), num_warps=warps,
+               op="varlen_attention backward (short)", shape=_shape(qkv, G, max_seqlen, index))
+        return dqkv
     o3 = out.view(ntok, H, dh)
     delta = torch.empty_like(lse)
     BM, BN, BD, warps = _blocks(max_seqlen, dh, qkv.dtype)
-    ia, has_index = _index_arg(index, cu), index is not None
     m_blocks, n_blocks = triton.cdiv(max_seqlen, BM), triton.cdiv(max_seqlen, BN)
     where = dict(op="varlen_attention backward", shape=_shape(qkv, G, max_seqlen, index))
     launch(_varlen_bwd_preprocess, (G * H * m_blocks,),
