@@ -34,3 +34,13 @@ def test_target_baselines_of_a_run(tmp_path):
     b = study.target_baselines(str(out / "runs" / "mam2" / "pretrain-seed0"), batches=2)
     assert 0 < b["code_entropy_nats"] <= b["log_vocab"] + 1e-6
     assert 0 < b["zero_motion_mse_raw"] < 1
+    # which term pulls on the encoder: all three present, shares sum to one, the trained model
+    # is the run's checkpoint (not the initialization: its alignment loss differs)
+    run = str(out / "runs" / "mam2" / "pretrain-seed0")
+    init, trained = (study.loss_gradient_balance(run, batches=1, at_init=a) for a in (True, False))
+    assert init["model"] == "init" and trained["model"].startswith("checkpoint-")
+    for r in (init, trained):
+        assert set(r["terms"]) == {"loss_app", "loss_motion", "loss_align"}
+        assert abs(sum(t["share"] for t in r["terms"].values()) - 1) < 1e-9
+        assert all(t["weighted_grad_norm_encoder"] > 0 for t in r["terms"].values())
+    assert trained["terms"]["loss_align"]["loss"] != init["terms"]["loss_align"]["loss"]
