@@ -28,20 +28,24 @@ sys.path.insert(0, str(ROOT))
 from mam2_fast.targets.vqgan import VQGANTokenizer  # noqa: E402
 
 VARIANTS = {  # name -> VQGANTokenizer keyword arguments
+    "bf16 contiguous": dict(dtype="bfloat16", channels_last=False),       # the default
     "bf16 channels-last": dict(dtype="bfloat16", channels_last=True),
-    "bf16 contiguous": dict(dtype="bfloat16", channels_last=False),
     "fp16 channels-last": dict(dtype="float16", channels_last=True),
     "fp32 channels-last": dict(dtype="float32", channels_last=True),
     # an experiment, not a config option yet: weights cast to bf16 once and no autocast, so
     # GroupNorm / SiLU run on bf16 activations (autocast runs group_norm in fp32: every norm
     # then writes fp32 activations, twice the bytes, and each conv re-casts its weights)
     "bf16 weights no autocast": dict(dtype="float32", channels_last=True, pure_bf16=True),
+    # tokenizer.fused_norm: GroupNorm + SiLU in one Triton kernel writing bf16 (kernels/group_norm.py)
+    "bf16 contiguous fused-norm": dict(dtype="bfloat16", channels_last=False, fused_norm=True),
 }
 
 
-def make_tokenizer(dev: torch.device, pure_bf16: bool = False, **kwargs) -> VQGANTokenizer:
+def make_tokenizer(dev: torch.device, pure_bf16: bool = False, fused_norm: bool = False,
+                   **kwargs) -> VQGANTokenizer:
     torch.manual_seed(0)    # the same random weights in every variant, so their codes can be compared
     tok = VQGANTokenizer(patch_size=16, **kwargs).to(dev)   # channels_last given by every variant
+    tok.set_fused_norm(fused_norm)
     if pure_bf16:
         tok.to(torch.bfloat16)
         tok.quantize.float()                       # distances stay fp32, as in every variant

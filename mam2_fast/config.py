@@ -106,6 +106,7 @@ class TokenizerConfig:
     dtype: str = "bfloat16"              # tokenizer compute dtype on CUDA (float32 on CPU)
     chunk_frames: int = 64               # frames per tokenizer call (bounds memory)
     resize_mode: str = "lanczos"         # resize when the tokenizer stride != patch size (BEiT)
+    fused_norm: bool = False             # VQGAN on CUDA: fused GroupNorm + SiLU kernel (not yet timed on a GPU)
 
 
 @dataclass

@@ -218,6 +218,7 @@ def build_tokenizer_for_timing(cfg: Config, device: torch.device, data=None, log
             from mam2_fast.targets.vqgan import VQGANTokenizer
 
             tok = VQGANTokenizer(t.checkpoint_config or t.preset or "vqgan_imagenet_f16_16384", **kw)
+            tok.set_fused_norm(bool(getattr(t, "fused_norm", False)))
         else:
             from mam2_fast.targets.dalle import DalleTokenizer
 

@@ -16,6 +16,8 @@ EXPECTED_KERNELS = {
     "_attn_fwd_kernel", "_attn_bwd_preprocess", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
     "_varlen_fwd_kernel", "_varlen_bwd_preprocess", "_varlen_bwd_dkdv_kernel", "_varlen_bwd_dq_kernel",
     "_gather_kernel", "_scatter_kernel", "_scatter_pos_kernel", "_rgb_diff_kernel", "_ce_rows_kernel",
+    "_short_fwd_kernel", "_short_bwd_kernel", "_varlen_short_fwd_kernel", "_varlen_short_bwd_kernel",
+    "_gn_stats_kernel", "_gn_apply_kernel",
 }
 
 

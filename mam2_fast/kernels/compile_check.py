@@ -208,7 +208,8 @@ def _varlen_cases(dtype: torch.dtype, dh: int):
     from mam2_fast.kernels.varlen import varlen_attention_fused
 
     H = 2
-    for lengths, permute in (([16, 9, 0, 5], True), ([49, 60, 0, 33], False)):  # temporal / spatial sets
+    # temporal / spatial visible sets (<= 64: the short kernels), masked sets (> 64: the flash kernels)
+    for lengths, permute in (([16, 9, 0, 5], True), ([49, 60, 0, 33], False), ([147, 80, 0, 176], False)):
         cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0).to(torch.int32)
         ntok = int(cu[-1])
         index = torch.randperm(ntok).to(torch.int32) if permute else None
@@ -244,6 +245,15 @@ def _rgb_diff_cases(dtype: torch.dtype, patch: int):
     rgb_diff_mse_packed_fused(clip, pred_p, rows, patch).backward()
 
 
+def _group_norm_cases(dtype: torch.dtype):
+    from mam2_fast.kernels.group_norm import group_norm_silu_fused
+
+    with torch.no_grad():                   # forward only (the frozen tokenizer)
+        for C, hw, silu in ((128, 56, True), (512, 14, False)):
+            x = torch.randn(2, C, hw, hw, dtype=dtype)
+            group_norm_silu_fused(x, 32, torch.ones(C), torch.zeros(C), 1e-6, silu)
+
+
 def _linear_ce_cases(dtype: torch.dtype, K: int):
     from mam2_fast.kernels.linear_ce import linear_cross_entropy_fused
 
@@ -269,6 +279,7 @@ def run_checks(arch: int = 90, quick: bool = False, log: Callable[[str], None] =
             _rgb_diff_cases(dtype, 16)
             for K in ((16384,) if quick else (8192, 16384)):
                 _linear_ce_cases(dtype, K)
+            _group_norm_cases(dtype)
     return records
 
 

@@ -218,3 +218,11 @@ def linear_cross_entropy_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     """
     logits = F.linear(x, weight, bias).float()
     return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+
+def group_norm_silu_ref(x: Tensor, num_groups: int, weight: Tensor, bias: Tensor, eps: float = 1e-6,
+                        silu: bool = True) -> Tensor:
+    """``[silu](F.group_norm(x))`` computed in fp32 (as bf16 autocast runs ``group_norm``);
+    x ``[N, C, H, W]`` -> fp32 ``[N, C, H, W]``."""
+    y = F.group_norm(x.float(), num_groups, weight.float(), bias.float(), eps)
+    return F.silu(y) if silu else y

@@ -405,6 +405,20 @@ def _group_norm(c: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)
 
 
+def _norm_act(norm: nn.GroupNorm, x: Tensor, silu: bool = True) -> Tensor:
+    """``[silu](norm(x))``; with ``norm.fused`` set (``VQGANTokenizer.set_fused_norm``) and a
+    contiguous CUDA input (or the Triton interpreter, for tests) one fused kernel writes the
+    result in x's dtype (``kernels/group_norm.py``) instead of autocast's fp32 GroupNorm, SiLU
+    and cast passes."""
+    if getattr(norm, "fused", False) and x.is_contiguous() and not torch.is_grad_enabled():
+        from mam2_fast.kernels._common import interpreting
+        if x.is_cuda or interpreting():
+            from mam2_fast.kernels.group_norm import group_norm_silu_fused
+            return group_norm_silu_fused(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu)
+    y = norm(x)
+    return F.silu(y) if silu else y
+
+
 class _ResBlock(nn.Module):
     """taming ``ResnetBlock`` without time embedding: GN-swish-conv3 x2 + (1x1) shortcut."""
 
@@ -418,8 +432,8 @@ class _ResBlock(nn.Module):
             self.nin_shortcut = nn.Conv2d(cin, cout, 1, 1, 0)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_norm_act(self.norm1, x))
+        h = self.conv2(_norm_act(self.norm2, h))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
         return x + h
@@ -439,7 +453,7 @@ class _AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, hh, ww = x.shape
-        h = self.norm(x)
+        h = _norm_act(self.norm, x, silu=False)
         q, k, v = (m(h).reshape(b, 1, c, hh * ww).transpose(-1, -2) for m in (self.q, self.k, self.v))
         if q.dtype != v.dtype or k.dtype != v.dtype:
             q, k = q.to(v.dtype), k.to(v.dtype)
@@ -519,7 +533,7 @@ class VQGANEncoder(nn.Module):
             if i != self.num_resolutions - 1:
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_norm_act(self.norm_out, h))
 
 
 class VectorQuantizerCodes(nn.Module):
@@ -700,6 +714,14 @@ class VQGANTokenizer(FrozenCodeTokenizer):
         check_state_dict(self, sub, "vqgan", source)
         self.load_state_dict(sub, strict=True)
 
+    def set_fused_norm(self, on: bool = True) -> "VQGANTokenizer":
+        """Run the encoder's GroupNorm (+ SiLU) through the fused kernel on CUDA
+        (``tokenizer.fused_norm``); the unfused modules stay and run everywhere else."""
+        for m in self.encoder.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.fused = bool(on)
+        return self
+
     def map_input(self, x: Tensor) -> Tensor:
         return x * 2.0 - 1.0
 
@@ -724,6 +746,7 @@ def build_vqgan_tokenizer(cfg: Any, patch_size: int) -> VQGANTokenizer:
         raise ValueError("tokenizer.kind='vqgan' needs tokenizer.checkpoint: path to a taming-transformers "
                          ".ckpt (e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt)")
     tok = VQGANTokenizer.from_checkpoint(ckpt, config=yaml_cfg, preset=preset, **kwargs)
+    tok.set_fused_norm(bool(getattr(cfg, "fused_norm", False)))
     vs = getattr(cfg, "vocab_size", None)
     if vs and int(vs) != tok.vocab_size:
         warnings.warn(f"tokenizer.vocab_size={vs} but the VQGAN checkpoint has {tok.vocab_size} codes; "
