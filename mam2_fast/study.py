@@ -602,6 +602,32 @@ def build_data(study: Path, b: dict, log) -> dict:
     return lists
 
 
+_LOCKS: dict = {}
+
+
+def _lock_study(study: Path):
+    """An exclusive lock on ``study/.lock`` for this process (released when it exits): two
+    processes on one study folder would both train a cell and interleave ``results.json``
+    (seen: a study restarted while the first was still running mixed two fine-tuning recipes)."""
+    import fcntl
+    key = str(study.resolve())
+    if key in _LOCKS:
+        return _LOCKS[key]
+    f = open(study / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise SystemExit(f"study: another process is running the study in {study} (it holds {study / '.lock'}); "
+                         f"wait for it or stop it first") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[key] = f
+    return f
+
+
 def run_study(out: str, budget: str = "smoke", variants: Optional[list] = None, seeds: Optional[int] = None,
               device: str = "auto", log=print, command: str = "", sizes: Optional[dict] = None,
               extra: Optional[dict] = None) -> dict:
@@ -617,6 +643,7 @@ def run_study(out: str, budget: str = "smoke", variants: Optional[list] = None, 
     device = _device(device)
     study = Path(out).expanduser()
     study.mkdir(parents=True, exist_ok=True)
+    lock = _lock_study(study)   # held until this process exits: one study process per folder
     res = Results(study / "results.json", {"budget": budget, "sizes": b})
     lists = build_data(study, b, log)
     t0 = time.time()

@@ -44,3 +44,17 @@ def test_target_baselines_of_a_run(tmp_path):
         assert abs(sum(t["share"] for t in r["terms"].values()) - 1) < 1e-9
         assert all(t["weighted_grad_norm_encoder"] > 0 for t in r["terms"].values())
     assert trained["terms"]["loss_align"]["loss"] != init["terms"]["loss_align"]["loss"]
+
+
+def test_a_second_process_on_the_same_study_folder_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "study"
+    folder.mkdir()
+    study._lock_study(folder)                       # this process holds the folder
+    code = ("import sys; from mam2_fast import study; "
+            f"study._lock_study(__import__('pathlib').Path({str(folder)!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "another process is running the study" in r.stderr, r.stderr
+    assert study._lock_study(folder) is study._lock_study(folder)   # the same process may re-enter
