@@ -40,7 +40,8 @@ import triton.language as tl
 from torch import Tensor
 
 from mam2_fast.kernels._common import check_device, check_float, interpreting, launch, next_pow2
-from mam2_fast.kernels._flash import online_softmax_step, probs_and_score_grads
+from mam2_fast.kernels._flash import (online_softmax_step, probs_and_score_grads, single_tile_backward,
+                                      single_tile_forward)
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DH_MAX = 256
@@ -288,18 +289,10 @@ def _short_fwd_kernel(
         q = tl.load(base + rows, mask=qd_mask, other=0.0)                 # [L, D]
         k = tl.load(base + s_q3 + rows, mask=kd_mask, other=0.0)          # [L, D]
         v = tl.load(base + 2 * s_q3 + rows, mask=kd_mask, other=0.0)      # [L, D]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [L, L] log2 domain
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m = tl.maximum(tl.max(s, axis=1), -1.0e30)   # finite: rows without keys stay NaN-free
-        p = tl.exp2(s - m[:, None])
-        l_sum = tl.sum(p, axis=1)
-        has_key = l_sum > 0.0
-        l_safe = tl.where(has_key, l_sum, 1.0)
-        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l_safe[:, None]
+        out, lse = single_tile_forward(q, k, v, key_ok, qk_scale, PRECISION)   # [L, D], [L]
         if HAS_VALID:
             out = tl.where(key_ok[:, None], out, 0.0)   # outputs at invalid slots are zero
         tl.store(O + o_bg + h.to(tl.int64) * s_oh + o_rows, out.to(O.dtype.element_ty), mask=qd_mask)
-        lse = tl.where(has_key, m + tl.log2(l_safe), 1.0e30)
         tl.store(LSE + ((b * G + g) * H + h).to(tl.int64) * L + offs_l, lse, mask=l_in)
 
 
@@ -340,14 +333,7 @@ def _short_bwd_kernel(
         v = tl.load(base + 2 * s_q3 + rows, mask=ok_mask, other=0.0)
         do = tl.load(DO + do_bg + h.to(tl.int64) * s_dh + do_rows, mask=ok_mask, other=0.0)
         lse = tl.load(LSE + ((b * G + g) * H + h).to(tl.int64) * L + offs_l, mask=l_in, other=1.0e30)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale    # [L, L]
-        p = tl.where(pair_ok, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)             # [L, L]
-        delta = tl.sum(p * dp, axis=1)                                       # == rowsum(dO * O)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * sm_scale
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dq, dk, dv = single_tile_backward(q, k, v, do, lse, pair_ok, qk_scale, sm_scale, PRECISION)
         gb = DQKV + g_bg + h.to(tl.int64) * s_gh + g_rows
         tl.store(gb, dq.to(DQKV.dtype.element_ty), mask=st_mask)
         tl.store(gb + s_g3, dk.to(DQKV.dtype.element_ty), mask=st_mask)

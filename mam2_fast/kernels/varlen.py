@@ -35,7 +35,8 @@ import triton.language as tl
 from torch import Tensor
 
 from mam2_fast.kernels._common import check_device, check_float, launch
-from mam2_fast.kernels._flash import online_softmax_step, probs_and_score_grads
+from mam2_fast.kernels._flash import (online_softmax_step, probs_and_score_grads, single_tile_backward,
+                                      single_tile_forward)
 from mam2_fast.kernels.attention import (  # same tiling rules, same choice of kernel family
     _LOG2E, _SUPPORTED_DH_MAX, _blocks, _precision, _short_config, _use_short)
 
@@ -218,6 +219,19 @@ def _varlen_bwd_dq_kernel(
 # short segments (max_seqlen <= attention.SHORT_L_MAX): one register tile per segment
 # ----------------------------------------------------------------------------------------
 @triton.jit
+def _short_segment(CU, INDEX, HEAD_GROUPS, HAS_INDEX: tl.constexpr, BLOCK_L: tl.constexpr):
+    """This program's segment for the single-tile kernels: (head group, first position, length,
+    in-segment mask [L], packed rows [L] int64); grid = G * HEAD_GROUPS on axis 0."""
+    pid = tl.program_id(0)
+    g = pid // HEAD_GROUPS
+    start = tl.load(CU + g)
+    L = tl.load(CU + g + 1) - start
+    offs_l = tl.arange(0, BLOCK_L)
+    l_in = offs_l < L
+    return pid % HEAD_GROUPS, start, L, l_in, _rows(INDEX, start + offs_l, l_in, HAS_INDEX)
+
+
+@triton.jit
 def _varlen_short_fwd_kernel(
     QKV, O, LSE, CU, INDEX,
     s_qr, s_q3, s_qh, s_qd,
@@ -226,17 +240,11 @@ def _varlen_short_fwd_kernel(
     HAS_INDEX: tl.constexpr, HEADS_PER_PROG: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)                     # over G * HEAD_GROUPS
-    g = pid // HEAD_GROUPS
-    hg = pid % HEAD_GROUPS
-    start = tl.load(CU + g)
-    L = tl.load(CU + g + 1) - start
+    hg, start, L, l_in, rows = _short_segment(CU, INDEX, HEAD_GROUPS, HAS_INDEX, BLOCK_L)   # rows [L]
     if L > 0:
         offs_l = tl.arange(0, BLOCK_L)
         offs_d = tl.arange(0, BLOCK_D)
-        l_in = offs_l < L
         ld_mask = l_in[:, None] & (offs_d < DH)[None, :]
-        rows = _rows(INDEX, start + offs_l, l_in, HAS_INDEX)                   # [L] packed rows
         q_off = rows[:, None] * s_qr + offs_d[None, :] * s_qd
         o_off = rows[:, None] * s_or + offs_d[None, :] * s_od
         for i in range(0, HEADS_PER_PROG):
@@ -245,14 +253,9 @@ def _varlen_short_fwd_kernel(
             q = tl.load(base + q_off, mask=ld_mask, other=0.0)                  # [L, D]
             k = tl.load(base + s_q3 + q_off, mask=ld_mask, other=0.0)
             v = tl.load(base + 2 * s_q3 + q_off, mask=ld_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [L, L]
-            s = tl.where(l_in[None, :], s, float("-inf"))
-            m = tl.max(s, axis=1)                      # every position has at least itself as key
-            p = tl.exp2(s - m[:, None])
-            l_sum = tl.sum(p, axis=1)
-            out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l_sum[:, None]
+            out, lse = single_tile_forward(q, k, v, l_in, qk_scale, PRECISION)   # [L, D], [L]
             tl.store(O + h * s_oh + o_off, out.to(O.dtype.element_ty), mask=ld_mask)
-            tl.store(LSE + h * NTOK + start + offs_l, m + tl.log2(l_sum), mask=l_in)
+            tl.store(LSE + h * NTOK + start + offs_l, lse, mask=l_in)
 
 
 @triton.jit
@@ -265,18 +268,12 @@ def _varlen_short_bwd_kernel(
     HAS_INDEX: tl.constexpr, HEADS_PER_PROG: tl.constexpr, BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    g = pid // HEAD_GROUPS
-    hg = pid % HEAD_GROUPS
-    start = tl.load(CU + g)
-    L = tl.load(CU + g + 1) - start
+    hg, start, L, l_in, rows = _short_segment(CU, INDEX, HEAD_GROUPS, HAS_INDEX, BLOCK_L)   # rows [L]
     if L > 0:
         offs_l = tl.arange(0, BLOCK_L)
         offs_d = tl.arange(0, BLOCK_D)
-        l_in = offs_l < L
         ld_mask = l_in[:, None] & (offs_d < DH)[None, :]
         pair_ok = l_in[:, None] & l_in[None, :]
-        rows = _rows(INDEX, start + offs_l, l_in, HAS_INDEX)
         q_off = rows[:, None] * s_qr + offs_d[None, :] * s_qd
         do_off = rows[:, None] * s_dr + offs_d[None, :] * s_dd
         g_off = rows[:, None] * s_gr + offs_d[None, :] * s_gd
@@ -288,14 +285,7 @@ def _varlen_short_bwd_kernel(
             v = tl.load(base + 2 * s_q3 + q_off, mask=ld_mask, other=0.0)
             do = tl.load(DO + h * s_dh + do_off, mask=ld_mask, other=0.0)
             lse = tl.load(LSE + h * NTOK + start + offs_l, mask=l_in, other=1.0e30)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [L, L]
-            p = tl.where(pair_ok, tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            delta = tl.sum(p * dp, axis=1)                                       # == rowsum(dO * O)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * sm_scale
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * sm_scale
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dq, dk, dv = single_tile_backward(q, k, v, do, lse, pair_ok, qk_scale, sm_scale, PRECISION)
             gb = DQKV + h * s_gh + g_off
             tl.store(gb, dq.to(DQKV.dtype.element_ty), mask=ld_mask)
             tl.store(gb + s_g3, dk.to(DQKV.dtype.element_ty), mask=ld_mask)
