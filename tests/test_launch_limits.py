@@ -210,6 +210,9 @@ def test_check_launch_limits_reports_per_op(monkeypatch):
     shapes = RunShapes.of_model(_model(preset="base"), 32, "random", 0.9)
     assert check_launch_limits(shapes) == {}
     monkeypatch.setattr(_common, "CUDA_GRID_LIMITS", (65535, 65535, 65535))  # an axis-0 cap of 65535
+    # one program per (segment, head): the temporal visible sets, 6272 segments x 12 heads, pass
+    # 65535 (with the all-heads loop the short kernels choose there, they would not)
+    monkeypatch.setenv("MAM2_ATTN_HEADS_PER_PROG", "1")
     problems = check_launch_limits(shapes)
     assert "varlen_attention" in problems and "axis 0" in problems["varlen_attention"]
     assert "linear_cross_entropy" not in problems  # launched per chunk of at most 4096 rows
@@ -262,6 +265,7 @@ def test_start_of_run_check_uses_run_shapes_and_falls_back_per_op(monkeypatch):
     monkeypatch.setattr("mam2_fast.train.accel.capability", lambda d: (9, 0))
     monkeypatch.setattr("mam2_fast.kernels.autotune.choose_ops", lambda *a, **k: {})   # timing: test_autotune.py
     monkeypatch.setattr(_common, "CUDA_GRID_LIMITS", (65535, 65535, 65535))       # a tighter device
+    monkeypatch.setenv("MAM2_ATTN_HEADS_PER_PROG", "1")   # varlen: 6272 segments x 12 heads > 65535
     shapes = RunShapes.of_model(_model(preset="base"), 32, "random", 0.9)
     cuda = torch.device("cuda")
     kernels.clear_fallbacks()
