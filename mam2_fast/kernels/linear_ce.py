@@ -44,7 +44,7 @@ log = logging.getLogger("mam2_fast")
 def _ce_rows_kernel(
     LOGITS, s_lm,          # [C, K] chunk (row stride s_lm, unit column stride), overwritten
     TARGET, LOSS,          # [C] int64, [C] fp32 row losses
-    K, ignore_index, GRAD_SCALE,  # GRAD_SCALE: pointer to the fp32 scalar the stored dlogits are multiplied by
+    K, ignore_index, GRAD_SCALE,  # GRAD_SCALE: the float the stored dlogits are multiplied by
     COMPUTE_GRAD: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -74,7 +74,7 @@ def _ce_rows_kernel(
     if COMPUTE_GRAD:
         # pass 2: dlogits = (softmax - onehot) * GRAD_SCALE, in place (1 / n_valid is applied
         # after the GEMMs, in fp32: folded in here, softmax / n_valid underflows in fp16)
-        scale = tl.where(ignored, 0.0, tl.load(GRAD_SCALE))
+        scale = tl.where(ignored, 0.0, GRAD_SCALE)
         for start in range(0, K, BLOCK_K):
             cols = start + offs
             cm = cols < K
@@ -100,7 +100,7 @@ def _row_chunks(M: int, K: int, chunk_size: Optional[int]):
     return [(start, min(M, start + C)) for start in range(0, M, C)]
 
 
-def _launch_rows(logits: Tensor, target: Tensor, row_loss: Tensor, grad_scale: Tensor, ignore_index: int,
+def _launch_rows(logits: Tensor, target: Tensor, row_loss: Tensor, grad_scale: float, ignore_index: int,
                  compute_grad: bool, shape: str) -> None:
     """Row losses of one chunk ``logits [c, K]`` (and, in place, its dlogits)."""
     K = logits.shape[1]
@@ -207,7 +207,6 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
     inv_n = (1.0 / n_valid).reshape(1)  # inf when every row is ignored -> loss nan like F.cross_entropy
     # stored dlogits are (softmax - onehot) * DLOGITS_SCALE; the gradients are multiplied by
     # unscale = 1 / (n_valid * DLOGITS_SCALE) in fp32 at the end (0 when every row is ignored)
-    grad_scale = torch.full((1,), DLOGITS_SCALE, device=dev, dtype=torch.float32)
     unscale = torch.where(n_valid > 0, 1.0 / (n_valid * DLOGITS_SCALE), torch.zeros_like(n_valid))
     row_loss = torch.empty(M, device=dev, dtype=torch.float32)
     # distinct empty placeholders (custom-op outputs may not alias each other)
@@ -223,7 +222,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
     for start, end in chunks:
         xc = x[start:end]  # [c, D]
         logits = torch.addmm(bias, xc, weight.t()) if bias is not None else xc @ weight.t()  # [c, K]
-        _launch_rows(logits, target[start:end], row_loss[start:end], grad_scale, ignore_index, compute_grad, shape)
+        _launch_rows(logits, target[start:end], row_loss[start:end], DLOGITS_SCALE, ignore_index, compute_grad, shape)
         if compute_grad:  # logits now hold dlogits * DLOGITS_SCALE [c, K]
             torch.mm(logits, weight, out=grad_x[start:end])  # [c, D]
             _add_gemm_fp32(acc_w, logits.t(), xc)             # [K, D] fp32
