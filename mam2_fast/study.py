@@ -21,8 +21,10 @@ fine-tuning). For every variant and seed:
 
 1. pre-train (``mam2_fast.pretrain.train``) for the budget's steps; the last log's collapse
    monitor (``feat_std``, ``feat_rank``) is kept;
-2. linear probe (``mam2_fast.probe``): frozen encoder, ``grid`` pooling (keeps where and when),
-   ridge classifier on the training split, accuracy on the test split for each label;
+2. linear probes (``mam2_fast.probe``): frozen encoder, ridge classifier on the training split,
+   accuracy on the test split for each label, twice (``PROBES``): ``grid`` pooling (keeps where
+   and when, so a direction can be read from positions) and ``mean`` pooling (what the
+   fine-tuning head sees: a direction only if the tokens encode motion);
 3. fine-tune (``mam2_fast.finetune.train``, the paper's recipe scaled down) on the joint label
    ``identity * 4 + direction``; the test split's predictions give the motion accuracy
    (``pred % 4``) and the appearance accuracy (``pred // 4``).
@@ -234,7 +236,14 @@ def run_pretrain(cfg, out_dir: Path) -> dict:
             "first": {k: first[k] for k in keep if k in first}, "last": {k: last[k] for k in keep if k in last}}
 
 
-def run_probe(encoder, b: dict, train_list: str, test_list: str, device) -> dict:
+# The probes: stage name -> token pooling. ``grid`` keeps where and when (2 time spans x 2x2
+# regions), so it can read a direction from *where* an object is in each half of the clip
+# (position features); ``mean`` is what the fine-tuning head sees (all tokens averaged), so
+# it reads a direction only when the tokens themselves encode motion.
+PROBES: dict = {"probe": "grid", "probe_mean": "mean"}
+
+
+def run_probe(encoder, b: dict, train_list: str, test_list: str, device, pool: str = "grid") -> dict:
     from mam2_fast.data.config import DataConfig
     from mam2_fast.ft.data import ViewData
     from mam2_fast.probe import probe_encoders
@@ -243,11 +252,12 @@ def run_probe(encoder, b: dict, train_list: str, test_list: str, device) -> dict
                       num_workers=1)
     views = lambda lst: ViewData(dcfg, lst, b["probe_clips"], 1, "dense", batch_size=8, device=device)  # noqa: E731
     res = probe_encoders({"enc": encoder}, views(train_list), views(test_list),
-                         [f"label%{N_DIRECTIONS}", f"label//{N_DIRECTIONS}"], device, lambda s: None, pool="grid")["enc"]
+                         [f"label%{N_DIRECTIONS}", f"label//{N_DIRECTIONS}"], device, lambda s: None, pool=pool)["enc"]
     out = {"motion": res[f"label%{N_DIRECTIONS}"]["test_acc"], "appearance": res[f"label//{N_DIRECTIONS}"]["test_acc"],
            "chance_motion": res[f"label%{N_DIRECTIONS}"]["chance"],
-           "chance_appearance": res[f"label//{N_DIRECTIONS}"]["chance"]}
-    out.update(heldout_collapse(encoder, views(test_list), device))
+           "chance_appearance": res[f"label//{N_DIRECTIONS}"]["chance"], "pool": pool}
+    if pool == "grid":
+        out.update(heldout_collapse(encoder, views(test_list), device))
     return out
 
 
@@ -316,20 +326,23 @@ def run_cell(res: Results, study: Path, b: dict, variant: str, seed: int, lists:
             log(f"{cell}: pre-trained in {pre['seconds']:.0f}s; last log " +
                 ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
         init = pre["checkpoint"]
-    if res.get(cell, "probe") is None:
+    for stage, pool in PROBES.items():
+        if res.get(cell, stage) is not None:
+            continue
         t0 = time.time()
         try:
             if init is None:
                 enc = random_encoder(arch, 1000 + seed)
             else:
                 enc, arch = load_frozen_encoder(init, log=lambda s: None)
-            pr = run_probe(enc, b, lists["train"], lists["test"], tdev)
+            pr = run_probe(enc, b, lists["train"], lists["test"], tdev, pool)
             pr["seconds"] = round(time.time() - t0, 1)
-            log(f"{cell}: probe motion {pr['motion']:.1f}% appearance {pr['appearance']:.1f}% ({pr['seconds']:.0f}s)")
+            log(f"{cell}: {pool}-pool probe motion {pr['motion']:.1f}% appearance {pr['appearance']:.1f}% "
+                f"({pr['seconds']:.0f}s)")
         except Exception as e:  # noqa: BLE001 - recorded, the grid goes on
             pr = {"error": f"{type(e).__name__}: {e}"}
-            log(f"{cell}: probe failed: {pr['error']}")
-        res.put(cell, "probe", pr)
+            log(f"{cell}: {pool}-pool probe failed: {pr['error']}")
+        res.put(cell, stage, pr)
     if res.get(cell, "finetune") is None:
         if init is not None and arch is None:
             from mam2_fast.ft.weights import read_encoder_weights
@@ -356,7 +369,7 @@ def aggregate(res: Results, variants: list, seeds: list) -> dict:
     out = {}
     for v in variants:
         row = {}
-        for stage in ("probe", "finetune"):
+        for stage in ("probe", "probe_mean", "finetune"):
             for lab in LABELS:
                 vals = [res.get(f"{v}/seed{s}", stage) for s in seeds]
                 vals = [x[lab] for x in vals if x and lab in x]
@@ -395,12 +408,13 @@ def check_targets(agg: dict) -> list:
     for lab in LABELS:
         rows.append((f"fine-tune from MAM² beats scratch on {lab} by > 2 std",
                      *beats(get("mam2", f"finetune_{lab}"), get("random", f"finetune_{lab}"), 2.0)))
+    stages = {"finetune": "fine-tune", "probe": "grid probe", "probe_mean": "mean-pool probe"}
     for other in ("pixel", "videomae"):
-        for stage in ("finetune", "probe"):
-            rows.append((f"MAM² beats {other} on motion ({stage})",
+        for stage, name in stages.items():
+            rows.append((f"MAM² beats {other} on motion ({name})",
                          *beats(get("mam2", f"{stage}_motion"), get(other, f"{stage}_motion"))))
-    for stage in ("finetune", "probe"):
-        rows.append((f"removing motion hurts the motion label ({stage})",
+    for stage, name in stages.items():
+        rows.append((f"removing motion hurts the motion label ({name})",
                      *beats(get("mam2", f"{stage}_motion"), get("no_motion", f"{stage}_motion"))))
     return rows
 
@@ -412,16 +426,20 @@ def write_table(res: Results, study: Path, variants: list, seeds: list, command:
              f"mean ± std over seeds. Chance: motion {100 / N_DIRECTIONS:.0f}%, appearance "
              f"{100 / meta['sizes']['identities']:.0f}%.", "",
              f"Command: `{command}`", "",
-             "| variant | fine-tune motion | fine-tune appearance | probe motion | probe appearance | "
-             "held-out feat std | held-out feat rank |",
-             "|---|---|---|---|---|---|---|"]
+             "Probes: *grid* pools 2 time spans x 2x2 regions (a direction can be read from where the "
+             "target is in each half); *mean* averages all tokens, as the fine-tuning head does (a "
+             "direction is read only if the tokens encode motion).", "",
+             "| variant | fine-tune motion | fine-tune appearance | grid probe motion | grid probe appearance | "
+             "mean probe motion | mean probe appearance | held-out feat std | held-out feat rank |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         r = agg[v]
         lines.append(f"| {v} | {_fmt(r.get('finetune_motion'))} | {_fmt(r.get('finetune_appearance'))} | "
                      f"{_fmt(r.get('probe_motion'))} | {_fmt(r.get('probe_appearance'))} | "
+                     f"{_fmt(r.get('probe_mean_motion'))} | {_fmt(r.get('probe_mean_appearance'))} | "
                      f"{_fmt(r.get('heldout_feat_std'), 3)} | {_fmt(r.get('heldout_feat_rank'))} |")
     errors = {f"{c} {stage}": st[stage]["error"] for c, st in res.data["cells"].items()
-              for stage in ("probe", "finetune") if isinstance(st.get(stage), dict) and "error" in st[stage]}
+              for stage in (*PROBES, "finetune") if isinstance(st.get(stage), dict) and "error" in st[stage]}
     if errors:
         lines += ["", "Errors: " + "; ".join(f"{c}: {e}" for c, e in sorted(errors.items()))]
     lines += ["", "| target (issue 15) | verdict | numbers |", "|---|---|---|"]

@@ -16,8 +16,10 @@ def test_micro_study_runs_every_variant_and_resumes(tmp_path, capsys):
         assert 0 <= cell["probe"]["motion"] <= 100 and 0 <= cell["finetune"]["appearance"] <= 100
     assert "feat_rank" in cells["mam2/seed0"]["pretrain"]["last"]
     assert all(cell["probe"]["heldout_feat_rank"] > 0 for cell in cells.values())   # random included
+    assert all(cell["probe"]["pool"] == "grid" and cell["probe_mean"]["pool"] == "mean" for cell in cells.values())
+    assert all(0 <= cell["probe_mean"]["motion"] <= 100 for cell in cells.values())
     table = (out / "table.md").read_text()
-    assert "| mam2 |" in table and "removing motion hurts" in table
+    assert "| mam2 |" in table and "removing motion hurts" in table and "mean-pool probe" in table
     # a second run of the same command finds everything recorded and trains nothing
     capsys.readouterr()
     before = (out / "results.json").read_text()
@@ -26,6 +28,18 @@ def test_micro_study_runs_every_variant_and_resumes(tmp_path, capsys):
     log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[study]")]
     assert not any("pre-training" in line or "fine-tune motion" in line or "probe motion" in line for line in log), log
     assert json.loads((out / "results.json").read_text())["cells"] == json.loads(before)["cells"]
+    # a study recorded before a stage existed (no mean-pool probe) gets only that stage on a re-run
+    res = json.loads(before)
+    for cell in res["cells"].values():
+        del cell["probe_mean"]
+    (out / "results.json").write_text(json.dumps(res))
+    assert study.main(["--budget", "micro", "--out", str(out), "--variants", "mam2,random", "--threads", "1"]) == 0
+    log = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[study]")]
+    assert sum("mean-pool probe" in line for line in log) == 2, log
+    assert not any("pre-training" in line or "fine-tune motion" in line or "grid-pool probe" in line for line in log), log
+    after = json.loads((out / "results.json").read_text())["cells"]
+    assert after["mam2/seed0"]["probe"] == json.loads(before)["cells"]["mam2/seed0"]["probe"]
+    assert "probe_mean" in after["mam2/seed0"] and "probe_mean" not in after["videomae/seed0"]
 
 
 def test_target_baselines_of_a_run(tmp_path):
