@@ -214,6 +214,23 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     return graph.replay
 
 
+def host_sync_in(fn: Callable[[], object]) -> Optional[str]:
+    """Run ``fn`` once eagerly with torch's sync debug mode set to "error": the first op that
+    would wait for the device from the host (``.item()``, ``nonzero``, a copy to the CPU,
+    metadata a nested tensor computes) raises here instead of breaking a CUDA-graph capture
+    half-way (a failed capture can leave the default generator, the allocator's graph pool and
+    the stream in capture state; the H200 run of 2026-12-04 hit that). -> why, or None."""
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as e:
+        return f"host sync: {str(e).splitlines()[0][:50] if str(e) else 'RuntimeError'}"
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
 def run_variant(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], smoke: bool):
     """-> (fwd ms, fwd+bwd ms, note). Errors / OOM become notes. With ``--cuda-graphs`` both
     passes are timed as CUDA-graph replays (device time); a variant that cannot be captured
@@ -231,14 +248,21 @@ def run_variant(fwd: Callable[[], torch.Tensor], inputs: List[torch.Tensor], smo
         grad = randn(*out.shape, device=out.device, dtype=out.dtype) if out.dim() else None
         del out
         if CUDA_GRAPHS and not smoke:
-            try:
-                with torch.no_grad():
-                    ms_f = bench(graphed(fwd), smoke)
-                ms_fb = bench(graphed(fb), smoke)
-                return ms_f, ms_fb, "graph"
-            except Exception as e:  # noqa: BLE001 - not capturable: eager timing below
-                accel.synchronize(torch.device("cuda"))
-                why = f"no graph ({type(e).__name__})"
+            fb()                                    # warm: autotuning and lazy setup run outside the probe
+            with torch.no_grad():
+                why = host_sync_in(fwd)
+            why = why or host_sync_in(fb)
+            if why is None:
+                try:
+                    with torch.no_grad():
+                        ms_f = bench(graphed(fwd), smoke)
+                    ms_fb = bench(graphed(fb), smoke)
+                    return ms_f, ms_fb, "graph"
+                except Exception as e:  # noqa: BLE001 - not capturable: eager timing below
+                    accel.synchronize(torch.device("cuda"))
+                    why = f"no graph ({type(e).__name__})"
+            else:
+                why = f"no graph ({why})"
         else:
             why = ""
         with torch.no_grad():

@@ -354,3 +354,34 @@ def test_bench_videomae_ours_on_stand_in(benchmarks_on_path):
     row = bench_videomae.bench_variant("ours", None, videomae_config("base"), 8, args, META)
     assert "error" not in row, row
     assert row["max_gib"] == 0.0
+
+
+def test_cuda_graph_timing_skips_a_variant_that_syncs_on_the_host(benchmarks_on_path, monkeypatch):
+    """--cuda-graphs: a variant that would wait for the device from the host inside the capture
+    (``.item()``, nonzero, ...) is found by an eager run under sync debug mode "error" and timed
+    eagerly, never captured (a capture failing half-way left CUDA state broken on the H200);
+    the debug mode is restored. Simulated: this CPU build has no sync debug mode."""
+    import bench_kernels
+
+    state = {"mode": 0}
+    captured = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: state["mode"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: state.update(mode=m))
+    monkeypatch.setattr(bench_kernels, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(bench_kernels, "graphed", lambda fn: captured.append(fn) or fn)
+    monkeypatch.setattr(bench_kernels, "bench", lambda fn, smoke: (fn(), 2.0)[1])
+    monkeypatch.setattr(accel, "synchronize", lambda *a: None)
+
+    x = torch.randn(5, requires_grad=True)
+
+    def syncing():                      # .item() under mode "error" raises, as CUDA's would
+        if state["mode"] == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+        return (x * 2).sum()
+
+    ms_f, ms_fb, note = bench_kernels.run_variant(syncing, [x], smoke=False)
+    assert (ms_f, ms_fb) == (2.0, 2.0) and note.startswith("no graph (host sync: called a synchronizing")
+    assert captured == [] and state["mode"] == 0
+
+    ms_f, ms_fb, note = bench_kernels.run_variant(lambda: (x * 3).sum(), [x], smoke=False)
+    assert note == "graph" and len(captured) == 2 and state["mode"] == 0
