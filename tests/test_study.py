@@ -72,3 +72,30 @@ def test_a_second_process_on_the_same_study_folder_is_refused(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "another process is running the study" in r.stderr, r.stderr
     assert study._lock_study(folder) is study._lock_study(folder)   # the same process may re-enter
+
+
+def test_every_budget_and_variant_builds_a_valid_config_and_model(tmp_path):
+    """A GPU run of ``--budget full --device cuda`` must not stop on a config error after the
+    data is built: every (budget, variant) gives a pre-training config that validates, a model
+    that builds with the budget's sizes (all small enough for the CPU), and a fine-tuning
+    config that validates for its architecture."""
+    from mam2_fast.ft.weights import arch_from_pretrain_config
+    from mam2_fast.models.mam2 import build_model
+    from mam2_fast.pretrain import build_baseline
+
+    lst = str(tmp_path / "list.txt")
+    for budget, b in study.BUDGETS.items():
+        device = "cuda" if budget == "full" else "cpu"
+        for variant in study.VARIANTS:
+            src = "mam2" if study.VARIANTS[variant] is None else variant
+            cfg = study.pretrain_config(b, src, 0, lst, tmp_path / "run", device)
+            assert cfg.train.max_steps == b["pretrain_steps"] and cfg.train.device == device
+            model = build_baseline(cfg) if cfg.model.arch == "videomae" else build_model(cfg.model, b["vocab_size"])
+            enc = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("blocks.", "encoder.")))
+            assert enc > 0, (budget, variant)
+            arch = arch_from_pretrain_config(cfg.to_dict())
+            assert (arch["embed_dim"], arch["depth"], arch["img_size"], arch["num_frames"]) == \
+                (b["embed_dim"], b["depth"], b["input_size"], b["num_frames"]), (budget, variant, arch)
+            for recipe in study.FINETUNE_RECIPES.values():
+                ft = study.finetune_config(b, None, 0, lst, lst, tmp_path / "ft", device, arch, dict(recipe))
+                assert ft.model.num_classes == b["identities"] * study.N_DIRECTIONS
