@@ -1,6 +1,8 @@
 """The representation study CLI (issue 15): the micro budget end to end, resumable."""
 import json
 
+import pytest
+
 from mam2_fast import study
 
 
@@ -99,3 +101,31 @@ def test_every_budget_and_variant_builds_a_valid_config_and_model(tmp_path):
             for recipe in study.FINETUNE_RECIPES.values():
                 ft = study.finetune_config(b, None, 0, lst, lst, tmp_path / "ft", device, arch, dict(recipe))
                 assert ft.model.num_classes == b["identities"] * study.N_DIRECTIONS
+
+
+def test_pretraining_follows_warmup_and_cosine_over_the_budget(tmp_path):
+    """The study's pre-training anneals (the paper's cosine) over its budget's steps: until
+    2026-12-04 it ran at the peak lr throughout (10**6 epochs cut by max_steps)."""
+    from mam2_fast.data.sampler import ResumableSampler
+    from mam2_fast.train.loop import Schedule
+
+    for budget in ("smoke", "small", "full"):
+        b = study.BUDGETS[budget]
+        cfg = study.pretrain_config(b, "mam2", 0, str(tmp_path / "l.txt"), tmp_path / "r", "cpu")
+        spe = ResumableSampler(b["train_videos"], num_sample=cfg.data.num_sample,
+                               videos_per_step=cfg.train.batch_size // cfg.data.num_sample,
+                               epoch_unit=cfg.data.epoch_unit).steps_per_epoch
+        sch = Schedule.plan(cfg, spe, 1)
+        assert sch.last_step == b["pretrain_steps"] <= sch.total_steps < b["pretrain_steps"] + spe, (budget, sch)
+        assert sch.lr(sch.warmup_steps) == pytest.approx(sch.peak_lr, rel=1e-3)
+        assert sch.lr(sch.last_step - 1) < 0.02 * sch.peak_lr + sch.min_lr, (budget, sch.lr(sch.last_step - 1))
+        assert sch.lr(b["pretrain_steps"] // 2) < 0.75 * sch.peak_lr
+
+
+def test_a_folder_from_the_constant_lr_study_is_refused(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    sizes = {k: v for k, v in study.BUDGETS["micro"].items() if k != "lr_schedule"}
+    (out / "results.json").write_text(json.dumps({"meta": {"budget": "micro", "sizes": sizes}, "cells": {}}))
+    with pytest.raises(SystemExit, match="another sizes"):
+        study.main(["--budget", "micro", "--out", str(out), "--variants", "mam2", "--threads", "1"])
