@@ -3,6 +3,7 @@ spread of the pooled feature, and how fast a head (or the whole classifier) fits
 
     python benchmarks/study_features.py runs/study_small pools --pools grid,mean,time
     python benchmarks/study_features.py runs/study_small spread
+    python benchmarks/study_features.py runs/study_small energy
     python benchmarks/study_features.py runs/study_small fit --variant mam2 --label appearance --lr 1e-3 --epochs 3 --head-only
 
 ``STUDY`` is a folder made by ``python -m mam2_fast.study`` (its ``results.json`` holds the
@@ -15,6 +16,9 @@ by default; ``random`` is the seed's random encoder, as in the study).
 * ``spread``: the mean-pooled feature of ``--clips`` held-out clips; prints the norm of its
   between-video std over the norm of its mean, and the per-dimension std across videos after
   a LayerNorm (the head's ``fc_norm``). A random encoder is near 1 and 0.6-0.7.
+* ``energy``: the raw-RGB difference target (Eq. 3) of ``--batches`` pre-training batches (the
+  study's loader and augmentation): its energy per value (= the MSE of predicting zero) and the
+  parts a prediction constant over each patch (patch mean) or over 4x4 blocks could explain.
 * ``fit``: the study's fine-tuning classifier and training data (the ``light`` recipe's
   augmentation), trained with plain AdamW on one label (``motion`` / ``appearance`` /
   ``joint``) for ``--epochs``; prints the mean training loss and accuracy per epoch against
@@ -113,6 +117,29 @@ def pooled_spread(encoder, data, clips: int) -> dict:
             "ln_std_across_videos": float(ln.std(0).mean()), "clips": int(P.shape[0])}
 
 
+def motion_energy(folder: str, sizes: dict, lists: dict, batches: int) -> dict:
+    """Energy of the raw-RGB frame differences of the study's pre-training clips, and the
+    parts that a per-patch / per-4x4-block constant carries."""
+    from mam2_fast.data.loader import PretrainData
+
+    cfg = study.pretrain_config(dict(sizes), "mam2", 0, lists["train"], Path(folder) / "energy-scratch", "cpu")
+    std = torch.tensor(cfg.data.std).view(1, 1, 3, 1, 1)
+    P = sizes["patch_size"]
+    tot = patch = block = 0.0
+    data = PretrainData(cfg.data, cfg.train.batch_size, seed=0)
+    n = 0
+    for _, batch in data.iter_epoch(0, 0):
+        x = batch["clip"].float() * std                        # raw-RGB scale (the mean cancels) [B, T, C, H, W]
+        d = (x[:, 1:] - x[:, :-1]).flatten(0, 1)                # [B*(T-1), C, H, W]
+        tot += d.pow(2).mean().item()
+        patch += F.avg_pool2d(d, P).pow(2).mean().item()
+        block += F.avg_pool2d(d, 4).pow(2).mean().item()
+        n += 1
+        if n >= batches:
+            break
+    return {"energy": tot / n, "patch_mean_part": patch / tot, "block4_part": block / tot, "batches": n}
+
+
 def run_fit(folder: str, sizes: dict, lists: dict, ckpts: dict, args) -> list:
     from mam2_fast.finetune import build_finetune_model
     from mam2_fast.ft.data import FinetuneTrainData
@@ -160,10 +187,11 @@ def run_fit(folder: str, sizes: dict, lists: dict, ckpts: dict, args) -> list:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", help="a study folder (python -m mam2_fast.study --out ...)")
-    ap.add_argument("what", choices=("pools", "spread", "fit"))
+    ap.add_argument("what", choices=("pools", "spread", "energy", "fit"))
     ap.add_argument("--variants", default="mam2,no_motion,videomae,random")
     ap.add_argument("--pools", default="grid,mean,time")
     ap.add_argument("--clips", type=int, default=96, help="spread: held-out clips")
+    ap.add_argument("--batches", type=int, default=8, help="energy: pre-training batches")
     ap.add_argument("--variant", default="mam2", help="fit: the cell to start from ('random': scratch)")
     ap.add_argument("--label", default="appearance", choices=tuple(LABEL_FN))
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -175,6 +203,12 @@ def main(argv=None) -> int:
     sizes, lists, ckpts = study_parts(args.study)
     if args.what == "fit":
         run_fit(args.study, sizes, lists, ckpts, args)
+        return 0
+    if args.what == "energy":
+        e = motion_energy(args.study, sizes, lists, args.batches)
+        print(f"raw RGB-difference energy per value {e['energy']:.5f} (the zero-prediction MSE); patch-mean "
+              f"part {100 * e['patch_mean_part']:.1f} %, 4x4-block part {100 * e['block4_part']:.1f} % "
+              f"({e['batches']} batches)")
         return 0
     encs = load_encoders(args.study, sizes, lists, ckpts, args.variants.split(","))
     if args.what == "pools":

@@ -61,6 +61,8 @@ def test_pools_spread_and_fit_on_a_micro_study(micro_study, capsys):
     assert s["clips"] == 8 and s["between_over_mean"] > 0
     with pytest.raises(SystemExit, match="no pre-trained seed-0 cell 'pixel'"):
         sf.load_encoders(micro_study, sizes, lists, ckpts, ["pixel"])
+    e = sf.motion_energy(micro_study, sizes, lists, batches=2)
+    assert e["batches"] == 2 and 0 < e["energy"] < 1 and 0 <= e["patch_mean_part"] <= e["block4_part"] <= 1
     for variant, head_only in (("mam2", True), ("random", False)):
         args = type("A", (), {"variant": variant, "label": "joint", "lr": 1e-3, "epochs": 1, "head_only": head_only})
         rows = sf.run_fit(micro_study, sizes, lists, ckpts, args)
