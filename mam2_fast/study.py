@@ -478,8 +478,11 @@ def plot(agg: dict, variants: list, path: Path, title: str) -> None:
     from PIL import Image, ImageDraw
 
     series = [("finetune_motion", (31, 119, 180)), ("finetune_appearance", (255, 127, 14)),
-              ("probe_motion", (44, 160, 44)), ("probe_appearance", (214, 39, 40))]
-    W, H, left, bottom, top = 120 + 90 * len(variants), 420, 50, 70, 40
+              ("probe_motion", (44, 160, 44)), ("probe_appearance", (214, 39, 40)),
+              ("probe_mean_motion", (148, 103, 189)), ("probe_mean_appearance", (140, 86, 75))]
+    names = {"probe_motion": "grid probe motion", "probe_appearance": "grid probe appearance",
+             "probe_mean_motion": "mean probe motion", "probe_mean_appearance": "mean probe appearance"}
+    W, H, left, bottom, top = 140 + 100 * len(variants), 440, 50, 70, 80
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     ph = H - bottom - top
@@ -490,10 +493,10 @@ def plot(agg: dict, variants: list, path: Path, title: str) -> None:
     d.text((left, 10), title, fill="black")
     for i, (name, colour) in enumerate(series):
         d.rectangle([W - 190, 10 + 12 * i, W - 182, 18 + 12 * i], fill=colour)
-        d.text((W - 178, 8 + 12 * i), name.replace("_", " "), fill="black")
-    bw = 18
+        d.text((W - 178, 8 + 12 * i), names.get(name, name.replace("_", " ")), fill="black")
+    bw = 15
     for j, v in enumerate(variants):
-        x0 = left + 10 + 90 * j
+        x0 = left + 10 + 100 * j
         for i, (name, colour) in enumerate(series):
             cell = agg.get(v, {}).get(name)
             if cell is None:
