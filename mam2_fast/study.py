@@ -420,6 +420,8 @@ def check_targets(agg: dict) -> list:
         if a is None or b is None:
             return "n/a", ""
         gap = a[0] - b[0]
+        if margin_std and min(a[2], b[2]) < 2:          # a std needs two seeds on both sides
+            return "n/a", f"{a[0]:.1f} vs {b[0]:.1f} (gap {gap:+.1f}; a margin in std needs >= 2 seeds)"
         need = margin_std * max(a[1], b[1])
         return ("pass" if gap > need else "miss"), f"{a[0]:.1f} vs {b[0]:.1f} (gap {gap:+.1f}, needed > {need:.1f})"
 

@@ -129,3 +129,17 @@ def test_a_folder_from_the_constant_lr_study_is_refused(tmp_path):
     (out / "results.json").write_text(json.dumps({"meta": {"budget": "micro", "sizes": sizes}, "cells": {}}))
     with pytest.raises(SystemExit, match="another sizes"):
         study.main(["--budget", "micro", "--out", str(out), "--variants", "mam2", "--threads", "1"])
+
+
+def test_target_check_needs_two_seeds_for_a_margin_in_std():
+    one = {"mam2": {"finetune_motion": (40.0, 0.0, 1), "probe_motion": (60.0, 0.0, 1)},
+           "random": {"finetune_motion": (30.0, 0.0, 1), "probe_motion": (50.0, 0.0, 1)}}
+    rows = {text: (verdict, nums) for text, verdict, nums in study.check_targets(one)}
+    assert rows["fine-tune from MAM² beats scratch on motion by > 2 std"][0] == "n/a"
+    assert "2 seeds" in rows["fine-tune from MAM² beats scratch on motion by > 2 std"][1]
+    three = {"mam2": {"finetune_motion": (40.0, 3.0, 3)}, "random": {"finetune_motion": (30.0, 6.0, 3)}}
+    rows = {text: (verdict, nums) for text, verdict, nums in study.check_targets(three)}
+    assert rows["fine-tune from MAM² beats scratch on motion by > 2 std"] == ("miss", "40.0 vs 30.0 (gap +10.0, needed > 12.0)")
+    three["random"]["finetune_motion"] = (30.0, 4.0, 3)
+    rows = {text: (verdict, nums) for text, verdict, nums in study.check_targets(three)}
+    assert rows["fine-tune from MAM² beats scratch on motion by > 2 std"][0] == "pass"
