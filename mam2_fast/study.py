@@ -440,6 +440,25 @@ def check_targets(agg: dict) -> list:
     return rows
 
 
+def finetune_at_chance(agg: dict, identities: int, test_videos: int) -> Optional[str]:
+    """A note when every fine-tuned cell is within two binomial standard errors of chance on both
+    labels (then fine-tuning cannot rank the initializations at this budget); else None."""
+    chance = {"motion": 1.0 / N_DIRECTIONS, "appearance": 1.0 / identities}
+    best, bound = {}, {}
+    for lab, p in chance.items():
+        vals = [row[f"finetune_{lab}"][0] for row in agg.values() if row.get(f"finetune_{lab}")]
+        if not vals:
+            return None
+        best[lab] = max(vals)
+        bound[lab] = 100.0 * (p + 2.0 * math.sqrt(p * (1.0 - p) / max(test_videos, 1)))
+        if best[lab] > bound[lab]:
+            return None
+    return ("Fine-tuning stayed at chance for every initialization, scratch included (best cell: motion "
+            f"{best['motion']:.1f} %, appearance {best['appearance']:.1f} %; chance + 2 binomial standard errors "
+            f"over {test_videos} test videos: {bound['motion']:.1f} % / {bound['appearance']:.1f} %). At this "
+            "budget fine-tuning cannot rank the initializations; the probes can.")
+
+
 def write_table(res: Results, study: Path, variants: list, seeds: list, command: str) -> str:
     agg = aggregate(res, variants, seeds)
     meta = res.data["meta"]
@@ -463,6 +482,9 @@ def write_table(res: Results, study: Path, variants: list, seeds: list, command:
               for stage in (*PROBES, "finetune") if isinstance(st.get(stage), dict) and "error" in st[stage]}
     if errors:
         lines += ["", "Errors: " + "; ".join(f"{c}: {e}" for c, e in sorted(errors.items()))]
+    note = finetune_at_chance(agg, meta["sizes"]["identities"], meta["sizes"]["test_videos"])
+    if note:
+        lines += ["", note]
     lines += ["", "| target (issue 15) | verdict | numbers |", "|---|---|---|"]
     for text, verdict, nums in check_targets(agg):
         lines.append(f"| {text} | {verdict} | {nums} |")

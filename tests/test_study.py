@@ -143,3 +143,14 @@ def test_target_check_needs_two_seeds_for_a_margin_in_std():
     three["random"]["finetune_motion"] = (30.0, 4.0, 3)
     rows = {text: (verdict, nums) for text, verdict, nums in study.check_targets(three)}
     assert rows["fine-tune from MAM² beats scratch on motion by > 2 std"][0] == "pass"
+
+
+def test_finetune_at_chance_note():
+    # 192 test videos: chance + 2 SE is 31.2 % at 4 classes
+    agg = {"mam2": {"finetune_motion": (27.0, 2.0, 3), "finetune_appearance": (30.0, 1.0, 3)},
+           "random": {"finetune_motion": (24.0, 2.0, 3), "finetune_appearance": (22.0, 1.0, 3)}}
+    note = study.finetune_at_chance(agg, identities=4, test_videos=192)
+    assert note and "31.2 %" in note and "30.0 %" in note
+    agg["mam2"]["finetune_appearance"] = (32.0, 1.0, 3)             # one cell above the bound: informative
+    assert study.finetune_at_chance(agg, identities=4, test_videos=192) is None
+    assert study.finetune_at_chance({"mam2": {}}, identities=4, test_videos=192) is None   # nothing fine-tuned yet
