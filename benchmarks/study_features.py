@@ -5,6 +5,8 @@ spread of the pooled feature, and how fast a head (or the whole classifier) fits
     python benchmarks/study_features.py runs/study_small spread
     python benchmarks/study_features.py runs/study_small energy
     python benchmarks/study_features.py runs/study_small fit --variant mam2 --label appearance --lr 1e-3 --epochs 3 --head-only
+    python benchmarks/study_features.py runs/study_small_cos headfit --variants mam2,videomae --label appearance
+    python benchmarks/study_features.py runs/study_small_cos scratch --arch cnn --distractors 0 --steps 600
 
 ``STUDY`` is a folder made by ``python -m mam2_fast.study`` (its ``results.json`` holds the
 budget's sizes and every pre-trained cell's checkpoint). ``--variants`` picks the cells (seed 0
@@ -23,6 +25,17 @@ by default; ``random`` is the seed's random encoder, as in the study).
   augmentation), trained with plain AdamW on one label (``motion`` / ``appearance`` /
   ``joint``) for ``--epochs``; prints the mean training loss and accuracy per epoch against
   ln(classes). ``--head-only`` freezes the encoder.
+* ``headfit``: the frozen encoders' mean-pooled features of one centre clip per video, then a
+  linear head alone, trained with AdamW (batch 16, wd 0.05, constant ``--lr``) on one label,
+  its input the head's ``fc_norm`` (a fresh LayerNorm) or the features standardized per
+  dimension (as the ridge probe sees them); prints the test accuracy at ``--at`` steps. How
+  many steps a head needs to find what the probe reads.
+* ``scratch``: supervised training from scratch on the study's clips (one centre clip per
+  video, decoded once; no augmentation), plain AdamW (``--lr``, warmup 30 then cosine over
+  ``--steps``, batch 16) on the joint label, ``--arch vit`` (the study's classifier) or
+  ``cnn`` (a 3-layer 3-D CNN, a locality prior); prints the held-out accuracy on both labels
+  every 50 steps. ``--distractors N`` builds (once, beside the study's data) the same sizes and
+  seeds with N distractors instead. Is the task learnable at this size, and by which model?
 """
 from __future__ import annotations
 
@@ -32,6 +45,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -184,10 +198,128 @@ def run_fit(folder: str, sizes: dict, lists: dict, ckpts: dict, args) -> list:
     return rows
 
 
+@torch.no_grad()
+def centre_clips(sizes: dict, list_file: str):
+    """(clips [V, T, 3, H, W] float32, labels [V]): one centre clip per video, the study's loader."""
+    from mam2_fast.data.config import DataConfig
+    from mam2_fast.ft.data import ViewData
+
+    dcfg = DataConfig(num_frames=sizes["num_frames"], input_size=sizes["input_size"],
+                      sampling_stride=sizes["stride"], num_workers=1)
+    xs, ys = [], []
+    for batch in ViewData(dcfg, list_file, 1, 1, "dense", batch_size=16, device="cpu"):
+        xs.append(batch["views"][:, 0].float())
+        ys.append(batch["label"])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def run_headfit(sizes: dict, lists: dict, encs: dict, label: str, lr: float, at: list, head_input: str,
+                seed: int = 0) -> dict:
+    """{variant: [(step, test accuracy %)]} of a linear head on frozen mean-pooled features."""
+    from mam2_fast.probe import pool_tokens
+
+    classes = {"motion": study.N_DIRECTIONS, "appearance": sizes["identities"],
+               "joint": sizes["identities"] * study.N_DIRECTIONS}[label]
+    (xtr, ytr), (xte, yte) = centre_clips(sizes, lists["train"]), centre_clips(sizes, lists["test"])
+    ytr, yte = LABEL_FN[label](ytr), LABEL_FN[label](yte)
+    out = {}
+    for name, enc in encs.items():
+        with torch.no_grad():
+            ftr, fte = (torch.cat([pool_tokens(enc.forward_features(x[i:i + 16]), "mean").float()
+                                   for i in range(0, len(x), 16)]) for x in (xtr, xte))
+        torch.manual_seed(seed)
+        norm = torch.nn.LayerNorm(ftr.shape[1])
+        head = torch.nn.Linear(ftr.shape[1], classes)
+        torch.nn.init.trunc_normal_(head.weight, std=0.02)
+        head.weight.data.mul_(0.001)                        # the classifier's head init (VideoMAE init_scale)
+        torch.nn.init.zeros_(head.bias)
+        mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
+        inp = norm if head_input == "fc_norm" else (lambda f: (f - mu) / sd)
+        params = [*head.parameters()] + ([*norm.parameters()] if head_input == "fc_norm" else [])
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+        g = torch.Generator().manual_seed(seed)
+        rows = []
+        for step in range(1, max(at) + 1):
+            i = torch.randint(0, len(ytr), (16,), generator=g)
+            loss = F.cross_entropy(head(inp(ftr[i])), ytr[i])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step in at:
+                with torch.no_grad():
+                    rows.append((step, 100.0 * (head(inp(fte)).argmax(1) == yte).float().mean().item()))
+        out[name] = rows
+        print(f"{name:14s} head on {head_input}, {label}, lr {lr}: "
+              + " | ".join(f"{s} steps {a:.1f}%" for s, a in rows), flush=True)
+    return out
+
+
+class SmallCNN3D(torch.nn.Module):
+    """Three strided 3-D convolutions, global average pool, linear: a locality prior to set
+    against the ViT on the same clips."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        nn = torch.nn
+        self.net = nn.Sequential(nn.Conv3d(3, 32, (3, 5, 5), padding=(1, 2, 2), stride=(1, 2, 2)), nn.GELU(),
+                                 nn.Conv3d(32, 64, 3, padding=1, stride=(1, 2, 2)), nn.GELU(),
+                                 nn.Conv3d(64, 128, 3, padding=1, stride=2), nn.GELU(),
+                                 nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(128, classes))
+
+    def forward(self, clips):                                # [B, T, 3, H, W]
+        return self.net(clips.transpose(1, 2))
+
+
+def run_scratch(folder: str, sizes: dict, lists: dict, arch: str, steps: int, lr: float,
+                distractors: Optional[int] = None, every: int = 50, seed: int = 0) -> list:
+    """[(step, training loss, held-out motion %, held-out appearance %)] of a classifier trained
+    from scratch on the joint label (see the module docstring)."""
+    from mam2_fast.ft.config import ClassifierConfig
+    from mam2_fast.models.classifier import VideoClassifier
+
+    if distractors is not None and distractors != sizes["distractors"]:
+        from mam2_fast.data.synthetic_study import make_study_dataset
+
+        kw = dict(size=sizes["video_size"], num_frames=sizes["video_frames"], identities=sizes["identities"],
+                  distractors=distractors)
+        root = Path(folder) / f"data_distractors{distractors}"
+        lists = {"train": make_study_dataset(str(root / "train"), sizes["train_videos"], seed=1, **kw),
+                 "test": make_study_dataset(str(root / "test"), sizes["test_videos"], seed=2, **kw)}
+    (xtr, ytr), (xte, yte) = centre_clips(sizes, lists["train"]), centre_clips(sizes, lists["test"])
+    classes = sizes["identities"] * study.N_DIRECTIONS
+    torch.manual_seed(seed)
+    if arch == "vit":
+        model = VideoClassifier(ClassifierConfig(**study.model_dict(sizes), num_classes=classes, drop_path=0.0))
+    else:
+        model = SmallCNN3D(classes)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    g = torch.Generator().manual_seed(seed)
+    rows, t0 = [], time.time()
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / 30) * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+        i = torch.randint(0, len(ytr), (16,), generator=g)
+        loss = F.cross_entropy(model(xtr[i]), ytr[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % every == 0 or step == steps:
+            model.eval()
+            with torch.no_grad():
+                pred = torch.cat([model(xte[j:j + 32]).argmax(1) for j in range(0, len(yte), 32)])
+            model.train()
+            mot = 100.0 * (pred % study.N_DIRECTIONS == yte % study.N_DIRECTIONS).float().mean().item()
+            app = 100.0 * (pred // study.N_DIRECTIONS == yte // study.N_DIRECTIONS).float().mean().item()
+            rows.append((step, loss.item(), mot, app))
+            print(f"{arch} step {step}: loss {loss.item():.3f} held-out motion {mot:.1f}% appearance {app:.1f}% "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("study", help="a study folder (python -m mam2_fast.study --out ...)")
-    ap.add_argument("what", choices=("pools", "spread", "energy", "fit"))
+    ap.add_argument("what", choices=("pools", "spread", "energy", "fit", "headfit", "scratch"))
     ap.add_argument("--variants", default="mam2,no_motion,videomae,random")
     ap.add_argument("--pools", default="grid,mean,time")
     ap.add_argument("--clips", type=int, default=96, help="spread: held-out clips")
@@ -198,9 +330,22 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--head-only", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--at", default="100,300,1000,3000", help="headfit: steps at which to test")
+    ap.add_argument("--head-input", default="fc_norm", choices=("fc_norm", "standardized"))
+    ap.add_argument("--arch", default="vit", choices=("vit", "cnn"), help="scratch: the model")
+    ap.add_argument("--steps", type=int, default=600, help="scratch: training steps")
+    ap.add_argument("--distractors", type=int, default=None, help="scratch: build the data with N distractors")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes, lists, ckpts = study_parts(args.study)
+    if args.what == "scratch":
+        run_scratch(args.study, sizes, lists, args.arch, args.steps, args.lr, args.distractors)
+        return 0
+    if args.what == "headfit":
+        at = sorted({int(x) for x in args.at.split(",")})
+        encs = load_encoders(args.study, sizes, lists, ckpts, args.variants.split(","))
+        run_headfit(sizes, lists, encs, args.label, args.lr, at, args.head_input)
+        return 0
     if args.what == "fit":
         run_fit(args.study, sizes, lists, ckpts, args)
         return 0

@@ -68,3 +68,33 @@ def test_pools_spread_and_fit_on_a_micro_study(micro_study, capsys):
         rows = sf.run_fit(micro_study, sizes, lists, ckpts, args)
         loss, acc = rows[0]
         assert math.isfinite(loss) and abs(loss - math.log(8)) < 0.5 and 0 <= acc <= 1
+
+
+def test_headfit_and_scratch_on_a_micro_study(micro_study, capsys):
+    sizes, lists, ckpts = sf.study_parts(micro_study)
+    encs = sf.load_encoders(micro_study, sizes, lists, ckpts, ["mam2"])
+    for head_input in ("fc_norm", "standardized"):
+        out = sf.run_headfit(sizes, lists, encs, "appearance", 1e-2, [2, 5], head_input)
+        assert [s for s, _ in out["mam2"]] == [2, 5] and all(0 <= a <= 100 for _, a in out["mam2"])
+    for arch in ("vit", "cnn"):
+        rows = sf.run_scratch(micro_study, sizes, lists, arch, steps=4, lr=1e-3, every=2)
+        assert [r[0] for r in rows] == [2, 4]
+        assert all(math.isfinite(r[1]) and 0 <= r[2] <= 100 and 0 <= r[3] <= 100 for r in rows)
+    # another distractor count builds its own data beside the study's, and trains on it
+    rows = sf.run_scratch(micro_study, sizes, lists, "cnn", steps=2, lr=1e-3, distractors=0, every=2)
+    assert (Path(micro_study) / "data_distractors0" / "test" / "list.txt").is_file() and len(rows) == 1
+
+
+def test_scratch_cnn_learns_a_clip_level_label_the_vit_test_can_compare_against():
+    # the CNN baseline must be able to fit: 8 clips whose label is their brightness
+    torch.manual_seed(0)
+    x = torch.rand(8, 4, 3, 16, 16) * 0.2 + torch.arange(8).remainder(4).view(8, 1, 1, 1, 1) * 0.25
+    y = torch.arange(8).remainder(4)
+    m = sf.SmallCNN3D(4)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (m(x).argmax(1) == y).float().mean() == 1.0 and loss.item() < 0.2
