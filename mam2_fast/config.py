@@ -414,21 +414,20 @@ def validate_optim(o: "OptimConfig") -> None:
 
 def validate(cfg: Config) -> None:
     """Every pre-training value in range and consistent; the first failing check raises a
-    ``ConfigError`` naming its key, so the checks keep this order: model, mask, tokenizer, the
-    pre-training's optim / train checks, data against the model, then the checks shared with
-    fine-tuning (:func:`validate_data`, :func:`validate_train`, :func:`validate_optim`)."""
+    ``ConfigError`` naming its key, in this order: model, mask, tokenizer, the optim and train
+    checks shared with fine-tuning (:func:`validate_optim`, :func:`validate_train`) and
+    pre-training's own batch check, data against the model, then :func:`validate_data`."""
     m = cfg.model
     _validate_arch(m, cfg.mask.kind)
     _validate_model_values(m)
     _validate_model_tasks(m, cfg.mask.kind)
     _validate_mask(cfg.mask)
     _validate_tokenizer(cfg.tokenizer)
-    _validate_pretrain_optim(cfg.optim)
-    _validate_pretrain_train(cfg.train)
+    validate_optim(cfg.optim)
+    validate_train(cfg.train)
+    _validate_pretrain_batch(cfg.train)
     _validate_data_against_model(cfg.data, m)
     validate_data(cfg.data)
-    validate_train(cfg.train)
-    validate_optim(cfg.optim)
 
 
 def _validate_arch(m: ModelConfig, mask_kind: str) -> None:
@@ -462,7 +461,7 @@ def _validate_model_values(m: ModelConfig) -> None:
     _one_of(m.motion_space, "model.motion_space", ("raw", "normalized"))
     _one_of(m.regressor_block, "model.regressor_block", ("cae", "prenorm"))
     _check(m.layer_scale_init is None or m.layer_scale_init >= 0, "model.layer_scale_init",
-           f"must be >= 0 (0 disables), got {m.layer_scale_init}")
+           f"must be >= 0 (0 disables it, null takes the block's default), got {m.layer_scale_init}")
     _one_of(m.motion_target, "model.motion_target", ("rgb_diff", "flow", "clip_order"))
     _one_of(m.appearance_target, "model.appearance_target", ("tokens", "pixels"))
     if m.use_motion and m.motion_target == "flow":
@@ -474,8 +473,6 @@ def _validate_model_values(m: ModelConfig) -> None:
     _at_least(m.tubelet_size, "model.tubelet_size", 1)
     _at_least(m.in_chans, "model.in_chans", 1)
     _check(m.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {m.mlp_ratio}")
-    _check(m.layer_scale_init is None or m.layer_scale_init >= 0, "model.layer_scale_init",
-           f"must be >= 0 (or null for the block's default), got {m.layer_scale_init}")
     _check(m.flow_scale > 0 and math.isfinite(m.flow_scale), "model.flow_scale", f"must be > 0, got {m.flow_scale}")
 
 
@@ -517,40 +514,10 @@ def _validate_tokenizer(t: TokenizerConfig) -> None:
     _at_least(t.kmeans_pool, "tokenizer.kmeans_pool", 1)
 
 
-def _validate_pretrain_optim(o: OptimConfig) -> None:
-    """Pre-training's own optim checks (most repeat :func:`validate_optim`, which runs later;
-    kept here, in this order, so a config with several errors names the same one first)."""
-    _check(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
-    _check(o.lr is None or o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
-    _check(o.min_lr >= 0, "optim.min_lr", f"must be >= 0, got {o.min_lr}")
-    _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
-           f"must be two numbers in [0, 1), got {o.betas}")
-    _check(o.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {o.warmup_epochs}")
-    _check(o.clip_grad >= 0, "optim.clip_grad", f"must be >= 0, got {o.clip_grad}")
-    _one_of(str(o.fused).lower(), "optim.fused", ("auto", "true", "false"))
-
-
-def _validate_pretrain_train(r: TrainConfig) -> None:
-    """Pre-training's own train checks (``global_batch`` a multiple of ``batch_size``; the rest
-    repeat :func:`validate_train`, kept for the same reason as :func:`_validate_pretrain_optim`)."""
-    _check(r.epochs >= 1, "train.epochs", f"must be >= 1, got {r.epochs}")
-    _check(r.batch_size >= 1, "train.batch_size", f"must be >= 1, got {r.batch_size}")
+def _validate_pretrain_batch(r: TrainConfig) -> None:
+    """Pre-training's own train check: ``global_batch`` a whole number of per-process batches."""
     _check(r.global_batch is None or (r.global_batch >= r.batch_size and r.global_batch % r.batch_size == 0),
            "train.global_batch", f"{r.global_batch} must be a multiple of train.batch_size ({r.batch_size})")
-    _check(r.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {r.accum_steps}")
-    _check(r.max_steps is None or r.max_steps >= 1, "train.max_steps", f"must be >= 1, got {r.max_steps}")
-    _one_of(r.device, "train.device", ("auto", "cpu", "cuda"))
-    _one_of(r.precision, "train.precision", ("auto", "bf16", "fp16", "fp32"))
-    _check(r.log_every >= 1, "train.log_every", f"must be >= 1, got {r.log_every}")
-    _check(r.save_every >= 1, "train.save_every", f"must be >= 1, got {r.save_every}")
-    _one_of(r.parallel, "train.parallel", ("ddp", "fsdp"))
-    _one_of(r.compile_mode, "train.compile_mode", ("default", "reduce-overhead", "max-autotune",
-                                                   "max-autotune-no-cudagraphs"))
-    _check(r.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {r.max_nonfinite}")
-    _check(r.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {r.stop_check_every}")
-    _check(r.prefetch >= -1, "train.prefetch", f"must be >= 0, or -1 for auto; got {r.prefetch}")
-    _check(r.keep_last >= 1, "train.keep_last", f"must be >= 1, got {r.keep_last}")
 
 
 def _validate_data_against_model(d: DataConfig, m: ModelConfig) -> None:
