@@ -91,13 +91,14 @@ def load_encoders(folder: str, sizes: dict, lists: dict, ckpts: dict, variants: 
     return encs
 
 
-def view_data(sizes: dict, list_file: str, batch_size: int = 8):
+def view_data(sizes: dict, list_file: str, batch_size: int = 8, clips: Optional[int] = None):
+    """The study's probe views of ``list_file`` (``clips`` per video, default the budget's)."""
     from mam2_fast.data.config import DataConfig
     from mam2_fast.ft.data import ViewData
 
     dcfg = DataConfig(num_frames=sizes["num_frames"], input_size=sizes["input_size"],
                       sampling_stride=sizes["stride"], num_workers=1)
-    return ViewData(dcfg, list_file, sizes["probe_clips"], 1, "dense", batch_size=batch_size, device="cpu")
+    return ViewData(dcfg, list_file, clips or sizes["probe_clips"], 1, "dense", batch_size=batch_size, device="cpu")
 
 
 def run_pools(sizes: dict, lists: dict, encs: dict, pools: list) -> dict:
@@ -201,13 +202,8 @@ def run_fit(folder: str, sizes: dict, lists: dict, ckpts: dict, args) -> list:
 @torch.no_grad()
 def centre_clips(sizes: dict, list_file: str):
     """(clips [V, T, 3, H, W] float32, labels [V]): one centre clip per video, the study's loader."""
-    from mam2_fast.data.config import DataConfig
-    from mam2_fast.ft.data import ViewData
-
-    dcfg = DataConfig(num_frames=sizes["num_frames"], input_size=sizes["input_size"],
-                      sampling_stride=sizes["stride"], num_workers=1)
     xs, ys = [], []
-    for batch in ViewData(dcfg, list_file, 1, 1, "dense", batch_size=16, device="cpu"):
+    for batch in view_data(sizes, list_file, batch_size=16, clips=1):
         xs.append(batch["views"][:, 0].float())
         ys.append(batch["label"])
     return torch.cat(xs), torch.cat(ys)
