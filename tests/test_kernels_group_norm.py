@@ -58,8 +58,12 @@ def test_out_dtype_and_the_check_can_fail():
     y = GN.group_norm_silu_fused(x, 4, w, b, out_dtype=torch.float16)
     assert y.dtype == torch.float16
     kt.assert_close("out_dtype fp16", y, group_norm_silu_ref(x, 4, w, b), 5e-3, seed)
-    wrong = GN.group_norm_silu_fused(x, 2, w, b)            # other grouping: far off
-    assert kt.rel_err(wrong, group_norm_silu_ref(x, 4, w, b)) > 1e-2
+    # the comparison can fail: a wrong grouping is detected. The channels get different means
+    # (0..7) so 2- and 4-channel group statistics are far apart; on plain randn the gap fell below
+    # 1e-2 about one draw in 12,500 (seed 4022: 9.9e-3); with the offsets the smallest of 1e5 is 7.5e-2
+    xs = x + torch.arange(8, device=DEV, dtype=x.dtype).view(1, 8, 1, 1)
+    wrong = GN.group_norm_silu_fused(xs, 2, w, b)           # other grouping: far off
+    assert kt.rel_err(wrong, group_norm_silu_ref(xs, 4, w, b)) > 1e-2, f"seed {seed}"
 
 
 def test_bad_inputs_raise():
