@@ -660,6 +660,8 @@ def build_data(study: Path, b: dict, log) -> dict:
     t0 = time.time()
     kw = dict(size=b["video_size"], num_frames=b["video_frames"], identities=b["identities"],
               distractors=b["distractors"])
+    if "target_travel" in b:
+        kw["target_travel"] = tuple(b["target_travel"])
     lists = {"train": make_study_dataset(str(study / "data" / "train"), b["train_videos"], seed=1, **kw),
              "test": make_study_dataset(str(study / "data" / "test"), b["test_videos"], seed=2, **kw)}
     log(f"data: {b['train_videos']} train / {b['test_videos']} test videos ({time.time() - t0:.0f}s) in {study / 'data'}")
@@ -719,6 +721,17 @@ def run_study(out: str, budget: str = "smoke", variants: Optional[list] = None, 
     return {"results": str(study / "results.json"), "table": table}
 
 
+def parse_travel(text: str) -> list:
+    """'LO,HI' -> [LO, HI] with 0 <= LO <= HI <= 1 (a clear error otherwise)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"study: --target-travel wants LO,HI (two numbers), got {text!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise SystemExit(f"study: --target-travel wants 0 <= LO <= HI <= 1, got {text!r}")
+    return [lo, hi]
+
+
 def main(argv: Optional[list] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mam2_fast.study", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -737,6 +750,12 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--grad-balance", metavar="RUN", default=None,
                     help="print the norm of each weighted loss term's gradient on the encoder for a "
                          "MAM2 pre-training run (its latest checkpoint and its initialization) and exit")
+    ap.add_argument("--video-frames", type=int, default=None,
+                    help="frames per generated video (default: the budget's); with the budget's clip "
+                         "(num_frames x stride) spanning the whole video, a clip sees the whole path")
+    ap.add_argument("--target-travel", default=None, metavar="LO,HI",
+                    help="share of the free frame width the target crosses over a video, drawn in "
+                         "[LO, HI] (default 0.45,0.75); larger means more motion per clip")
     args = ap.parse_args(argv)
     if args.grad_balance:
         print(json.dumps({"init": loss_gradient_balance(args.grad_balance, at_init=True),
@@ -753,7 +772,18 @@ def main(argv: Optional[list] = None) -> int:
     log = lambda s: print(f"[study] {s}", flush=True)  # noqa: E731
     recipe = args.finetune_recipe
     # a non-default recipe is part of the study's identity (a folder never mixes recipes)
-    sizes = {"finetune_recipe": recipe} if recipe != "paper" else None
+    sizes = {"finetune_recipe": recipe} if recipe != "paper" else {}
+    # so are the generator's settings when changed (recorded only then: older folders still match)
+    if args.video_frames is not None:
+        bb = BUDGETS[args.budget]
+        need = (bb["num_frames"] - 1) * bb["stride"] + 1
+        if args.video_frames < need:
+            raise SystemExit(f"study: --video-frames {args.video_frames} is shorter than the {args.budget} "
+                             f"budget's clip ({bb['num_frames']} frames at stride {bb['stride']}: {need})")
+        sizes["video_frames"] = args.video_frames
+    if args.target_travel is not None:
+        sizes["target_travel"] = parse_travel(args.target_travel)
+    sizes = sizes or None
     extra = {"finetune": FINETUNE_RECIPES[recipe]} if recipe != "paper" else None
     r = run_study(out, args.budget, args.variants.split(",") if args.variants else None, args.seeds, args.device,
                   log, cmd, sizes=sizes, extra=extra)

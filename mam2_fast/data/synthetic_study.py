@@ -84,9 +84,17 @@ def _contrasting_colour(rng: np.random.Generator) -> np.ndarray:
     return c
 
 
+# the share of the free frame width (size minus the object's diameter) the target crosses over
+# the whole video, drawn uniformly per video
+TARGET_TRAVEL = (0.45, 0.75)
+
+
 def render_video(rng: np.random.Generator, label: int, size: int = 64, num_frames: int = 16,
-                 distractors: int = 2, grain: float = 0.12) -> np.ndarray:
+                 distractors: int = 2, grain: float = 0.12, target_travel: tuple = TARGET_TRAVEL) -> np.ndarray:
     """uint8 ``[num_frames, size, size, 3]`` of ``label = identity * 4 + direction``."""
+    lo, hi = (float(v) for v in target_travel)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"target_travel must be (lo, hi) with 0 <= lo <= hi <= 1, got {tuple(target_travel)}")
     identity, direction = divmod(int(label), len(DIRECTIONS))
     if not 0 <= identity < len(IDENTITIES):
         raise ValueError(f"label {label}: identity {identity} is not in 0..{len(IDENTITIES) - 1}")
@@ -99,7 +107,7 @@ def render_video(rng: np.random.Generator, label: int, size: int = 64, num_frame
 
     objects = []                                                # (identity, r, x0, y0, vx, vy, colour, stripes, phase)
     r = float(rng.uniform(0.16, 0.22)) * size
-    objects.append((identity, r, *_path(rng, size, r, direction, num_frames, (0.45, 0.75)),
+    objects.append((identity, r, *_path(rng, size, r, direction, num_frames, (lo, hi)),
                     _contrasting_colour(rng), float(rng.uniform(0.5, 1.2)), float(rng.uniform(0, 6.3))))
     for _ in range(distractors):
         rd = float(rng.uniform(0.07, 0.11)) * size
@@ -133,13 +141,16 @@ def num_classes(identities: int = len(IDENTITIES)) -> int:
 
 
 def make_study_dataset(root: str, num_videos: int, seed: int, size: int = 64, num_frames: int = 16,
-                       identities: int = 4, distractors: int = 2) -> str:
+                       identities: int = 4, distractors: int = 2, target_travel: tuple = TARGET_TRAVEL) -> str:
     """Write ``num_videos`` balanced videos under ``root`` (a folder owned by the study) and return
     the path of the list file; a finished build with the same parameters is reused."""
+    target_travel = tuple(float(v) for v in target_travel)
     if not 1 <= identities <= len(IDENTITIES):
         raise ValueError(f"identities must be in 1..{len(IDENTITIES)}, got {identities}")
     want = {"version": _VERSION, "num_videos": num_videos, "seed": seed, "size": size,
             "num_frames": num_frames, "identities": identities, "distractors": distractors}
+    if target_travel != TARGET_TRAVEL:          # recorded only when set, so older builds still match
+        want["target_travel"] = list(target_travel)
     list_path = os.path.join(root, "list.txt")
     manifest = os.path.join(root, "manifest.json")
     try:
@@ -158,7 +169,7 @@ def make_study_dataset(root: str, num_videos: int, seed: int, size: int = 64, nu
     rng.shuffle(labels)
     lines = []
     for i, label in enumerate(labels):
-        frames = render_video(rng, int(label), size, num_frames, distractors)
+        frames = render_video(rng, int(label), size, num_frames, distractors, target_travel=target_travel)
         path = os.path.join(vids, f"{i:05d}.mp4")
         write_video(path, frames)
         lines.append(f"{os.path.abspath(path)} {int(label)}")
