@@ -32,12 +32,13 @@ def test_render_video_rejects_a_bad_travel():
 
 
 def test_more_travel_moves_the_target_further():
-    """Same draws, no distractors, no grain: the target's pixels (its colour is the only
-    saturated one in a channel) move further between the first and last frame."""
+    """Same draws, no distractors, no grain: the target (the pixels far from the video's
+    per-pixel median, i.e. from the slowly panning background) moves further between the
+    first and the last frame."""
     def centroid_shift(travel):
         shifts = []
         for seed in range(6):
-            v = S.render_video(np.random.default_rng(seed), 4 * 0 + 1, size=48, num_frames=12,
+            v = S.render_video(np.random.default_rng(seed), 1, size=48, num_frames=12,  # identity 0, direction 1
                                distractors=0, grain=0.0, target_travel=(travel, travel)).astype(float)
             bg = np.median(v, axis=0)                 # the target moves over a slowly panning background
             cs = []
@@ -57,10 +58,12 @@ def test_a_changed_travel_is_recorded_and_rebuilds(tmp_path):
     man = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert "target_travel" not in man                 # the default is not written: older builds still match
     first = open(lst).read()
+    video = open(first.split()[0], "rb").read()
     S.make_study_dataset(str(tmp_path / "d"), 8, seed=1, target_travel=(0.9, 1.0), **kw)
     man = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert man["target_travel"] == [0.9, 1.0]
-    assert open(lst).read() == first                  # same videos and labels listed, re-rendered
+    assert open(lst).read() == first                  # same videos and labels listed ...
+    assert open(first.split()[0], "rb").read() != video   # ... but rendered again with the new travel
 
 
 def test_study_build_data_passes_the_overrides(tmp_path):
