@@ -34,7 +34,14 @@ Under it, per shape and pass: the fastest of our kernels ("(triton)"), the best 
 (< 1: the fused kernel is faster). Without CUDA it prints a message and exits 0 (``--smoke``
 runs tiny shapes on CPU under the Triton interpreter, to check the script).
 
+Timing on a GPU: triton's ``do_bench`` by default (each call's events recorded as the host
+issues it, so a small op's host launch overhead shows when it exceeds the kernel's time);
+``--device-time``: device time, the calls queued behind a sleeping kernel first
+(``mam2_fast.kernels.device_time``); ``--cuda-graphs``: CUDA-graph replays (device time; a
+variant that cannot be captured is timed eagerly and says so).
+
     python benchmarks/bench_kernels.py --models B --batch 32 --ops attention,ce
+    python benchmarks/bench_kernels.py --models B --batch 32,64 --device-time
 """
 from __future__ import annotations
 
@@ -52,6 +59,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 import kernel_bytes as kb  # noqa: E402
 from mam2_fast.train import accel  # noqa: E402
+from mam2_fast.kernels import device_time  # noqa: E402
 
 MODELS = {  # name: (embed dim D, heads H); head dim = D / H = 64
     "S": (384, 6),
@@ -62,6 +70,8 @@ T_FRAMES, N_PATCHES, PATCH = 16, 196, 16
 SKIP_COMPILED = False  # --skip-compiled: no torch.compile'd variants (their compile time dominates a short session)
 COPY_MIB = 1024        # --copy-mib: size of the copy that measures the bandwidth
 CUDA_GRAPHS = False    # --cuda-graphs: time CUDA-graph replays (device time, no host gaps)
+DEVICE_TIME = False    # --device-time: time calls queued behind a sleeping kernel (device time, no capture)
+DEVICE = torch.device("cuda")   # the device --device-time times on (main sets it)
 OURS = "(triton)"      # variants with this in their name are ours; every other one is a built-in
 
 
@@ -69,12 +79,19 @@ OURS = "(triton)"      # variants with this in their name are ours; every other 
 # timing
 # ----------------------------------------------------------------------------------------
 def bench(fn: Callable[[], object], smoke: bool) -> float:
-    """Mean milliseconds per call (GPU: triton's do_bench, which flushes L2 between calls)."""
+    """Milliseconds per call (GPU: triton's do_bench, which flushes L2 between calls; with
+    ``--device-time`` the median device time of calls queued behind a sleeping kernel, L2
+    flushed between calls too: ``mam2_fast.kernels.device_time``)."""
     if smoke:
         fn()
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
+    if DEVICE_TIME:
+        t = device_time.device_time(fn, DEVICE, warmup=3, reps=20)
+        if not t.queued:
+            _HOST_GAPS[0] += 1
+        return t.device_ms
     from triton.testing import do_bench
     return float(do_bench(fn, warmup=10, rep=50))
 
@@ -98,6 +115,7 @@ def timed_ms(fn: Callable[[], object], dev: torch.device, reps: int) -> float:
     return start.elapsed_time(end) / reps
 
 
+_HOST_GAPS = [0]   # --device-time measurements whose calls could not all be queued ahead (host syncs)
 _COPY_RATE: Dict[str, Optional[float]] = {}
 
 
@@ -742,7 +760,7 @@ def bench_ce(args, dev, dtype):
 
 
 def main(argv=None) -> int:
-    global SKIP_COMPILED, COPY_MIB, N_PATCHES, CUDA_GRAPHS
+    global SKIP_COMPILED, COPY_MIB, N_PATCHES, CUDA_GRAPHS, DEVICE_TIME, DEVICE
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="S,B,L")
     p.add_argument("--batch", default="8,32,64")
@@ -756,6 +774,9 @@ def main(argv=None) -> int:
                    help="leave out the torch.compile'd variants (flex attention, compiled references)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="time CUDA-graph replays of each variant (device time without host launch gaps)")
+    p.add_argument("--device-time", action="store_true",
+                   help="time each call's device work, queued behind a sleeping kernel (no host launch gaps, "
+                        "no CUDA-graph capture needed; mam2_fast.kernels.device_time)")
     p.add_argument("--copy-mib", type=int, default=COPY_MIB,
                    help="size of the device-to-device copy that measures the copy bandwidth (MiB)")
     p.add_argument("--smoke", action="store_true",
@@ -766,6 +787,9 @@ def main(argv=None) -> int:
     args.masks = [float(m) for m in args.masks.split(",")]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     SKIP_COMPILED, COPY_MIB, CUDA_GRAPHS = args.skip_compiled, args.copy_mib, args.cuda_graphs
+    DEVICE_TIME = args.device_time and not CUDA_GRAPHS
+    if args.device_time and CUDA_GRAPHS:
+        p.error("--device-time and --cuda-graphs are two ways of timing the device: choose one")
 
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -778,7 +802,7 @@ def main(argv=None) -> int:
               "(use --smoke to exercise the script on CPU).")
         return 0
     else:
-        dev = torch.device("cuda")
+        dev = DEVICE = torch.device("cuda")
         print(f"device: {accel.device_name(dev)}  torch {torch.__version__}")
     try:
         import triton
@@ -789,9 +813,13 @@ def main(argv=None) -> int:
     rate = copy_bandwidth(dev, args.smoke)
     print(f"copy bandwidth: {rate / 1e12:.3f} TB/s" if rate else "copy bandwidth: n/a")
 
+    if DEVICE_TIME and not args.smoke:
+        print("timing: device time of calls queued behind a sleeping kernel (median of 20, L2 flushed between calls)")
     ops = {"attention": bench_attention, "varlen": bench_varlen, "gather": bench_gather, "rgb": bench_rgb, "ce": bench_ce}
     for name in args.ops.split(","):
         ops[name.strip()](args, dev, dtype)
+    if _HOST_GAPS[0]:
+        print(f"device time: {_HOST_GAPS[0]} measurement(s) include host gaps (the variant syncs with the host)")
     return 0
 
 

@@ -22,8 +22,10 @@
 #   parity    the kernel and model-level parity tests on the GPU, one pytest per file: real
 #             ViT shapes in bf16/fp16 against float64 references (the files CI runs under
 #             the Triton interpreter)
-#   kernels   bench_kernels.py: ViT-B, B 32 and 64, masks 0.75 / 0.9, every op, CUDA-graph
-#             timings (no compiled variants: their compile time would not fit)
+#   kernels   bench_kernels.py: ViT-B, B 32 and 64, masks 0.75 / 0.9, every op, device
+#             time (--device-time: calls queued behind a sleeping kernel, so no host launch
+#             gap is timed; no graph capture to fail); no compiled variants (their compile
+#             time would not fit)
 #   step      bench_step.py: ViT-B step at B 32 without the tokenizer, reference eager vs
 #             fused vs fused + compile
 #   tokenizer bench_tokenizer.py: the VQGAN tokenizer alone, its variants and top kernels
@@ -87,9 +89,9 @@ stage_parity() {  # one pytest per file, highest value first, so a slow file can
     done
 }
 
-stage_kernels() {  # --cuda-graphs: device time of each variant (eager timings of these small ops are launch-bound)
+stage_kernels() {  # --device-time: device time of each variant (eager timings of these small ops are launch-bound)
     # shellcheck disable=SC2086
-    run "$PY" benchmarks/bench_kernels.py ${KERNELS_ARGS:---models B --batch 32,64 --masks 0.75,0.9 --skip-compiled --cuda-graphs}
+    run "$PY" benchmarks/bench_kernels.py ${KERNELS_ARGS:---models B --batch 32,64 --masks 0.75,0.9 --skip-compiled --device-time}
 }
 
 stage_step() {  # --tokenizer codes: the model step alone; the tokenizer has its own stage

@@ -385,3 +385,29 @@ def test_cuda_graph_timing_skips_a_variant_that_syncs_on_the_host(benchmarks_on_
 
     ms_f, ms_fb, note = bench_kernels.run_variant(lambda: (x * 3).sum(), [x], smoke=False)
     assert note == "graph" and len(captured) == 2 and state["mode"] == 0
+
+
+def test_device_time_option_times_through_device_time(benchmarks_on_path, monkeypatch):
+    """--device-time: bench() hands each call to kernels.device_time on the run's device and
+    counts the measurements that could not be queued ahead of the device."""
+    import bench_kernels
+    from mam2_fast.kernels import device_time
+
+    seen = []
+
+    def fake(fn, device, warmup, reps):
+        fn()
+        seen.append(device)
+        return device_time.DeviceTiming(0.25, 1.0, queued=len(seen) == 1)
+    monkeypatch.setattr(device_time, "device_time", fake)
+    monkeypatch.setattr(bench_kernels, "DEVICE_TIME", True)
+    monkeypatch.setattr(bench_kernels, "DEVICE", META)
+    monkeypatch.setattr(bench_kernels, "_HOST_GAPS", [0])
+    calls = []
+    assert bench_kernels.bench(lambda: calls.append(1), smoke=False) == 0.25
+    assert bench_kernels.bench(lambda: calls.append(1), smoke=False) == 0.25
+    assert seen == [META, META] and len(calls) == 2 and bench_kernels._HOST_GAPS == [1]
+    # smoke keeps the host clock
+    monkeypatch.setattr(bench_kernels, "DEVICE_TIME", True)
+    bench_kernels.bench(lambda: calls.append(1), smoke=True)
+    assert len(seen) == 2

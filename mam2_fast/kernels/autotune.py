@@ -11,14 +11,16 @@ dtype and shapes (``~/.cache/mam2_fast/kernel_choice.json``; ``MAM2_KERNEL_CACHE
 ``MAM2_KERNEL_RETUNE=1`` ignores it), so a resumed run or a second run at the same shapes does
 not time again.
 
-Each op is timed on one representative call (the encoder's for attention, the appearance head
-for the cross-entropy, ...): the op's other calls in a step have the same kind of shape.
+On a GPU each op is timed by its device time (``kernels.device_time``: queued behind a sleeping
+kernel, so the host's launch overhead, which a training step hides, does not decide), on the
+CPU by its wall time. Each op is timed on one representative call (the encoder's for
+attention, the appearance head for the cross-entropy, ...): the op's other calls in a step
+have the same kind of shape.
 """
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -119,19 +121,13 @@ def op_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Dict
 
 
 def time_call(fn: Callable[[], None], device: torch.device, warmup: int = 2, reps: int = 5) -> float:
-    """Median milliseconds of ``fn`` on ``device`` (synchronized around each call)."""
-    from mam2_fast.train import accel
+    """Milliseconds of one call of ``fn`` on ``device``: on a GPU its device time, queued behind
+    a sleeping kernel so the host's launch overhead (which a training step hides: the host runs
+    ahead of the device) is not counted (:mod:`mam2_fast.kernels.device_time`); elsewhere its
+    median wall time."""
+    from mam2_fast.kernels import device_time
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        accel.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        accel.synchronize(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return device_time.device_ms(fn, device, warmup, reps)
 
 
 def cache_path() -> Path:
@@ -141,7 +137,8 @@ def cache_path() -> Path:
 def cache_key(s, device: torch.device, dtype: torch.dtype) -> str:
     from mam2_fast.train import accel
 
-    return f"{accel.device_name(device)} | {str(dtype).replace('torch.', '')} | {s}"
+    # "device time": entries timed eagerly (host overhead included) before 2026-12-05 are not reused
+    return f"{accel.device_name(device)} | {str(dtype).replace('torch.', '')} | device time | {s}"
 
 
 def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Optional[Timer] = None,
@@ -159,6 +156,8 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
     timings = cache.get(key) if os.environ.get("MAM2_KERNEL_RETUNE", "0") in ("", "0") else None
     source = "cached"
     if timings is None:
+        from mam2_fast.kernels import device_time
+
         timer = timer or time_call
         timings, source = {}, "timed"
         for op, (fused, reference) in op_cases(s, device, dtype).items():
@@ -167,6 +166,7 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
             tf, tr = timer(fused, device), timer(reference, device)
             timings[op] = {"fused_ms": round(tf, 4), "reference_ms": round(tr, 4),
                            "choice": "fused" if tf <= tr else "reference"}
+        device_time.release()                     # the L2-flush buffer
         cache[key] = timings
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,6 +179,7 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
         if t["choice"] == "reference":
             kernels.fall_back_to_reference(op, f"slower than its torch reference at the run's shapes "
                                                f"({t['fused_ms']:.3f} vs {t['reference_ms']:.3f} ms)")
-    log(f"kernels: per-op choice at batch {s.batch} ({source}): " + ", ".join(
+    unit = "device ms" if device.type == "cuda" else "ms"
+    log(f"kernels: per-op choice at batch {s.batch} ({source}, fused vs torch, {unit}): " + ", ".join(
         f"{op} {t['choice']} ({t['fused_ms']:.2f} vs {t['reference_ms']:.2f} ms)" for op, t in timings.items()))
     return timings
