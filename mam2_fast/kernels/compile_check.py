@@ -103,36 +103,46 @@ def compile_instead_of_launch(arch: int = 90, log: Callable[[str], None] = None,
     records: List[dict] = []
     seen: Dict[tuple, dict] = {}
     original = JITFunction.run
+    specialize = _jit_specializer(target)
 
     def run(self, *args, grid, warmup, **kwargs):
-        options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
-        bound = inspect.signature(self.fn).bind(*args, **kwargs)
-        bound.apply_defaults()
-        constexpr_names = {p.name for p in self.params if p.is_constexpr}
-        signature, constexprs = {}, {}
-        for name, value in bound.arguments.items():
-            if name in constexpr_names or value is None:
-                signature[name] = "constexpr"
-                constexprs[name] = value
-            else:
-                signature[name] = _arg_type(name, value)
-        key = (self.fn.__qualname__, tuple(signature.items()), tuple(sorted(constexprs.items())),
-               tuple(sorted(options.items())))
+        spec = specialize(self, args, kwargs) if specialize else None
+        if spec is not None:
+            signature, constexprs, attrs, options = spec
+        else:                                # no specialization: every int a plain i32, no alignment known
+            options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+            bound = inspect.signature(self.fn).bind(*args, **kwargs)
+            bound.apply_defaults()
+            constexpr_names = {p.name for p in self.params if p.is_constexpr}
+            signature, constexprs, attrs = {}, {}, None
+            for name, value in bound.arguments.items():
+                if name in constexpr_names or value is None:
+                    signature[name] = "constexpr"
+                    constexprs[name] = value
+                else:
+                    signature[name] = _arg_type(name, value)
+        key = (self.fn.__qualname__, tuple(signature.items()), tuple(sorted(map(str, constexprs.items()))),
+               str(sorted((attrs or {}).items())), str(sorted(options.items())))
         if key in seen:
             return None
         t0 = time.time()
-        compiled = triton.compile(ASTSource(self, signature, constexprs), target=target, options=options)
+        src = ASTSource(self, signature, constexprs, attrs) if attrs is not None else ASTSource(self, signature, constexprs)
+        compiled = triton.compile(src, target=target, options=options)
         meta = getattr(compiled, "metadata", None)
+        names = [p.name for p in self.params]
+        named = {(names[k[0]] if isinstance(k, tuple) and len(k) == 1 else k): v for k, v in constexprs.items()}
         rec = {"kernel": self.fn.__name__, "seconds": time.time() - t0,
                "shared": getattr(meta, "shared", None), "num_warps": getattr(meta, "num_warps", None),
-               "constexprs": {k: v for k, v in constexprs.items() if v is not None},
-               "pointers": {k: v for k, v in signature.items() if v.startswith("*")}}
+               "constexprs": {k: v for k, v in named.items() if v is not None and isinstance(k, str)},
+               "pointers": {k: v for k, v in signature.items() if v.startswith("*")},
+               "specialized": attrs is not None}
         asm = getattr(compiled, "asm", {}) or {}
         if "cubin" not in asm:
             raise RuntimeError(f"compile_check: {self.fn.__name__} produced no cubin ({sorted(asm)})")
         rec.update(ptxas_usage(asm["ptx"], arch) if usage and "ptx" in asm else
                    {"regs": None, "spill_stores": None, "spill_loads": None})
         rec["dtype"] = _record_dtype(rec["pointers"])
+        rec["accesses"] = global_accesses(asm.get("ptx", ""))
         limit = SHARED_LIMIT.get(arch)
         if limit is not None and rec["shared"] is not None and rec["shared"] > limit:
             raise RuntimeError(f"compile_check: {rec['kernel']} {rec['constexprs']} needs {rec['shared']} B of "
@@ -141,7 +151,8 @@ def compile_instead_of_launch(arch: int = 90, log: Callable[[str], None] = None,
         records.append(rec)
         if log:
             log(f"  {rec['kernel']:<28} {rec['seconds']:5.1f}s  shared {rec['shared']}  regs {rec['regs']}  "
-                f"spill {rec['spill_stores']}/{rec['spill_loads']}  warps {rec['num_warps']}  {rec['constexprs']}")
+                f"spill {rec['spill_stores']}/{rec['spill_loads']}  warps {rec['num_warps']}  "
+                f"{rec['dtype']}  access bits {format_accesses(rec['accesses'])}  {rec['constexprs']}")
         return None
 
     JITFunction.run = run
@@ -151,6 +162,51 @@ def compile_instead_of_launch(arch: int = 90, log: Callable[[str], None] = None,
     finally:
         JITFunction.run = original
         _common.COMPILE_ONLY = False
+
+
+def _jit_specializer(target):
+    """``f(jit_fn, args, kwargs) -> (signature, constexprs, attrs, options)`` computed by
+    Triton's own launch binder for ``target``, as a launch on that GPU would: pointers known
+    16-byte aligned, integers divisible by 16 marked so, integers equal to 1 made constants
+    (what lets loads along a unit stride vectorize). None where this Triton's internals differ
+    (then launches compile unspecialized: a stricter check of registers, no alignment known)."""
+    try:
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        backend = make_backend(target)
+    except Exception:  # noqa: BLE001 - another Triton's internals
+        return None
+    binders: Dict[int, Callable] = {}
+
+    def specialize(fn, args, kwargs):
+        try:
+            if id(fn) not in binders:
+                binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, backend)
+            bound, spec, opts = binders[id(fn)](*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, dict(kwargs), bound, spec, opts)
+        except Exception:  # noqa: BLE001 - another Triton's internals
+            return None
+        return signature, constexprs, attrs, dict(options.__dict__)
+    return specialize
+
+
+_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+
+
+def global_accesses(ptx: str) -> Dict[str, int]:
+    """``{"ld128": n, "st16": m, ...}``: the kernel's global loads and stores in the PTX by
+    the bits one thread moves per instruction (vector width x element bits; static count, a
+    loop body counted once). 128 = a full 16-byte vector access, the copy-rate case; 16 in a
+    bf16 kernel = one element per instruction."""
+    out: Dict[str, int] = {}
+    for op, vec, bits in _ACCESS.findall(ptx):
+        k = f"{op}{int(vec or 1) * int(bits)}"
+        out[k] = out.get(k, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def format_accesses(acc: Dict[str, int]) -> str:
+    return " ".join(f"{k}x{v}" for k, v in acc.items()) or "-"
 
 
 def _record_dtype(pointers: dict) -> str:
@@ -176,6 +232,43 @@ def spills(records: List[dict], dtype: str = "bf16", presets_only: bool = False)
     """The records of ``dtype`` whose ptxas report shows spill stores or loads."""
     return [r for r in records if r.get("dtype") == dtype and (r.get("spill_stores") or r.get("spill_loads"))
             and (used_by_presets(r) or not presets_only)]
+
+
+# Bandwidth-bound kernels whose activation loads and stores must compile to full 16-byte vector
+# accesses in bf16 (at the model widths the cases use), and the accesses each may make narrower
+# by design: {kernel: allowed narrow access kinds}. A 16-bit access here means one bf16 element
+# per instruction: an eighth of the width a copy at full bandwidth uses.
+WIDE_KERNELS = {
+    "_gather_kernel": (),
+    "_scatter_kernel": (),
+    "_scatter_pos_kernel": (),
+    "_short_fwd_kernel": (), "_short_bwd_kernel": (),
+    "_varlen_short_fwd_kernel": (), "_varlen_short_bwd_kernel": (),
+    "_ce_rows_kernel": ("ld16",),        # the target's logit, one value per row
+}
+
+
+def narrow_accesses(records: List[dict]) -> List[dict]:
+    """The bf16 records of :data:`WIDE_KERNELS` with a 16-bit global access not allowed for
+    the kernel, or without a 128-bit load and a 128-bit store. The RGB-difference kernel is
+    checked on its clip loads: each thread's run along a patch row (4 values) must be one
+    vector load per frame, at least 64 bits (the predictions are read strided by the channel
+    count, by design: the model's (ph, pw, c) order)."""
+    bad = []
+    for r in records:
+        acc = r.get("accesses") or {}
+        if r.get("dtype") != "bf16":
+            continue
+        if r["kernel"] in WIDE_KERNELS:
+            allowed = WIDE_KERNELS[r["kernel"]]
+            narrow = [k for k in acc if k in ("ld16", "st16") and k not in allowed]
+            if narrow or "ld128" not in acc or "st128" not in acc:
+                bad.append(r)
+        elif r["kernel"] == "_rgb_diff_kernel":
+            wide = sum(v for k, v in acc.items() if k.startswith("ld") and int(k[2:]) >= 64)
+            if wide < 3:                    # the mask index (one 64-bit load) + frames t and t-1
+                bad.append(r)
+    return bad
 
 
 def usage_table(records: List[dict], arch: int) -> str:
@@ -232,11 +325,12 @@ def _gather_cases(dtype: torch.dtype, D: int):
     z.backward(torch.randn_like(z))
 
 
-def _rgb_diff_cases(dtype: torch.dtype, patch: int):
+def _rgb_diff_cases(dtype: torch.dtype, patch: int, clip_dtype: torch.dtype = None):
+    """``clip_dtype``: the clip's (training feeds an fp32 clip with bf16 predictions)."""
     from mam2_fast.kernels.rgb_diff_loss import rgb_diff_mse_packed_fused, rgb_diff_mse_tube_fused
 
     B, T, h, w = 2, 4, 3, 2
-    clip = torch.randn(B, T, 3, h * patch, w * patch, dtype=dtype)
+    clip = torch.randn(B, T, 3, h * patch, w * patch, dtype=clip_dtype or dtype)
     idx = torch.stack([torch.randperm(h * w)[:3] for _ in range(B)])
     pred = torch.randn(B, T, 3, 3 * patch * patch, dtype=dtype, requires_grad=True)   # [B, T, Nm, P*P*C]
     rgb_diff_mse_tube_fused(clip, pred, idx, patch).backward()
@@ -277,6 +371,8 @@ def run_checks(arch: int = 90, quick: bool = False, log: Callable[[str], None] =
             for D in ((768,) if quick else (384, 768, 1024)):
                 _gather_cases(dtype, D)
             _rgb_diff_cases(dtype, 16)
+            if dtype != torch.float32:
+                _rgb_diff_cases(dtype, 16, clip_dtype=torch.float32)
             for K in ((16384,) if quick else (8192, 16384)):
                 _linear_ce_cases(dtype, K)
             _group_norm_cases(dtype)
@@ -310,8 +406,22 @@ def main(argv=None) -> int:
               f"on sm_{args.arch}",
               file=sys.stderr)
         return 1
+    specialized = all(r.get("specialized") for r in records)
+    if specialized:
+        narrow = narrow_accesses(records)
+        for r in narrow:
+            print(f"NARROW sm_{args.arch}: {r['kernel']} {r['constexprs']} global access bits "
+                  f"{format_accesses(r['accesses'])}", file=sys.stderr)
+        if narrow:
+            print(f"compile_check: {len(narrow)} bandwidth-bound bf16 kernel specialization(s) compile to narrower "
+                  f"than 16-byte accesses on sm_{args.arch}", file=sys.stderr)
+            return 1
+    else:
+        print("compile_check: this Triton's launch binder could not be used; launches compiled unspecialized "
+              "(no alignment known), the access-width check skipped", file=sys.stderr)
     print(f"ok: {len(records)} specializations of {len(kernels)} kernels compiled to cubin in "
-          f"{time.time() - t0:.0f}s ({', '.join(kernels)})")
+          f"{time.time() - t0:.0f}s, specialized as launched: {'yes' if specialized else 'no'} "
+          f"({', '.join(kernels)})")
     return 0
 
 
