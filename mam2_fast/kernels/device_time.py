@@ -25,6 +25,7 @@ median wall time of one call, ``device_ms == host_ms``.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -109,6 +110,20 @@ def device_time(fn: Callable[[], object], device: torch.device, warmup: int = 2,
     device = accel.as_device(device)
     if device.type != "cuda":
         return _host_only(fn, device, warmup, reps)
+    with _on(device):                        # the sleep and the events go to the device's own stream
+        return _device_time(fn, device, warmup, reps, flush_l2)
+
+
+def _on(device: torch.device):
+    """``torch.cuda.device(device)`` for an indexed CUDA device (cuda:1 while cuda:0 is
+    current), else nothing."""
+    if device.index is not None and torch.cuda.is_available():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _device_time(fn: Callable[[], object], device: torch.device, warmup: int, reps: int,
+                 flush_l2: bool) -> DeviceTiming:
     flush = (lambda: _flush_l2(device)) if flush_l2 else (lambda: None)
     for _ in range(warmup):
         fn()
