@@ -1,6 +1,7 @@
 """Per-op choice at run time (issue 19 item 3): a fused op slower than torch at the run's
 shapes runs torch's; the choice is cached per device, dtype and shapes."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -80,3 +81,39 @@ def test_ops_that_failed_the_check_are_not_timed(tmp_path):
                         timer=lambda fn, d: seen.append(fn) or 1.0, path=tmp_path / "c.json")
     t = json.loads((tmp_path / "c.json").read_text())
     assert "varlen_attention" not in next(iter(t.values()))
+
+
+def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One gloo rank: rank 0 times fused attention faster, rank 1 slower."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        kernels.clear_fallbacks()
+        slow_on_this_rank = rank == 1
+
+        def timed(fn, device):
+            kind = timed.calls % 2            # fused, then reference, per op
+            timed.calls += 1
+            return (2.0 if slow_on_this_rank else 0.5) if kind == 0 else 1.0
+        timed.calls = 0
+        timings = autotune.choose_ops(TUBE, torch.device("cpu"), torch.float32, lambda s: None, timer=timed,
+                                      path=Path(out_dir) / f"cache{rank}.json")
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(
+            {"fallbacks": sorted(kernels.fallbacks()), "choices": {k: v["choice"] for k, v in timings.items()}}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_follow_rank_zeros_choice(tmp_path):
+    """Two gloo processes whose own timings disagree (rank 1 finds every fused op slower)
+    both use rank 0's choice: no op runs fused on one rank and torch on the other."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1
+    assert r0["fallbacks"] == [] and set(r0["choices"].values()) == {"fused"}
+    # each rank cached what it measured itself: rank 1 found every fused op slower
+    c1 = next(iter(json.loads((tmp_path / "cache1.json").read_text()).values()))
+    assert set(v["choice"] for v in c1.values()) == {"reference"}

@@ -141,10 +141,25 @@ def cache_key(s, device: torch.device, dtype: torch.dtype) -> str:
     return f"{accel.device_name(device)} | {str(dtype).replace('torch.', '')} | device time | {s}"
 
 
+def agree_across_ranks(timings: Dict[str, dict]) -> Dict[str, dict]:
+    """In a multi-process run every rank keeps rank 0's timings and choices: each rank times
+    its own device, and where the two sides of an op are close, timing noise could give ranks
+    different kernels (each correct, but the ranks' numerics would differ). One
+    ``broadcast_object_list``; a no-op in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return timings
+    box = [timings]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Optional[Timer] = None,
                path: Optional[Path] = None) -> Dict[str, dict]:
     """Time every fused op of a step at shapes ``s`` against its reference and send the slower
-    fused ones back to the reference; returns ``{op: {"fused_ms", "reference_ms", "choice"}}``."""
+    fused ones back to the reference (every rank of a multi-process run follows rank 0's
+    choice); returns ``{op: {"fused_ms", "reference_ms", "choice"}}``."""
     path = path or cache_path()
     key = cache_key(s, device, dtype)
     cache: dict = {}
@@ -175,6 +190,7 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
             os.replace(tmp, path)
         except OSError as e:
             log(f"kernels: could not cache the per-op choice in {path} ({e})")
+    timings = agree_across_ranks(timings)
     for op, t in timings.items():
         if t["choice"] == "reference":
             kernels.fall_back_to_reference(op, f"slower than its torch reference at the run's shapes "
