@@ -117,3 +117,46 @@ def test_ranks_follow_rank_zeros_choice(tmp_path):
     # each rank cached what it measured itself: rank 1 found every fused op slower
     c1 = next(iter(json.loads((tmp_path / "cache1.json").read_text()).values()))
     assert set(v["choice"] for v in c1.values()) == {"reference"}
+
+
+def _check_rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """One gloo rank of the start-of-run check: the fused attention fails on rank 1 only."""
+    import torch.distributed as dist
+
+    from mam2_fast.kernels import selfcheck
+    from mam2_fast.train import accel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        kernels.clear_fallbacks()
+        selfcheck.check_fused_kernels = lambda device, dtype: (
+            {"factorized_attention[spatial]": "relative error 1e+00 > 3e-02"} if rank == 1 else {})
+        kernels.triton_available = lambda: True
+        accel.capability = lambda d: (9, 0)
+        autotune.choose_ops = lambda *a, **k: {}
+        out = {}
+        out["auto"] = selfcheck.resolve_backend("auto", torch.device("cuda"), torch.bfloat16, lambda s: None, None)
+        out["fallbacks"] = kernels.fallbacks()
+        try:
+            selfcheck.resolve_backend("fused", torch.device("cuda"), torch.bfloat16, lambda s: None, None)
+            out["fused"] = "no error"
+        except RuntimeError as e:
+            out["fused"] = str(e)
+        (Path(out_dir) / f"check{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_check_failing_on_one_rank_falls_back_on_every_rank(tmp_path):
+    """The start-of-run check fails on rank 1 only: under ``auto`` both ranks run that op's
+    reference (rank 0 names rank 1); under ``fused`` both raise, so no rank is left waiting in
+    a collective for one that stopped."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_check_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"check{r}.json").read_text()) for r in (0, 1))
+    assert r0["auto"] == r1["auto"] == "fused"
+    assert set(r0["fallbacks"]) == set(r1["fallbacks"]) == {"factorized_attention"}
+    assert "on rank 1" in r0["fallbacks"]["factorized_attention"]
+    assert "on rank" not in r1["fallbacks"]["factorized_attention"]
+    assert "factorized_attention" in r0["fused"] and "factorized_attention" in r1["fused"]

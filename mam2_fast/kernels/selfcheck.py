@@ -184,6 +184,24 @@ def op_of_case(case: str) -> str:
     return case.split("[", 1)[0]
 
 
+def union_across_ranks(problems: dict) -> dict:
+    """In a multi-process run, the ops that failed the check on any rank, on every rank (the
+    first rank's reason): all ranks then fall back alike, and under ``fused`` all of them raise,
+    rather than one rank leaving while the others wait for it in the next collective. One
+    ``all_gather_object``; a no-op in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return problems
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, problems)
+    merged: dict = {}
+    for rank, found in enumerate(gathered):
+        for op, why in (found or {}).items():
+            merged.setdefault(op, why if rank == dist.get_rank() else f"on rank {rank}: {why}")
+    return merged
+
+
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, log=print,
                     shapes=None) -> str:
     """The backend a run actually uses: ``reference`` / ``fused`` / ``auto`` -> checked choice.
@@ -213,6 +231,7 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, lo
 
         for op, why in check_launch_limits(shapes, dtype).items():
             problems.setdefault(op, why)
+    problems = union_across_ranks(problems)
     if not problems:
         at = f", launches at batch {shapes.batch} within CUDA's limits" if shapes is not None else ""
         log(f"kernels: fused Triton kernels passed the start-of-run check on {device} ({dtype}{at})")
