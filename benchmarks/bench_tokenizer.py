@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mam2_fast.targets.vqgan import VQGANTokenizer  # noqa: E402
+
+_COMPILING = [False]
 
 VARIANTS = {  # name -> VQGANTokenizer keyword arguments
     "bf16 contiguous": dict(dtype="bfloat16", channels_last=False),       # the default
@@ -38,14 +41,19 @@ VARIANTS = {  # name -> VQGANTokenizer keyword arguments
     "bf16 weights no autocast": dict(dtype="float32", channels_last=True, pure_bf16=True),
     # tokenizer.fused_norm: GroupNorm + SiLU in one Triton kernel writing bf16 (kernels/group_norm.py)
     "bf16 contiguous fused-norm": dict(dtype="bfloat16", channels_last=False, fused_norm=True),
+    # tokenizer.compile: the encoder + quantizer through torch.compile (Inductor fuses the
+    # norm / activation / cast passes); its first call compiles (printed separately)
+    "bf16 contiguous compiled": dict(dtype="bfloat16", channels_last=False, compiled=True),
+    "bf16 channels-last compiled": dict(dtype="bfloat16", channels_last=True, compiled=True),
 }
 
 
 def make_tokenizer(dev: torch.device, pure_bf16: bool = False, fused_norm: bool = False,
-                   **kwargs) -> VQGANTokenizer:
+                   compiled: bool = False, chunk_frames: int = 64, **kwargs) -> VQGANTokenizer:
     torch.manual_seed(0)    # the same random weights in every variant, so their codes can be compared
-    tok = VQGANTokenizer(patch_size=16, **kwargs).to(dev)   # channels_last given by every variant
+    tok = VQGANTokenizer(patch_size=16, chunk_frames=chunk_frames, **kwargs).to(dev)   # channels_last given by every variant
     tok.set_fused_norm(fused_norm)
+    tok.set_compiled(compiled)
     if pure_bf16:
         tok.to(torch.bfloat16)
         tok.quantize.float()                       # distances stay fp32, as in every variant
@@ -62,8 +70,12 @@ def flops_per_clip(tok: VQGANTokenizer, frames: torch.Tensor) -> float:
 
 
 def time_ms(fn, repeats: int) -> list:
+    """CUDA-event ms of ``repeats`` calls after one warm-up call (whose wall time, compilation
+    included for a compiled variant, is printed)."""
+    t0 = time.perf_counter()
     fn()
     torch.cuda.synchronize()
+    print(f"    first call (warm-up{', compiles' if _COMPILING[0] else ''}): {time.perf_counter() - t0:.1f} s", flush=True)
     out = []
     for _ in range(repeats):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -91,8 +103,12 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated, from: " + "; ".join(VARIANTS))
     p.add_argument("--profile", action="store_true", help="print the top CUDA kernels of the first variant")
+    p.add_argument("--chunk-frames", type=int, default=64,
+                   help="frames per encoder call (training's tokenizer.chunk_frames default: 64; the "
+                        "2026-12-04 H200 numbers were taken with 0 = all 512 frames in one call)")
     p.add_argument("--smoke", action="store_true", help="one tiny call on CPU (checks the script)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -108,7 +124,8 @@ def main(argv=None) -> int:
     frames = torch.rand(args.batch, args.frames, 3, args.size, args.size, device=dev)
     rows = []
     for i, name in enumerate(v.strip() for v in args.variants.split(",")):
-        tok = make_tokenizer(dev, **VARIANTS[name])
+        tok = make_tokenizer(dev, chunk_frames=args.chunk_frames, **VARIANTS[name])
+        _COMPILING[0] = tok.compiled
         fn = lambda: tok.tokenize(frames)  # noqa: E731
         ms = time_ms(fn, args.repeats)
         med = statistics.median(ms)

@@ -10,7 +10,7 @@
 # and .gl/VideoMAE); the device call carries both (benchmarks/RESULTS.md, "The device call").
 # Nothing here touches the network.
 #
-# Stages, highest priority first; each has its own time limit (cut to the time left of the
+# Stages, in the default schedule's order (STAGES below); each has its own time limit (cut to the time left of the
 # session's GPU_SESSION_SECONDS, default 540) so a slow stage cannot eat the next ones' time.
 # Each stage's log (and JSON) goes to $GPU_SESSION_LOGS and is packed into $OUT/logs.tgz when
 # the stage ends, with a line in $OUT/summary.txt (the device call returns at most 8 files), so
@@ -26,11 +26,13 @@
 #             time (--device-time: calls queued behind a sleeping kernel, so no host launch
 #             gap is timed; no graph capture to fail); no compiled variants (their compile
 #             time would not fit)
-#   step      bench_step.py: ViT-B step at B 32 without the tokenizer, reference eager vs
-#             fused vs fused + compile
-#   tokenizer bench_tokenizer.py: the VQGAN tokenizer alone, its variants and top kernels
+#   step      bench_step.py: ViT-B step at B 32 without the tokenizer, fused vs fused +
+#             compile (the eager reference was measured on 2026-12-04)
+#   tokenizer bench_tokenizer.py: the VQGAN tokenizer alone: eager, fused GroupNorm + SiLU,
+#             torch.compile (TOKENIZER_VARIANTS replaces the list), and its top kernels
 #   train     the real loop on CUDA: demo data, kernels auto, bf16, checkpoints
-#   videomae  bench_videomae.py: our VideoMAE baseline vs the official code (.gl/VideoMAE)
+#   videomae  bench_videomae.py: our VideoMAE baseline vs the official code (.gl/VideoMAE);
+#             not in the default schedule since 2026-12-05 (measured the day before)
 #   loader    builds csrc/augment_cuda.cu (setup.py build_ext, MAM2_FORCE_CUDA=1), then
 #             bench_loader.py on CUDA with the extension
 set -u
@@ -80,8 +82,8 @@ stage_env() {
 
 stage_parity() {  # one pytest per file, highest value first, so a slow file cannot hide the others' results
     local files=(tests/test_kernels_linear_ce.py tests/test_kernels_attention.py tests/test_kernels_gather.py
-                 tests/test_model_fused.py tests/test_kernels_varlen.py tests/test_kernels_rgb_diff.py
-                 tests/test_model_targets_fused.py)
+                 tests/test_kernels_group_norm.py tests/test_model_fused.py tests/test_kernels_varlen.py
+                 tests/test_kernels_rgb_diff.py tests/test_model_targets_fused.py)
     local f
     for f in "${files[@]}"; do
         [ -f "$f" ] || continue
@@ -96,12 +98,14 @@ stage_kernels() {  # --device-time: device time of each variant (eager timings o
 
 stage_step() {  # --tokenizer codes: the model step alone; the tokenizer has its own stage
     # shellcheck disable=SC2086
-    run "$PY" benchmarks/bench_step.py ${STEP_ARGS:---models B --batch 32 --variants eager,fused,compile --tokenizer codes --max-batch ""} \
+    run "$PY" benchmarks/bench_step.py ${STEP_ARGS:---models B --batch 32 --variants fused,compile --tokenizer codes --max-batch ""} \
         --warmup 3 --iters 5 --repeats 3 --verbose --out "$LOGS/step.json"
 }
 
-stage_tokenizer() {  # the VQGAN tokenizer every step runs: precision / layout variants and its top kernels
-    run "$PY" benchmarks/bench_tokenizer.py --batch 32 --profile
+stage_tokenizer() {  # the VQGAN tokenizer every step runs: eager (the default), fused GroupNorm + SiLU,
+    # torch.compile (tokenizer.fused_norm / tokenizer.compile; the compile's first call is timed apart)
+    run "$PY" benchmarks/bench_tokenizer.py --batch 32 --profile \
+        --variants "${TOKENIZER_VARIANTS:-bf16 contiguous,bf16 contiguous fused-norm,bf16 contiguous compiled}"
 }
 
 stage_train() {  # the real loop on CUDA: demo data, kernels auto (parity + timing choice), bf16, checkpoint
@@ -133,7 +137,10 @@ stage_loader() {
 export -f run pack stage_train stage_tokenizer stage_env stage_parity stage_kernels stage_step stage_videomae stage_loader
 
 # -- the schedule -----------------------------------------------------------------------
-STAGES=(env:20 parity:120 kernels:100 step:90 tokenizer:45 train:60 videomae:40 loader:65)   # name:seconds (sum 540)
+# (2026-12-05) the device-time kernel ratios first, then parity; the tokenizer and the step
+# stages get room for their torch.compile variants; videomae (measured 2026-12-04: 2.42x the
+# official code) runs only when asked (GPU_SESSION_STAGES / GPU_SESSION_PLAN)
+STAGES=(env:20 kernels:110 parity:100 tokenizer:110 step:110 train:45 loader:45)   # name:seconds (sum 540)
 if [ -n "${GPU_SESSION_PLAN:-}" ]; then read -r -a STAGES <<< "$GPU_SESSION_PLAN"; fi   # e.g. "env:15 parity:100"
 start=$SECONDS
 planned=0

@@ -107,6 +107,7 @@ class TokenizerConfig:
     chunk_frames: int = 64               # frames per tokenizer call (bounds memory)
     resize_mode: str = "lanczos"         # resize when the tokenizer stride != patch size (BEiT)
     fused_norm: bool = False             # VQGAN on CUDA: fused GroupNorm + SiLU kernel (not yet timed on a GPU)
+    compile: bool = False                # VQGAN / DALL-E: torch.compile the encoder + quantizer (not yet timed on a GPU)
 
 
 @dataclass

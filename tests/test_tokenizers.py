@@ -604,3 +604,39 @@ def test_token_cache_tokens_for(tmp_path):
     tok.calls = 0
     b = cache.tokens_for(tok, ["v0", "v1"], frames, clip, num_frames=[8, 8])
     assert tok.calls == 0 and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "gumbel"])
+def test_compiled_tokenizer_gives_the_nearest_codes(quantizer):
+    """``tokenizer.compile``: the encoder and quantizer through torch.compile (Inductor on
+    this CPU) give the reference's nearest codes (fp32 near-ties either way), for a chunked
+    call whose last chunk is shorter (a second static shape); the eager path is untouched."""
+    tok = _randomize(VQGANTokenizer(small_spec(quantizer), patch_size=2, dtype="float32",
+                                    chunk_frames=4), seed=3).eval()
+    frames = torch.rand(2, 3, 3, 16, 12)                 # 6 frames: chunks of 4 and 2
+    from torch._dynamo.utils import counters
+
+    eager = tok.tokenize(frames)
+    tok.set_compiled(True)
+    assert tok.describe()["compiled"] is True
+    counters.clear()
+    compiled = tok.tokenize(frames)
+    assert counters["stats"]["unique_graphs"] >= 2        # compiled, once per chunk shape
+    _assert_nearest_codes(tok, frames, compiled)
+    assert (compiled == eager).float().mean() > 0.99
+    tok.set_compiled(False)
+    assert torch.equal(tok.tokenize(frames), eager)
+
+
+def test_tokenizer_compile_is_a_config_switch(tmp_path):
+    from types import SimpleNamespace
+
+    from mam2_fast.targets.vqgan import build_vqgan_tokenizer
+
+    ckpt = tmp_path / "last.ckpt"
+    write_taming_ckpt(ckpt, small_spec(), extra_objects=False)
+    cfg = SimpleNamespace(checkpoint=str(ckpt), checkpoint_config=None, preset=None, dtype="float32",
+                          chunk_frames=0, resize_mode="lanczos", fused_norm=False, compile=True, vocab_size=None)
+    assert build_vqgan_tokenizer(cfg, patch_size=2).compiled
+    cfg.compile = False
+    assert not build_vqgan_tokenizer(cfg, patch_size=2).compiled

@@ -183,6 +183,7 @@ def build_dalle_tokenizer(cfg: Any, patch_size: int) -> DalleTokenizer:
     tok = DalleTokenizer.from_checkpoint(
         ckpt, patch_size=patch_size, resize_mode=getattr(cfg, "resize_mode", None) or "lanczos",
         dtype=getattr(cfg, "dtype", "bfloat16"), chunk_frames=getattr(cfg, "chunk_frames", 0) or 0)
+    tok.set_compiled(bool(getattr(cfg, "compile", False)))
     vs = getattr(cfg, "vocab_size", None)
     if vs and int(vs) != tok.vocab_size:
         warnings.warn(f"tokenizer.vocab_size={vs} but the DALL-E encoder has {tok.vocab_size} codes; "

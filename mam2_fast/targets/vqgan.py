@@ -294,6 +294,8 @@ class FrozenCodeTokenizer(nn.Module):
         self.dtype_name = dtype
         self.chunk_frames = int(chunk_frames or 0)
         self.channels_last = bool(channels_last)
+        self.compiled = False                  # tokenizer.compile: see set_compiled
+        self._compiled_codes = None
 
     # -- protocol ---------------------------------------------------------------------
     def grid_size(self, height: int, width: int) -> Tuple[int, int]:
@@ -310,7 +312,7 @@ class FrozenCodeTokenizer(nn.Module):
         """The tokenizer's effective preprocessing, for logs and run configs."""
         out = {"class": type(self).__name__, "vocab_size": self.vocab_size, "stride": self.stride,
                "patch_size": self.patch_size, "resize_mode": self.resize_mode, "dtype": self.dtype_name,
-               "chunk_frames": self.chunk_frames}
+               "chunk_frames": self.chunk_frames, "compiled": self.compiled}
         if self.patch_size is not None:
             out["input_for_224"] = self.input_size(224, 224)
             out["grid_for_224"] = self.grid_size(224, 224)
@@ -322,6 +324,26 @@ class FrozenCodeTokenizer(nn.Module):
 
     def codes(self, x: Tensor) -> Tensor:
         raise NotImplementedError
+
+    # -- compiled ---------------------------------------------------------------------
+    def set_compiled(self, on: bool = True) -> "FrozenCodeTokenizer":
+        """Run :meth:`codes` through ``torch.compile`` (``tokenizer.compile``): Inductor fuses
+        the encoder's GroupNorm, SiLU, residual adds and dtype casts, the elementwise passes
+        that took about 70 % of the VQGAN tokenizer's time on the H200 in eager mode
+        (``benchmarks/bench_tokenizer.py --profile``, 2026-12-04). Static shapes (a chunk of
+        ``chunk_frames`` frames, and the last, shorter chunk: at most two graphs); the first
+        call of each shape compiles. The codes equal the eager ones up to near-ties of the
+        nearest-code decision (the fused arithmetic rounds differently)."""
+        self.compiled = bool(on)
+        self._compiled_codes = None
+        return self
+
+    def _codes_fn(self):
+        if not self.compiled:
+            return self.codes
+        if self._compiled_codes is None:
+            self._compiled_codes = torch.compile(self.codes, dynamic=False)
+        return self._compiled_codes
 
     # -- frozen -----------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -356,6 +378,7 @@ class FrozenCodeTokenizer(nn.Module):
         n = x.shape[0]
         chunk = self.chunk_frames if self.chunk_frames > 0 else n
         amp = self._autocast_dtype(x.device)
+        codes = self._codes_fn()
         outs = []
         for s in range(0, n, chunk):
             xc = x[s:s + chunk].float()
@@ -364,7 +387,7 @@ class FrozenCodeTokenizer(nn.Module):
             if self.channels_last and xc.device.type == "cuda":
                 xc = xc.contiguous(memory_format=torch.channels_last)
             with accel.autocast(xc.device, amp or torch.float32, enabled=amp is not None):
-                ids = self.codes(xc)
+                ids = codes(xc)
             if ids.shape[-2:] != (h, w):
                 raise RuntimeError(f"{type(self).__name__}: produced a {tuple(ids.shape[-2:])} grid for input "
                                    f"{ih}x{iw}, expected {(h, w)}")
@@ -747,6 +770,7 @@ def build_vqgan_tokenizer(cfg: Any, patch_size: int) -> VQGANTokenizer:
                          ".ckpt (e.g. vqgan_imagenet_f16_16384/checkpoints/last.ckpt)")
     tok = VQGANTokenizer.from_checkpoint(ckpt, config=yaml_cfg, preset=preset, **kwargs)
     tok.set_fused_norm(bool(getattr(cfg, "fused_norm", False)))
+    tok.set_compiled(bool(getattr(cfg, "compile", False)))
     vs = getattr(cfg, "vocab_size", None)
     if vs and int(vs) != tok.vocab_size:
         warnings.warn(f"tokenizer.vocab_size={vs} but the VQGAN checkpoint has {tok.vocab_size} codes; "
