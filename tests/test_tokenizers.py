@@ -640,3 +640,21 @@ def test_tokenizer_compile_is_a_config_switch(tmp_path):
     assert build_vqgan_tokenizer(cfg, patch_size=2).compiled
     cfg.compile = False
     assert not build_vqgan_tokenizer(cfg, patch_size=2).compiled
+
+
+def test_compiled_tokenizer_leaves_the_norm_to_inductor(monkeypatch):
+    """tokenizer.fused_norm + tokenizer.compile: inside the compiled graph the plain GroupNorm
+    + SiLU run (Inductor fuses them), never the Triton kernel; outside it, the fused path is
+    still taken where it applies."""
+    import mam2_fast.kernels.group_norm as gn
+    from mam2_fast.targets import vqgan
+
+    calls = []
+    monkeypatch.setattr(gn, "group_norm_silu_fused", lambda *a, **k: calls.append(1) or pytest.fail("fused in graph"))
+    monkeypatch.setattr(vqgan.torch.compiler, "is_compiling", lambda: True)
+    norm = nn.GroupNorm(2, 4, eps=1e-6)
+    norm.fused = True
+    x = torch.randn(1, 4, 3, 3)
+    with torch.no_grad():
+        assert torch.allclose(vqgan._norm_act(norm, x), F.silu(norm(x)))
+    assert calls == []

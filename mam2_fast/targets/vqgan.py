@@ -333,7 +333,9 @@ class FrozenCodeTokenizer(nn.Module):
         (``benchmarks/bench_tokenizer.py --profile``, 2026-12-04). Static shapes (a chunk of
         ``chunk_frames`` frames, and the last, shorter chunk: at most two graphs); the first
         call of each shape compiles. The codes equal the eager ones up to near-ties of the
-        nearest-code decision (the fused arithmetic rounds differently)."""
+        nearest-code decision (the fused arithmetic rounds differently). With
+        ``tokenizer.fused_norm`` also set, the compiled graph keeps the plain GroupNorm + SiLU
+        (Inductor fuses them) rather than the Triton kernel."""
         self.compiled = bool(on)
         self._compiled_codes = None
         return self
@@ -432,8 +434,10 @@ def _norm_act(norm: nn.GroupNorm, x: Tensor, silu: bool = True) -> Tensor:
     """``[silu](norm(x))``; with ``norm.fused`` set (``VQGANTokenizer.set_fused_norm``) and a
     contiguous CUDA input (or the Triton interpreter, for tests) one fused kernel writes the
     result in x's dtype (``kernels/group_norm.py``) instead of autocast's fp32 GroupNorm, SiLU
-    and cast passes."""
-    if getattr(norm, "fused", False) and x.is_contiguous() and not torch.is_grad_enabled():
+    and cast passes. Inside ``torch.compile`` (``tokenizer.compile``) the plain modules run:
+    Inductor fuses them itself."""
+    if (getattr(norm, "fused", False) and x.is_contiguous() and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
         from mam2_fast.kernels._common import interpreting
         if x.is_cuda or interpreting():
             from mam2_fast.kernels.group_norm import group_norm_silu_fused
