@@ -572,7 +572,10 @@ class MAM2(nn.Module):
             slots = idx.unsqueeze(-1).expand(B, M, Dd)
             x = self.mask_query.expand(B, M, Dd)
             for blk in self.regressor:
-                x = run_block(blk, x, vis.scatter(1, slots, x), pos_q, pos_k,
+                # keys in the promoted dtype, as torch.cat / torch.where give the other paths
+                # (under autocast the latents are bf16 / fp16 and the queries fp32)
+                dt = torch.promote_types(vis.dtype, x.dtype)
+                x = run_block(blk, x, vis.to(dt).scatter(1, slots, x.to(dt)), pos_q, pos_k,
                               checkpointed=self.grad_checkpointing)
             return self.regressor_norm(x).reshape(B * M, Dd)
         pos_q = select_pos(pos, info, masked=True).reshape(B, -1, Dd)  # [B, Lq, D']
@@ -791,8 +794,9 @@ class MAM2(nn.Module):
             B, T = latent.shape[:2]
             pos_full = pos.unsqueeze(0).expand(B, *pos.shape)
             full = self.mask_query.expand(B, T, self.num_patches, Dd)
-            if info.is_tube:
-                full = full.scatter(2, info.vis_idx[:, None, :, None].expand(B, T, -1, Dd), latent)
+            if info.is_tube:   # in the promoted dtype, as torch.where below (autocast: bf16 latents)
+                dt = torch.promote_types(full.dtype, latent.dtype)
+                full = full.to(dt).scatter(2, info.vis_idx[:, None, :, None].expand(B, T, -1, Dd), latent.to(dt))
             else:
                 full = torch.where(info.mask.unsqueeze(-1), full, latent)
             return DecoderInput(full + pos_full, None, None, None, True)   # [B, T, N, D']
