@@ -26,52 +26,140 @@ def _clean():
 
 @pytest.mark.parametrize("shapes", [TUBE, RANDOM, RunShapes(batch=1, frames=2, patches=4, patch=4, channels=3,
                                                              embed_dim=16, heads=2)], ids=["tube", "random", "finetune"])
-def test_every_planned_op_has_a_case_that_runs_both_ways(shapes):
+def test_every_planned_call_has_a_case_that_runs_both_ways(shapes):
     from mam2_fast.kernels.launch_plan import planned_calls
 
-    cases = autotune.op_cases(shapes, torch.device("cpu"), torch.float32)
-    assert set(cases) == {c.op for c in planned_calls(shapes, torch.float32)}
-    for fused, reference in cases.values():       # interpreter on CPU: both paths run, fwd + bwd
-        fused()
-        reference()
+    cases = autotune.call_cases(shapes, torch.device("cpu"), torch.float32)
+    assert {c.op for c in cases.values()} == {c.op for c in planned_calls(shapes, torch.float32)}
+    for key, case in cases.items():          # interpreter on CPU: both paths run, fwd + bwd
+        with kernels.recording_calls() as seen:
+            case.fused()
+            case.reference()
+        assert seen == [key, key], (key, seen)  # each case makes the call it is filed under
 
 
-def test_slower_fused_ops_fall_back_and_the_choice_is_cached(tmp_path, monkeypatch):
-    monkeypatch.delenv("MAM2_KERNEL_RETUNE", raising=False)
-    path = tmp_path / "choice.json"
-    calls = []
-    slow = {"factorized_attention"}          # fused attention is slower than torch, the rest faster
-    real_cases = autotune.op_cases
+def _tiny_model(**over):
+    from mam2_fast.config import ModelConfig
+    from mam2_fast.models.mam2 import build_model
+
+    cfg = ModelConfig(preset="tiny", img_size=32, num_frames=4, embed_dim=32, depth=1, num_heads=2,
+                      decoder_dim=16, decoder_heads=2, regressor_depth=1, appearance_depth=1,
+                      motion_depth=1, **over)
+    return build_model(cfg, vocab_size=13)
+
+
+@pytest.mark.parametrize("kind,over", [
+    ("tube", {}), ("tube", {"use_regressor": False}), ("tube", {"use_alignment": False}),
+    ("tube", {"appearance_target": "pixels"}), ("tube", {"motion_target": "clip_order"}),
+    ("random", {}), ("frame", {}), ("random", {"use_regressor": False}), ("cube", {})])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_the_timed_calls_are_the_models_own_calls(kind, over, autocast):
+    """The autotuner files each timing under the call key the model's own call computes: a
+    forward + backward of a tiny model (``auto`` on the CPU: the fused path's calls, each
+    through its reference) records the same set of keys that ``call_cases`` times, shapes,
+    dtypes and forward-only passes (the alignment target) included."""
+    from mam2_fast.kernels.launch_plan import RunShapes
+    from mam2_fast.masking import MaskGenerator
+
+    over = dict(over)
+    model = _tiny_model(**over)
+    model.set_kernel_backend("auto")
+    g = torch.Generator().manual_seed(0)
+    B, ratio = 2, 0.5
+    info = MaskGenerator(kind, ratio, 4, (2, 2))(B, g)                    # 4 frames of 2 x 2 patches
+    clip = torch.randn(B, 4, 3, 32, 32, generator=g)
+    codes = torch.randint(0, 13, (B, 4, 4), generator=g)
+    dtype = torch.bfloat16 if autocast else torch.float32
+    with kernels.recording_calls() as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(clip, info, codes)
+        out["loss"].backward()
+    shapes = RunShapes.of_model(model, B, kind, ratio)
+    assert set(seen) == set(autotune.call_cases(shapes, torch.device("cpu"), dtype)), \
+        (sorted(set(seen)), sorted(autotune.call_cases(shapes, torch.device("cpu"), dtype)))
+
+
+def test_finetune_calls_are_timed_as_the_classifier_makes_them():
+    from mam2_fast.kernels.launch_plan import RunShapes
+    from mam2_fast.ft.config import ClassifierConfig
+    from mam2_fast.models.classifier import VideoClassifier
+
+    model = VideoClassifier(ClassifierConfig(preset="tiny", img_size=32, num_frames=4, embed_dim=32, depth=1, num_heads=2,
+                                             num_classes=5))
+    model.set_kernel_backend("auto")
+    clip = torch.randn(2, 4, 3, 32, 32)
+    with kernels.recording_calls() as seen:
+        model(clip).sum().backward()
+    shapes = RunShapes.of_model(model, 2)
+    assert set(seen) == set(autotune.call_cases(shapes, torch.device("cpu"), torch.float32))
+
+
+def _fake_cases(monkeypatch):
+    """Cases that report (side, op, what) instead of running."""
+    real_cases = autotune.call_cases
 
     def cases(s, device, dtype):
-        out = {}
-        for op, (f, r) in real_cases(s, device, dtype).items():
-            out[op] = ((lambda op=op: ("f", op)), (lambda op=op: ("r", op)))
-        return out
-    monkeypatch.setattr(autotune, "op_cases", cases)
+        return {k: c._replace(fused=(lambda c=c: ("f", c.op, c.what)), reference=(lambda c=c: ("r", c.op, c.what)))
+                for k, c in real_cases(s, device, dtype).items()}
+    monkeypatch.setattr(autotune, "call_cases", cases)
+
+
+def test_slower_calls_fall_back_alone_and_the_choice_is_cached(tmp_path, monkeypatch):
+    monkeypatch.delenv("MAM2_KERNEL_RETUNE", raising=False)
+    path = tmp_path / "choice.json"
+    _fake_cases(monkeypatch)
+    calls = []
 
     def timer(fn, device):
-        kind, op = fn()
-        calls.append((kind, op))
-        return (2.0 if kind == "f" else 1.0) if op in slow else (0.5 if kind == "f" else 1.0)
+        side, op, what = fn()
+        calls.append((side, op, what))
+        if op == "factorized_attention" and what.endswith("spatial"):     # fused spatial attention: slower
+            return 2.0 if side == "f" else 1.0
+        if op == "linear_cross_entropy":                                  # the whole op slower
+            return 3.0 if side == "f" else 1.0
+        return 0.5 if side == "f" else 1.0
     lines = []
     t = autotune.choose_ops(TUBE, torch.device("cpu"), torch.float32, lines.append, timer=timer, path=path)
-    assert t["factorized_attention"]["choice"] == "reference" and t["linear_cross_entropy"]["choice"] == "fused"
-    assert set(kernels.fallbacks()) == slow
-    assert len(lines) == 1 and "timed" in lines[0] and "factorized_attention reference" in lines[0]
+    spatial = {k for k, v in t.items() if v["op"] == "factorized_attention" and v["what"].endswith("spatial")}
+    assert len(spatial) == 3 and all(" spatial " in k for k in spatial)   # encoder, alignment target, decoders
+    assert set(kernels.call_fallbacks()) == spatial                       # attention stays fused elsewhere
+    assert set(kernels.fallbacks()) == {"linear_cross_entropy"}            # slower at its only call: whole op
+    assert len(lines) == 1 and "timed" in lines[0] and "temporal: fused" in lines[0]
     key = autotune.cache_key(TUBE, torch.device("cpu"), torch.float32)
     assert json.loads(path.read_text())[key] == t
-    # the same run shapes again: from the cache, nothing timed
+    # the same run shapes again: from the cache, nothing timed, the same choice
     kernels.clear_fallbacks()
     n = len(calls)
     lines.clear()
     assert autotune.choose_ops(TUBE, torch.device("cpu"), torch.float32, lines.append, timer=timer, path=path) == t
-    assert len(calls) == n and "cached" in lines[0] and set(kernels.fallbacks()) == slow
+    assert len(calls) == n and "cached" in lines[0]
+    assert set(kernels.call_fallbacks()) == spatial and set(kernels.fallbacks()) == {"linear_cross_entropy"}
     # MAM2_KERNEL_RETUNE=1 times again; another batch is another key
     monkeypatch.setenv("MAM2_KERNEL_RETUNE", "1")
     autotune.choose_ops(TUBE, torch.device("cpu"), torch.float32, lines.append, timer=timer, path=path)
     assert len(calls) > n
     assert autotune.cache_key(TUBE.with_batch(4), torch.device("cpu"), torch.float32) != key
+
+
+def test_a_call_fallback_sends_only_that_call_to_the_reference(monkeypatch):
+    """Dispatch: with the spatial call of one shape sent back, that call runs the reference
+    and the temporal call of the same tensor, and the spatial call at another shape, the
+    kernel."""
+    from mam2_fast.kernels import attention, reference
+
+    ran = []
+    monkeypatch.setattr(attention, "factorized_attention_fused",
+                        lambda qkv, mode, valid, scale: ran.append(("fused", mode, qkv.shape[2])) or qkv[..., 0, :, :].flatten(-2))
+    real_ref = reference.factorized_attention_ref
+    monkeypatch.setattr(reference, "factorized_attention_ref",
+                        lambda qkv, mode, valid, scale: ran.append(("reference", mode, qkv.shape[2])) or real_ref(qkv, mode, valid, scale))
+    qkv, other = torch.randn(2, 3, 5, 3, 2, 4), torch.randn(2, 3, 7, 3, 2, 4)
+    kernels.fall_back_call(kernels.call_key("factorized_attention", "spatial", qkv), "slower")
+    for x in (qkv, other):
+        for mode in ("temporal", "spatial"):
+            kernels.factorized_attention(x, mode, backend="fused")
+    assert ran == [("fused", "temporal", 5), ("reference", "spatial", 5), ("fused", "temporal", 7), ("fused", "spatial", 7)]
+    with pytest.raises(ValueError, match="names no fused op"):
+        kernels.fall_back_call("not_an_op spatial [1]", "x")
 
 
 def test_ops_that_failed_the_check_are_not_timed(tmp_path):

@@ -11,6 +11,10 @@ Triton implementation (``attention.py``, ``varlen.py``, ``gather.py``,
 Per op, :func:`fall_back_to_reference` overrides ``"fused"`` / ``"auto"``: the start-of-run
 check (``selfcheck.resolve_backend``) sends an op that fails on the device (or whose launches at
 the run's shapes CUDA would refuse) back to its reference, and the other ops stay fused.
+Per call, :func:`fall_back_call` does the same for one call site of an op, named by its
+:func:`call_key` (op, mode, shapes, dtype, with or without backward): ``kernels: auto`` times
+every call of a step and sends only the slower ones back (``autotune``), so the encoder's
+spatial attention can run torch's while its temporal attention stays fused.
 ``meta`` tensors are accepted by ``"fused"``: the custom ops run their fake impls (dry runs).
 
 The fused modules are imported lazily (first fused call), so importing this package never
@@ -19,8 +23,10 @@ imports triton and never fixes the interpreter mode.
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, List, Optional
 
+import torch
 from torch import Tensor
 
 from mam2_fast.kernels import reference as ref
@@ -34,6 +40,11 @@ FUSED_OPS = ("factorized_attention", "varlen_attention", "gather_visible_add_pos
 
 # op -> why it runs the reference although the model asks for "fused" / "auto"
 _FALLBACKS: dict[str, str] = {}
+
+# call key -> why that one call site runs the reference (the per-call choice of kernels: auto)
+_CALL_FALLBACKS: dict[str, str] = {}
+# the call keys of every dispatch while recording_calls() is active (any backend)
+_RECORDING: Optional[List[str]] = None
 
 # find_spec does not import triton (importing it would fix the interpreter mode too early)
 _TRITON_OK: bool = importlib.util.find_spec("triton") is not None
@@ -57,10 +68,56 @@ def fallbacks() -> dict[str, str]:
 
 
 def clear_fallbacks() -> None:
+    """Forget every op and call fallback (a new run decides afresh)."""
     _FALLBACKS.clear()
+    _CALL_FALLBACKS.clear()
 
 
-def _use_fused(backend: str, *tensors: Optional[Tensor], op: str) -> bool:
+def call_key(op: str, mode: str, *shaped: Tensor) -> str:
+    """The name of one call site of ``op`` in a step: its mode, the shapes of the tensors that
+    decide its launches, the first one's dtype, and whether a backward follows (grad mode on
+    and an input that requires grad). E.g.
+    ``factorized_attention spatial [32, 16, 49, 3, 12, 64] bfloat16 fwd+bwd``."""
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in shaped)
+    shapes = " ".join(str(list(t.shape)) for t in shaped)
+    return f"{op} {mode} {shapes} {str(shaped[0].dtype).replace('torch.', '')} {'fwd+bwd' if grad else 'fwd'}"
+
+
+def fall_back_call(key: str, reason: str) -> None:
+    """Run the one call site named ``key`` (a :func:`call_key`) through its op's reference."""
+    op = key.split(" ", 1)[0]
+    if op not in FUSED_OPS:
+        raise ValueError(f"kernels: call key {key!r} names no fused op (choose from {FUSED_OPS})")
+    _CALL_FALLBACKS[key] = reason
+
+
+def call_fallbacks() -> dict[str, str]:
+    """``{call key: reason}`` of the call sites sent back by :func:`fall_back_call`."""
+    return dict(_CALL_FALLBACKS)
+
+
+@contextmanager
+def recording_calls() -> Iterator[List[str]]:
+    """Collect the :func:`call_key` of every op dispatched inside (whatever the backend):
+    what the model really calls, to check the autotuner times the same calls."""
+    global _RECORDING
+    outer, _RECORDING = _RECORDING, []
+    try:
+        yield _RECORDING
+    finally:
+        _RECORDING = outer
+
+
+def _use_fused(backend: str, *tensors: Optional[Tensor], op: str,
+               call: Optional[Callable[[], str]] = None) -> bool:
+    """Whether this call runs the fused kernel; ``call`` gives its :func:`call_key`, computed
+    only while there are per-call fallbacks or a recording (no cost otherwise)."""
+    if call is not None and (_CALL_FALLBACKS or _RECORDING is not None):
+        key = call()
+        if _RECORDING is not None:
+            _RECORDING.append(key)
+        if key in _CALL_FALLBACKS:
+            return False
     if backend == "reference":
         return False
     if backend not in BACKENDS:
@@ -112,7 +169,8 @@ def _linear_ce():
 def factorized_attention(qkv: Tensor, mode: str, valid: Optional[Tensor] = None,
                          scale: Optional[float] = None, backend: str = "reference") -> Tensor:
     """qkv ``[B, T, S, 3, H, dh]`` -> ``[B, T, S, H*dh]``; see ``reference.factorized_attention_ref``."""
-    if _use_fused(backend, qkv, valid, op="factorized_attention"):
+    if _use_fused(backend, qkv, valid, op="factorized_attention",
+                  call=lambda: call_key("factorized_attention", mode if valid is None else f"{mode}+valid", qkv)):
         return _attention().factorized_attention_fused(qkv, mode, valid, scale)
     return ref.factorized_attention_ref(qkv, mode, valid, scale)
 
@@ -121,7 +179,8 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index: Op
                      scale: Optional[float] = None, backend: str = "reference") -> Tensor:
     """Packed qkv ``[Ntok, 3, H, dh]``, segments ``cu_seqlens [G+1]`` int32, optional position ->
     row ``index [Ntok]`` -> ``[Ntok, H*dh]``; see ``reference.varlen_attention_ref``."""
-    if _use_fused(backend, qkv, cu_seqlens, index, op="varlen_attention"):
+    if _use_fused(backend, qkv, cu_seqlens, index, op="varlen_attention",
+                  call=lambda: call_key("varlen_attention", "spatial" if index is None else "temporal", qkv, cu_seqlens)):
         return _varlen().varlen_attention_fused(qkv, cu_seqlens, max_seqlen, index, scale)
     return ref.varlen_attention_ref(qkv, cu_seqlens, max_seqlen, index, scale)
 
@@ -129,14 +188,15 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index: Op
 def gather_visible_add_pos(x: Tensor, pos_t: Tensor, pos_s: Tensor, idx: Tensor,
                            backend: str = "reference") -> Tensor:
     """x ``[B, T, N, D]`` + pos_t ``[T, D]`` + pos_s ``[N, D]`` at idx ``[B, Nv]`` -> ``[B, T, Nv, D]``."""
-    if _use_fused(backend, x, pos_t, pos_s, idx, op="gather_visible_add_pos"):
+    if _use_fused(backend, x, pos_t, pos_s, idx, op="gather_visible_add_pos",
+                  call=lambda: call_key("gather_visible_add_pos", "tube", x, idx, pos_t)):
         return _gather().gather_visible_add_pos_fused(x, pos_t, pos_s, idx)
     return ref.gather_visible_add_pos_ref(x, pos_t, pos_s, idx)
 
 
 def gather_tokens(x: Tensor, idx: Tensor, backend: str = "reference") -> Tensor:
     """x ``[B, T, N, D]`` at idx ``[B, K]`` (distinct per row) -> ``[B, T, K, D]``."""
-    if _use_fused(backend, x, idx, op="gather_tokens"):
+    if _use_fused(backend, x, idx, op="gather_tokens", call=lambda: call_key("gather_tokens", "tube", x, idx)):
         return _gather().gather_tokens_fused(x, idx)
     return ref.gather_tokens_ref(x, idx)
 
@@ -144,7 +204,8 @@ def gather_tokens(x: Tensor, idx: Tensor, backend: str = "reference") -> Tensor:
 def rgb_diff_mse_tube(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int,
                       backend: str = "reference") -> Tensor:
     """Eq. 3 for tube masks; the clip is a constant (fused path: no clip gradient)."""
-    if _use_fused(backend, clip, pred, mask_idx, op="rgb_diff_mse_tube"):
+    if _use_fused(backend, clip, pred, mask_idx, op="rgb_diff_mse_tube",
+                  call=lambda: call_key("rgb_diff_mse_tube", f"P{patch}", pred, clip, mask_idx)):
         return _rgb_diff().rgb_diff_mse_tube_fused(clip, pred, mask_idx, patch)
     return ref.rgb_diff_mse_tube_ref(clip, pred, mask_idx, patch)
 
@@ -153,7 +214,8 @@ def rgb_diff_mse_packed(clip: Tensor, pred: Tensor, rows: Tensor, patch: int,
                         backend: str = "reference") -> Tensor:
     """Eq. 3 for packed masked tokens: pred ``[M, P*P*C]`` at flat rows ``[M]``
     (``b*T*N + t*N + n``); the clip is a constant (fused path: no clip gradient)."""
-    if _use_fused(backend, clip, pred, rows, op="rgb_diff_mse_packed"):
+    if _use_fused(backend, clip, pred, rows, op="rgb_diff_mse_packed",
+                  call=lambda: call_key("rgb_diff_mse_packed", f"P{patch}", pred, clip, rows)):
         return _rgb_diff().rgb_diff_mse_packed_fused(clip, pred, rows, patch)
     return ref.rgb_diff_mse_packed_ref(clip, pred, rows, patch)
 
@@ -162,6 +224,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Optional[Tensor], targ
                          backend: str = "reference", *, ignore_index: int = -100) -> Tensor:
     """``F.cross_entropy(x @ W.T + b, target, ignore_index)``; the fused path never holds the
     full ``[M, K]`` logits."""
-    if _use_fused(backend, x, weight, bias, target, op="linear_cross_entropy"):
+    if _use_fused(backend, x, weight, bias, target, op="linear_cross_entropy",
+                  call=lambda: call_key("linear_cross_entropy", f"ignore{ignore_index}", x, weight)):
         return _linear_ce().linear_cross_entropy_fused(x, weight, bias, target, ignore_index)
     return ref.linear_cross_entropy_ref(x, weight, bias, target, ignore_index)

@@ -1,28 +1,34 @@
-"""Per-op choice at run time: a fused op is used only where it beats torch at the run's shapes.
+"""Per-call choice at run time: a fused kernel runs only where it beats torch at the run's shapes.
 
-``kernels: auto`` runs, once per run and after the start-of-run check (``selfcheck``), each fused
-op that one training step calls (``launch_plan.planned_calls``) forward and backward at the
-run's shapes, on the run's device and dtype, against the same call through its plain-torch
-reference (SDPA for attention, ``F.cross_entropy`` on full logits, advanced indexing, ...), and
-keeps the faster. A slower fused op is sent back to its reference for the whole run
-(``kernels.fall_back_to_reference``), so a user never gets a fused op that is slower than
-torch's. The choice is logged in one line and cached in a JSON file keyed by device name,
-dtype and shapes (``~/.cache/mam2_fast/kernel_choice.json``; ``MAM2_KERNEL_CACHE`` moves it,
+``kernels: auto`` runs, once per run and after the start-of-run check (``selfcheck``), every
+distinct fused call that one training step makes (``call_cases``, following
+``launch_plan.planned_calls``: the encoder's temporal and its spatial attention, the alignment
+target's forward-only passes, the decoders', the gathers, the appearance head, the motion loss)
+at the run's shapes, on the run's device and dtype, forward and backward where the step runs a
+backward, against the same call through its plain-torch reference (SDPA for attention,
+``F.cross_entropy`` on full logits, advanced indexing, ...), and keeps the faster **per call**.
+The calls differ in kind, not just in size (the encoder's spatial attention over 49 visible
+tokens runs a single-tile kernel, the decoders' over 147 masked ones the flash-attention
+scheme; on the H200 of 2026-12-04 the fused temporal attention won 3-7x while the spatial
+forward lost to cuDNN), so one choice per op would keep a slower kernel somewhere. A slower
+call runs its reference for the whole run (``kernels.fall_back_call``, matched by
+``kernels.call_key``); an op slower at every call falls back whole
+(``kernels.fall_back_to_reference``), so shapes the plan did not time (a last short batch)
+follow it. A user never gets a fused call that is slower than torch's at the run's shapes.
+
+The choice is logged in one line and cached in a JSON file keyed by device name, dtype and
+shapes (``~/.cache/mam2_fast/kernel_choice.json``; ``MAM2_KERNEL_CACHE`` moves it,
 ``MAM2_KERNEL_RETUNE=1`` ignores it), so a resumed run or a second run at the same shapes does
-not time again.
-
-On a GPU each op is timed by its device time (``kernels.device_time``: queued behind a sleeping
-kernel, so the host's launch overhead, which a training step hides, does not decide), on the
-CPU by its wall time. Each op is timed on one representative call (the encoder's for
-attention, the appearance head for the cross-entropy, ...): the op's other calls in a step
-have the same kind of shape.
+not time again. On a GPU each call is timed by its device time (``kernels.device_time``:
+queued behind a sleeping kernel, so the host's launch overhead, which a training step hides,
+does not decide), on the CPU by its wall time.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
@@ -32,92 +38,188 @@ from mam2_fast.masking import num_masked
 Timer = Callable[[Callable[[], None], torch.device], float]
 
 
-def _fwd_bwd(out: torch.Tensor) -> None:
-    (out.float().sum() if out.dim() else out.float()).backward()
+def _run(out: torch.Tensor, backward: bool) -> None:
+    if backward:
+        (out.float().sum() if out.dim() else out.float()).backward()
 
 
-def _pair(make: Callable[[str], None]) -> Tuple[Callable[[], None], Callable[[], None]]:
-    return (lambda: make("fused")), (lambda: make("reference"))
+class CallCase(NamedTuple):
+    """One call site of a fused op in a step, ready to run both ways at the run's shapes."""
+    op: str                       # the dispatch name (kernels.FUSED_OPS)
+    what: str                     # where the model makes the call
+    fused: Callable[[], None]     # forward (+ backward when the step runs one) through the kernel
+    reference: Callable[[], None]  # the same through the op's plain-torch reference
 
 
-def op_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Dict[str, tuple]:
-    """``{op: (run_fused, run_reference)}`` for every fused op a step at shapes ``s``
-    (a :class:`~mam2_fast.kernels.launch_plan.RunShapes`) calls; each runs forward + backward."""
-    from mam2_fast.kernels.launch_plan import planned_calls
+def call_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Dict[str, CallCase]:
+    """``{call key: CallCase}`` for every distinct fused call a step at shapes ``s`` (a
+    :class:`~mam2_fast.kernels.launch_plan.RunShapes`) makes, keyed by the
+    :func:`kernels.call_key` the model's own call computes (``tests/test_autotune.py`` records
+    the model's calls and checks the two agree). Follows ``launch_plan.planned_calls``; each
+    attention call is two cases (temporal, spatial: different kernels, different winners)."""
+    from mam2_fast.train import accel
 
-    ops = {c.op for c in planned_calls(s, dtype)}
     g = torch.Generator(device="cpu").manual_seed(seed)
-    B, T, N, D, H = s.batch, s.frames, s.patches, s.embed_dim, s.heads
-    Dd = s.decoder_dim or D
-    ratio = s.mask_ratio if s.mask_kind is not None else 0.0
-    Nm = num_masked(ratio, N) if ratio else 0
-    Nv = N - Nm
-    rnd = lambda *shape, dt=dtype: torch.randn(*shape, generator=g).to(device=device, dtype=dt)  # noqa: E731
-    idx = torch.stack([torch.randperm(N, generator=g)[:max(Nv, 1)].sort().values for _ in range(B)]).to(device)
-    midx = torch.stack([torch.randperm(N, generator=g)[:max(Nm, 1)].sort().values for _ in range(B)]).to(device)
-    cases: Dict[str, tuple] = {}
-
-    if "factorized_attention" in ops:
-        S = Nv if s.mask_kind in ("tube", "cube") else N
-        qkv0 = rnd(B, T, S, 3, H, D // H)
-
-        def attn(backend):
-            qkv = qkv0.detach().requires_grad_()
-            out = kernels.factorized_attention(qkv, "temporal", backend=backend)
-            _fwd_bwd(kernels.factorized_attention(qkv, "spatial", backend=backend) + out)
-        cases["factorized_attention"] = _pair(attn)
-    if "varlen_attention" in ops:
-        per_frame = max(1, (T * N - num_masked(ratio, T * N)) // T)        # visible tokens per frame
-        ntok = B * T * per_frame
-        cu = torch.arange(0, ntok + 1, per_frame, dtype=torch.int32).to(device)
-        qkv0 = rnd(ntok, 3, H, D // H)
-
-        def varlen(backend):
-            qkv = qkv0.detach().requires_grad_()
-            _fwd_bwd(kernels.varlen_attention(qkv, cu, per_frame, None, backend=backend))
-        cases["varlen_attention"] = _pair(varlen)
-    if "gather_visible_add_pos" in ops:
-        x0, pt, ps = rnd(B, T, N, D), rnd(T, D, dt=torch.float32), rnd(N, D, dt=torch.float32)
-
-        def gather(backend):
-            x = x0.detach().requires_grad_()
-            _fwd_bwd(kernels.gather_visible_add_pos(x, pt, ps, idx, backend=backend))
-        cases["gather_visible_add_pos"] = _pair(gather)
-    if "gather_tokens" in ops:
-        y0 = rnd(B, T, N, Dd)
-
-        def gather_tokens(backend):
-            y = y0.detach().requires_grad_()
-            _fwd_bwd(kernels.gather_tokens(y, midx, backend=backend))
-        cases["gather_tokens"] = _pair(gather_tokens)
-    if "linear_cross_entropy" in ops and s.vocab_size:
-        M = B * (T * Nm if s.mask_kind in ("tube", "cube") else num_masked(ratio, T * N))
-        h0, w0 = rnd(M, Dd), rnd(s.vocab_size, Dd) * 0.02
-        target = torch.randint(0, s.vocab_size, (M,), generator=g).to(device)
-
-        def ce(backend):
-            h, w = h0.detach().requires_grad_(), w0.detach().requires_grad_()
-            _fwd_bwd(kernels.linear_cross_entropy(h, w, None, target, backend=backend))
-        cases["linear_cross_entropy"] = _pair(ce)
-    side = int(round(N ** 0.5)) * s.patch
+    B, T, N, D, H, train = s.batch, s.frames, s.patches, s.embed_dim, s.heads, s.train
+    Dd, Hd = s.decoder_dim or D, s.decoder_heads or H
     ppc = s.patch * s.patch * s.channels
-    if "rgb_diff_mse_tube" in ops:
-        clip, p0 = rnd(B, T, s.channels, side, side), rnd(B, T, max(Nm, 1), ppc)
+    side = int(round(N ** 0.5)) * s.patch
+    cases: Dict[str, CallCase] = {}
 
-        def rgb(backend):
-            p = p0.detach().requires_grad_()
-            _fwd_bwd(kernels.rgb_diff_mse_tube(clip, p, midx, s.patch, backend=backend))
-        cases["rgb_diff_mse_tube"] = _pair(rgb)
-    if "rgb_diff_mse_packed" in ops:
-        clip = rnd(B, T, s.channels, side, side)
-        rows = torch.randperm(B * T * N, generator=g)[: max(1, num_masked(ratio, T * N)) * B].sort().values.to(device)
+    def rnd(*shape, dt=dtype, grad=False):
+        t = torch.randn(*shape, generator=g).to(device=device, dtype=dt)
+        return t.requires_grad_(grad)
+
+    def slots(k: int) -> torch.Tensor:                                      # [B, k] sorted slots
+        return torch.stack([torch.randperm(N, generator=g)[:max(k, 1)].sort().values for _ in range(B)]).to(device)
+
+    # a half-precision run is fp32 weights under autocast: the calls see the autocast dtype
+    # where a linear / convolution made the tensor (qkv, patch embeddings, the motion head's
+    # prediction) and fp32 where a LayerNorm or a parameter did (the appearance head's input)
+    amp = dtype in (torch.float16, torch.bfloat16)
+    normed = torch.float32 if amp else dtype
+
+    def add(op: str, what: str, grad: bool, call: Callable[[str], torch.Tensor], key_of: Callable[[], str]):
+        """``call(backend)`` makes the op's call on fresh leaves; ``grad``: a backward follows."""
+        def both(backend: str) -> Callable[[], None]:
+            def run():
+                with torch.set_grad_enabled(grad), accel.autocast(device, dtype, enabled=amp):
+                    _run(call(backend), grad)
+            return run
+        with torch.set_grad_enabled(grad), accel.autocast(device, dtype, enabled=amp):
+            key = key_of()
+        cases.setdefault(key, CallCase(op, what, both("fused"), both("reference")))
+
+    def attention(what: str, frames: int, S: int, width: int, heads: int, grad: bool):
+        qkv0 = rnd(B, frames, S, 3, heads, width // heads)                   # [B, T, S, 3, H, dh]
+        for mode in ("temporal", "spatial"):
+            leaf = lambda: qkv0.detach().requires_grad_(grad)               # noqa: E731
+            add("factorized_attention", f"{what} {mode}", grad,
+                lambda backend, mode=mode: kernels.factorized_attention(leaf(), mode, backend=backend),
+                lambda mode=mode: kernels.call_key("factorized_attention", mode, leaf()))
+
+    def gather_pos(what: str, k: int, grad: bool):
+        x0, pt0, ps0, idx = rnd(B, T, N, D), rnd(T, D, dt=torch.float32), rnd(N, D, dt=torch.float32), slots(k)
+        leaves = lambda: (x0.detach().requires_grad_(grad), pt0.detach().requires_grad_(grad),  # noqa: E731
+                          ps0.detach().requires_grad_(grad))
+        add("gather_visible_add_pos", what, grad,
+            lambda backend: kernels.gather_visible_add_pos(*leaves(), idx, backend=backend),
+            lambda: kernels.call_key("gather_visible_add_pos", "tube", leaves()[0], idx, leaves()[1]))
+
+    def gather_tokens(what: str, width: int, dt: torch.dtype, grad: bool):
+        x0, idx = rnd(B, T, N, width, dt=dt), slots(N - _visible(s))
+        leaf = lambda: x0.detach().requires_grad_(grad)                     # noqa: E731
+        add("gather_tokens", what, grad, lambda backend: kernels.gather_tokens(leaf(), idx, backend=backend),
+            lambda: kernels.call_key("gather_tokens", "tube", leaf(), idx))
+
+    def linear_ce(M: int):
+        h0, w0 = rnd(M, Dd, dt=normed), rnd(s.vocab_size, Dd, dt=normed) * 0.02
+        target = torch.randint(0, s.vocab_size, (M,), generator=g).to(device)
+        leaves = lambda: (h0.detach().requires_grad_(train), w0.detach().requires_grad_(train))  # noqa: E731
+        add("linear_cross_entropy", f"appearance head, M {M}", train,
+            lambda backend: kernels.linear_cross_entropy(*leaves(), None, target, backend=backend),
+            lambda: kernels.call_key("linear_cross_entropy", "ignore-100", *leaves()))
+
+    clip = rnd(B, T, s.channels, side, side, dt=torch.float32)               # the motion clip: fp32
+    if s.mask_kind is None:                    # fine-tuning / evaluation: the encoder on every token
+        attention(f"encoder [B, T, N] = {[B, T, N]}", T, N, D, H, train)
+        return cases
+    decoders = s.appearance_target is not None or s.motion_target not in (None, "clip_order")
+    if s.mask_kind in ("tube", "cube"):
+        Nm = num_masked(s.mask_ratio, N)
+        Nv = N - Nm
+        gather_pos(f"visible tokens + positions, Nv {Nv}", Nv, train)
+        attention(f"encoder [B, T, Nv] = {[B, T, Nv]}", T, Nv, D, H, train)
+        if s.use_alignment:
+            gather_pos(f"alignment target: masked tokens, Nm {Nm}", Nm, False)
+            attention(f"alignment target encoder [B, T, Nm] = {[B, T, Nm]}", T, Nm, D, H, False)
+        dec_slots = Nm if s.use_regressor else N
+        if decoders:
+            attention(f"decoders [B, T, {dec_slots}]", T, dec_slots, Dd, Hd, train)
+        if s.motion_target == "clip_order":
+            attention(f"clip-order decoder [B, 1+T, Nm] = {[B, 1 + T, Nm]}", T + 1, Nm, Dd, Hd, train)
+        if not s.use_regressor:
+            gather_tokens("decoder output -> masked tokens", Dd, normed, train)   # after the decoders' norm
+        if s.appearance_target == "tokens" and s.vocab_size:
+            linear_ce(B * T * Nm)
+        elif s.appearance_target == "pixels":
+            gather_tokens("pixel target at the masked tokens", ppc, torch.float32, False)
+        if s.motion_target == "rgb_diff":
+            p0, idx = rnd(B, T, Nm, ppc), slots(Nm)
+            leaf = lambda: p0.detach().requires_grad_(train)                # noqa: E731
+            add("rgb_diff_mse_tube", "motion loss (Eq. 3)", train,
+                lambda backend: kernels.rgb_diff_mse_tube(clip, leaf(), idx, s.patch, backend=backend),
+                lambda: kernels.call_key("rgb_diff_mse_tube", f"P{s.patch}", leaf(), clip, idx))
+        elif s.motion_target == "flow":
+            gather_tokens("flow target at the masked tokens", s.patch * s.patch * 2, torch.float32, False)
+        return cases
+
+    # random / frame masks: packed token sets, varlen attention
+    visible = _visible(s)
+    masked = T * N - visible
+
+    def varlen(what: str, masked_set: bool, width: int, heads: int, grad: bool):
+        frame_len, slot_len = _segment_lengths(s, masked_set)                  # one clip's segments
+        spatial_cu = _cu_seqlens(frame_len * B, device)                       # per (b, t)
+        temporal_cu = _cu_seqlens(slot_len * B, device)                       # per (b, n)
+        ntok = int(spatial_cu[-1])
+        qkv0 = rnd(ntok, 3, heads, width // heads)                            # [Ntok, 3, H, dh]
+        index = torch.arange(ntok, device=device, dtype=torch.int32)        # position -> row
+        for mode, cu, lengths, idx in (("spatial", spatial_cu, frame_len, None),
+                                       ("temporal", temporal_cu, slot_len, index)):
+            leaf = lambda: qkv0.detach().requires_grad_(grad)                # noqa: E731
+            add("varlen_attention", f"{what} {mode}", grad,
+                lambda backend, cu=cu, longest=max(lengths), idx=idx: kernels.varlen_attention(
+                    leaf(), cu, longest, idx, backend=backend),
+                lambda mode=mode, cu=cu: kernels.call_key("varlen_attention", mode, leaf(), cu))
+
+    varlen(f"encoder, packed visible set ({visible} per clip)", False, D, H, train)
+    if s.use_alignment:
+        varlen(f"alignment target encoder, packed masked set ({masked} per clip)", True, D, H, False)
+    if decoders:
+        if s.use_regressor:
+            varlen(f"decoders, packed masked set ({masked} per clip)", True, Dd, Hd, train)
+        else:
+            attention(f"decoders [B, T, N] = {[B, T, N]}", T, N, Dd, Hd, train)
+    if s.appearance_target == "tokens" and s.vocab_size:
+        linear_ce(B * masked)
+    if s.motion_target == "rgb_diff" and s.use_regressor:
+        rows = torch.randperm(B * T * N, generator=g)[:B * masked].sort().values.to(device)
         p0 = rnd(rows.numel(), ppc)
-
-        def rgb_packed(backend):
-            p = p0.detach().requires_grad_()
-            _fwd_bwd(kernels.rgb_diff_mse_packed(clip, p, rows, s.patch, backend=backend))
-        cases["rgb_diff_mse_packed"] = _pair(rgb_packed)
+        leaf = lambda: p0.detach().requires_grad_(train)                    # noqa: E731
+        add("rgb_diff_mse_packed", "motion loss (Eq. 3), packed", train,
+            lambda backend: kernels.rgb_diff_mse_packed(clip, leaf(), rows, s.patch, backend=backend),
+            lambda: kernels.call_key("rgb_diff_mse_packed", f"P{s.patch}", leaf(), clip, rows))
     return cases
+
+
+def _visible(s) -> int:
+    """Visible tokens per clip (tube-like masks: per frame)."""
+    if s.mask_kind in ("tube", "cube", None):
+        return s.patches - (num_masked(s.mask_ratio, s.patches) if s.mask_kind else 0)
+    if s.mask_kind == "frame":
+        return (s.frames - num_masked(s.mask_ratio, s.frames)) * s.patches
+    return s.frames * s.patches - num_masked(s.mask_ratio, s.frames * s.patches)
+
+
+def _segment_lengths(s, masked_set: bool):
+    """One clip's packed segment lengths for the masked (or visible) set: per frame (spatial)
+    and per slot (temporal). Random masks: the set spread evenly (what a draw gives on
+    average); frame masks: whole frames in or out."""
+    T, N = s.frames, s.patches
+    if s.mask_kind == "frame":
+        mf = num_masked(s.mask_ratio, T)
+        in_set = [t >= T - mf for t in range(T)] if masked_set else [t < T - mf for t in range(T)]
+        return [N if i else 0 for i in in_set], [sum(in_set)] * N
+    count = T * N - _visible(s) if masked_set else _visible(s)
+    return [count // T + (t < count % T) for t in range(T)], [count // N + (n < count % N) for n in range(N)]
+
+
+def _cu_seqlens(lengths, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens [len(lengths)+1]`` int32."""
+    out = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    out[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return out.to(device)
 
 
 def time_call(fn: Callable[[], None], device: torch.device, warmup: int = 2, reps: int = 5) -> float:
@@ -137,8 +239,8 @@ def cache_path() -> Path:
 def cache_key(s, device: torch.device, dtype: torch.dtype) -> str:
     from mam2_fast.train import accel
 
-    # "device time": entries timed eagerly (host overhead included) before 2026-12-05 are not reused
-    return f"{accel.device_name(device)} | {str(dtype).replace('torch.', '')} | device time | {s}"
+    # "per call": entries of the per-op choice (before 2026-12-07) are not reused
+    return f"{accel.device_name(device)} | {str(dtype).replace('torch.', '')} | device time, per call | {s}"
 
 
 def agree_across_ranks(timings: Dict[str, dict]) -> Dict[str, dict]:
@@ -157,9 +259,12 @@ def agree_across_ranks(timings: Dict[str, dict]) -> Dict[str, dict]:
 
 def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Optional[Timer] = None,
                path: Optional[Path] = None) -> Dict[str, dict]:
-    """Time every fused op of a step at shapes ``s`` against its reference and send the slower
-    fused ones back to the reference (every rank of a multi-process run follows rank 0's
-    choice); returns ``{op: {"fused_ms", "reference_ms", "choice"}}``."""
+    """Time every fused call of a step at shapes ``s`` against its reference and send the
+    slower ones back to the reference: an op slower at every one of its calls falls back
+    whole (``kernels.fall_back_to_reference``: other shapes, e.g. a last short batch, follow
+    it), otherwise only its slower calls (``kernels.fall_back_call``). Every rank of a
+    multi-process run follows rank 0's choice. Returns ``{call key: {"op", "what", "fused_ms",
+    "reference_ms", "choice"}}``."""
     path = path or cache_path()
     key = cache_key(s, device, dtype)
     cache: dict = {}
@@ -175,12 +280,12 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
 
         timer = timer or time_call
         timings, source = {}, "timed"
-        for op, (fused, reference) in op_cases(s, device, dtype).items():
-            if op in kernels.fallbacks():          # failed the start-of-run check: not a candidate
+        for call, case in call_cases(s, device, dtype).items():
+            if case.op in kernels.fallbacks():     # failed the start-of-run check: not a candidate
                 continue
-            tf, tr = timer(fused, device), timer(reference, device)
-            timings[op] = {"fused_ms": round(tf, 4), "reference_ms": round(tr, 4),
-                           "choice": "fused" if tf <= tr else "reference"}
+            tf, tr = timer(case.fused, device), timer(case.reference, device)
+            timings[call] = {"op": case.op, "what": case.what, "fused_ms": round(tf, 4),
+                             "reference_ms": round(tr, 4), "choice": "fused" if tf <= tr else "reference"}
         device_time.release()                     # the L2-flush buffer
         cache[key] = timings
         try:
@@ -189,13 +294,27 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
             tmp.write_text(json.dumps(cache, indent=1))
             os.replace(tmp, path)
         except OSError as e:
-            log(f"kernels: could not cache the per-op choice in {path} ({e})")
+            log(f"kernels: could not cache the per-call choice in {path} ({e})")
     timings = agree_across_ranks(timings)
-    for op, t in timings.items():
-        if t["choice"] == "reference":
-            kernels.fall_back_to_reference(op, f"slower than its torch reference at the run's shapes "
-                                               f"({t['fused_ms']:.3f} vs {t['reference_ms']:.3f} ms)")
+    apply_choice(timings)
     unit = "device ms" if device.type == "cuda" else "ms"
-    log(f"kernels: per-op choice at batch {s.batch} ({source}, fused vs torch, {unit}): " + ", ".join(
-        f"{op} {t['choice']} ({t['fused_ms']:.2f} vs {t['reference_ms']:.2f} ms)" for op, t in timings.items()))
+    log(f"kernels: per-call choice at batch {s.batch} ({source}, fused vs torch, {unit}): " + ", ".join(
+        f"{t['op']} {t['what']}: {t['choice']} ({t['fused_ms']:.2f} vs {t['reference_ms']:.2f})"
+        for t in timings.values()))
     return timings
+
+
+def apply_choice(timings: Dict[str, dict]) -> None:
+    """Send the slower calls back: a whole op where none of its calls chose it, else per call."""
+    by_op: Dict[str, list] = {}
+    for call, t in timings.items():
+        by_op.setdefault(t["op"], []).append((call, t))
+    for op, calls in by_op.items():
+        slower = [(call, t) for call, t in calls if t["choice"] == "reference"]
+        why = lambda t: (f"slower than its torch reference at the run's shapes "  # noqa: E731
+                         f"({t['fused_ms']:.3f} vs {t['reference_ms']:.3f} ms)")
+        if len(slower) == len(calls):
+            kernels.fall_back_to_reference(op, "; ".join(f"{t['what']}: {why(t)}" for _, t in calls))
+        else:
+            for call, t in slower:
+                kernels.fall_back_call(call, why(t))

@@ -208,7 +208,9 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, lo
 
     ``shapes`` (a :class:`~mam2_fast.kernels.launch_plan.RunShapes` of the run, at its per-device
     batch) adds the launch-limit check at the run's real shapes. Under ``auto`` each failing op
-    falls back to its reference alone (one warning per op); ``fused`` raises on any failure."""
+    falls back to its reference alone (one warning per op); ``fused`` raises on any failure.
+    A run decides afresh: the fallbacks of an earlier run in this process are forgotten."""
+    kernels.clear_fallbacks()
     if requested == "reference":
         return "reference"
     if requested == "auto" and (device.type != "cuda" or not kernels.triton_available()):
