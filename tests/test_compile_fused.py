@@ -20,9 +20,13 @@ if not kt.fused_kernels_interpretable(ATT):
     pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
 
 
-@pytest.mark.parametrize("kind", ["tube", "random"])
-def test_fused_model_compiles_without_graph_breaks(kind):
+@pytest.mark.parametrize("kind,call_fallback", [("tube", False), ("random", False), ("tube", True)],
+                         ids=["tube", "random", "tube-per-call-choice"])
+def test_fused_model_compiles_without_graph_breaks(kind, call_fallback):
+    """``call_fallback``: the encoder's spatial attention sent back to its reference by the
+    per-call choice of ``kernels: auto``; the call-key lookup traces too."""
     import torch._dynamo as dynamo
+    from mam2_fast import kernels
     cfg = ModelConfig(preset="tiny", img_size=32, num_frames=4, embed_dim=32, depth=1, num_heads=2,
                       regressor_depth=1, appearance_depth=1, motion_depth=1, kernels="fused")
     model = build_model(cfg, vocab_size=8)
@@ -32,11 +36,25 @@ def test_fused_model_compiles_without_graph_breaks(kind):
     info = MaskGenerator(kind, 0.75, 4, (2, 2))(2, torch.Generator().manual_seed(0)).to(dev)
     clip, codes = torch.randn(2, 4, 3, 32, 32, device=dev), torch.randint(0, 8, (2, 4, 4), device=dev)
     dynamo.reset()
-    explanation = dynamo.explain(model)(clip, info, codes)
+    kernels.clear_fallbacks()
+    sent_back = kernels.call_key("factorized_attention", "spatial",   # the tube encoder's [B, T, Nv, 3, H, dh]
+                                 torch.empty(2, 4, 1, 3, 2, 16, device=dev, requires_grad=True))
+    if call_fallback:
+        kernels.fall_back_call(sent_back, "slower")
+    try:
+        with kernels.recording_calls() as seen:
+            model(clip, info, codes)
+        assert (sent_back in seen) == (kind == "tube")   # the key names a call the tube model makes
+        dynamo.reset()
+        explanation = dynamo.explain(model)(clip, info, codes)
+    finally:
+        kernels.clear_fallbacks()
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
     code = "\n".join(g.code for g in explanation.graphs)
     assert "mam2_fast" in code, "the fused custom ops are not in the graph"
+    if kind == "tube":   # the reference attention (softmax) appears only where a call was sent back
+        assert ("softmax" in code) == call_fallback and "factorized_attention" in code
     if kind == "random":
         assert "varlen" in code and "rgb_diff_mse_packed" in code
     else:
