@@ -37,9 +37,11 @@ def _cases():
             yield pytest.param(kind, over, id=f"{kind}-{name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 @pytest.mark.parametrize("kind,over", list(_cases()))
-def test_every_switch_trains_under_bf16_autocast(kind, over, backend):
+def test_every_switch_trains_under_half_autocast(kind, over, backend, dtype):
+    """bf16: sm_80+ GPUs; fp16: ``precision: auto`` on older GPUs (V100 / T4)."""
     cfg = ModelConfig(preset="tiny", img_size=32, num_frames=4, embed_dim=32, depth=1, num_heads=2,
                       decoder_dim=16, decoder_heads=2, regressor_depth=1, appearance_depth=1,
                       motion_depth=1, **over)
@@ -51,7 +53,7 @@ def test_every_switch_trains_under_bf16_autocast(kind, over, backend):
     clip = torch.rand(B, T, 3, 32, 32, generator=g)
     codes = torch.randint(0, 13, (B, T, N), generator=g)
     flow = torch.randn(B, T, N, P * P * 2, generator=g) if over.get("motion_target") == "flow" else None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = model(clip, info, codes, motion_target=flow)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]), out["loss"]
