@@ -60,6 +60,8 @@ if _HERE not in sys.path:
 import kernel_bytes as kb  # noqa: E402
 from mam2_fast.train import accel  # noqa: E402
 from mam2_fast.kernels import device_time  # noqa: E402
+# the SDPA layouts are the engine's own (the per-call choice of ``kernels: auto`` uses them too)
+from mam2_fast.kernels.builtin import attention_layout, attention_unlayout  # noqa: E402,F401
 
 MODELS = {  # name: (embed dim D, heads H); head dim = D / H = 64
     "S": (384, 6),
@@ -331,27 +333,6 @@ def _host_idx(B: int, N: int, K: int, seed: int = 0) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # attention
 # ----------------------------------------------------------------------------------------
-def attention_layout(qkv: torch.Tensor, mode: str):
-    """qkv ``[B, T, S, 3, H, dh]`` -> q, k, v as 4-D ``[batch, heads, L, dh]`` for SDPA / flex.
-
-    spatial: zero-copy views ``[B*T, H, S, dh]``. temporal: ``(B, S)`` and ``(S, H)`` do not
-    merge in the engine's layout (T and the q|k|v axis sit between them), so one copy splits
-    q|k|v (``[3, B, T, S, H, dh]``); then the heads fold: views ``[B, S*H, T, dh]``."""
-    B, T, S, _, H, dh = qkv.shape
-    if mode == "spatial":
-        x = qkv.reshape(B * T, S, 3, H, dh)
-        return tuple(x[:, :, i].transpose(1, 2) for i in range(3))
-    x = qkv.permute(3, 0, 1, 2, 4, 5).contiguous()
-    return tuple(x[i].view(B, T, S * H, dh).transpose(1, 2) for i in range(3))
-
-
-def attention_unlayout(o: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
-    """``[batch, heads, L, dh]`` of :func:`attention_layout` -> ``[B, T, S, H*dh]``; a view when
-    the backend stores its output ``[batch, L, heads, dh]`` (flash, efficient do)."""
-    B, T, S, _, H, dh = qkv.shape
-    return o.transpose(1, 2).reshape(B, T, S, H * dh)
-
-
 _CU: Dict[tuple, torch.Tensor] = {}
 
 

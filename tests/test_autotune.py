@@ -93,12 +93,14 @@ def test_finetune_calls_are_timed_as_the_classifier_makes_them():
     assert set(seen) == set(autotune.call_cases(shapes, torch.device("cpu"), torch.float32))
 
 
-def _fake_cases(monkeypatch):
-    """Cases that report (side, op, what) instead of running."""
+def _fake_cases(monkeypatch, error=lambda impl: 0.0):
+    """Cases that report (side, op, what) instead of running; built-ins report their name."""
     real_cases = autotune.call_cases
 
     def cases(s, device, dtype):
-        return {k: c._replace(fused=(lambda c=c: ("f", c.op, c.what)), reference=(lambda c=c: ("r", c.op, c.what)))
+        return {k: c._replace(fused=(lambda c=c: ("f", c.op, c.what)), reference=(lambda c=c: ("r", c.op, c.what)),
+                              builtins={impl: (lambda c=c, impl=impl: (impl, c.op, c.what)) for impl in c.builtins},
+                              error=error if c.error is not None else None)
                 for k, c in real_cases(s, device, dtype).items()}
     monkeypatch.setattr(autotune, "call_cases", cases)
 
@@ -112,6 +114,8 @@ def test_slower_calls_fall_back_alone_and_the_choice_is_cached(tmp_path, monkeyp
     def timer(fn, device):
         side, op, what = fn()
         calls.append((side, op, what))
+        if side.startswith("sdpa:"):                                      # the built-ins: slowest here
+            return 9.0
         if op == "factorized_attention" and what.endswith("spatial"):     # fused spatial attention: slower
             return 2.0 if side == "f" else 1.0
         if op == "linear_cross_entropy":                                  # the whole op slower
@@ -248,3 +252,79 @@ def test_a_check_failing_on_one_rank_falls_back_on_every_rank(tmp_path):
     assert "on rank 1" in r0["fallbacks"]["factorized_attention"]
     assert "on rank" not in r1["fallbacks"]["factorized_attention"]
     assert "factorized_attention" in r0["fused"] and "factorized_attention" in r1["fused"]
+
+
+@pytest.mark.parametrize("impl", ["sdpa:flash", "sdpa:math"])
+@pytest.mark.parametrize("mode", ["temporal", "spatial"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3, 3, 16), (1, 3, 49, 3, 2, 8), (3, 16, 5, 3, 1, 32)],
+                         ids=["odd", "batch1-S49", "T16"])
+def test_sdpa_builtin_matches_the_reference(impl, mode, shape):
+    """The built-in the per-call choice may pick computes the reference: output and d(qkv),
+    fp32 on the CPU, fresh random inputs, odd sizes (T != 16, S not a power of two, batch 1)."""
+    from mam2_fast.kernels import builtin
+    from mam2_fast.kernels.reference import factorized_attention_ref
+
+    qkv = torch.randn(*shape, dtype=torch.float32)
+    g = torch.randn(*shape[:3], shape[4] * shape[5])
+    outs = []
+    for fn in (lambda x: builtin.run("factorized_attention", impl, x, mode, None, 0.3),
+               lambda x: factorized_attention_ref(x, mode, None, 0.3)):
+        x = qkv.clone().requires_grad_()
+        out = fn(x)
+        (out * g).sum().backward()
+        outs.append((out.detach(), x.grad))
+    for a, b in zip(*outs):
+        assert a.shape == b.shape
+        rel = ((a - b).norm() / b.norm()).item()
+        assert rel < 1e-5, rel
+    with pytest.raises(ValueError, match="validity mask"):
+        builtin.run("factorized_attention", impl, qkv, mode, torch.ones(*shape[:3], dtype=torch.bool), None)
+
+
+def test_a_faster_builtin_is_chosen_for_its_call_and_dispatched(tmp_path, monkeypatch):
+    """Timings where SDPA (math) is fastest for the spatial calls: those calls run it, the
+    temporal ones stay fused, and the dispatch of such a call goes to the built-in."""
+    from mam2_fast.kernels import builtin
+
+    _fake_cases(monkeypatch)
+
+    def timer(fn, device):
+        side, op, what = fn()
+        if side.startswith("sdpa:"):
+            return 0.1 if (side == "sdpa:math" and what.endswith("spatial")) else 5.0
+        return 0.5 if side == "f" else 1.0
+    t = autotune.choose_ops(TUBE, torch.device("cpu"), torch.float32, lambda s: None, timer=timer,
+                            path=tmp_path / "c.json")
+    spatial = {k for k, v in t.items() if v["op"] == "factorized_attention" and v["what"].endswith("spatial")}
+    assert spatial and all(t[k]["choice"] == "sdpa:math" for k in spatial)
+    assert {k: v[0] for k, v in kernels.call_fallbacks().items()} == {k: "sdpa:math" for k in spatial}
+    assert not kernels.fallbacks()
+    ran = []
+    monkeypatch.setattr(builtin, "run", lambda op, impl, *a: ran.append(impl) or torch.zeros(()))
+    key = next(k for k in spatial if "fwd+bwd" in k)          # the encoder's
+    shape = [int(v) for v in key.split("[", 1)[1].split("]", 1)[0].split(",")]
+    kernels.factorized_attention(torch.randn(*shape, requires_grad=True), "spatial", backend="fused")
+    assert ran == ["sdpa:math"]
+
+
+def test_a_builtin_that_disagrees_with_the_reference_is_never_chosen(tmp_path, monkeypatch):
+    _fake_cases(monkeypatch, error=lambda impl: 0.5)          # every built-in off by 50 %
+    t = autotune.choose_ops(TUBE, torch.device("cpu"), torch.float32, lambda s: None,
+                            timer=lambda fn, d: 0.01 if fn()[0].startswith("sdpa:") else 1.0,
+                            path=tmp_path / "c.json")
+    attn = [v for v in t.values() if v["op"] == "factorized_attention"]
+    assert attn and all(v["choice"] == "fused" and "builtin_ms" not in v for v in attn)
+    assert all("relative error 5.0e-01" in why for v in attn for why in v["builtin_skipped"].values())
+
+
+def test_attention_cases_offer_the_sdpa_builtins_and_they_pass_parity():
+    """Real cases on the CPU: each attention call offers SDPA flash and math, each agrees with
+    the reference on the case's own inputs (output and gradient), and runs."""
+    cases = autotune.call_cases(TUBE, torch.device("cpu"), torch.float32)
+    attn = [c for c in cases.values() if c.op == "factorized_attention"]
+    assert attn and all(set(c.builtins) == {"sdpa:flash", "sdpa:math"} for c in attn)
+    for c in attn:
+        for impl, run in c.builtins.items():
+            assert c.error(impl) < 1e-5, (c.what, impl)
+            run()
+    assert all(not c.builtins for c in cases.values() if c.op != "factorized_attention")

@@ -20,11 +20,12 @@ if not kt.fused_kernels_interpretable(ATT):
     pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set", allow_module_level=True)
 
 
-@pytest.mark.parametrize("kind,call_fallback", [("tube", False), ("random", False), ("tube", True)],
-                         ids=["tube", "random", "tube-per-call-choice"])
+@pytest.mark.parametrize("kind,call_fallback", [("tube", None), ("random", None), ("tube", "reference"),
+                                                ("tube", "sdpa:math")],
+                         ids=["tube", "random", "tube-call-to-reference", "tube-call-to-sdpa"])
 def test_fused_model_compiles_without_graph_breaks(kind, call_fallback):
-    """``call_fallback``: the encoder's spatial attention sent back to its reference by the
-    per-call choice of ``kernels: auto``; the call-key lookup traces too."""
+    """``call_fallback``: the encoder's spatial attention sent to its reference or to torch's
+    SDPA by the per-call choice of ``kernels: auto``; the call-key lookup traces too."""
     import torch._dynamo as dynamo
     from mam2_fast import kernels
     cfg = ModelConfig(preset="tiny", img_size=32, num_frames=4, embed_dim=32, depth=1, num_heads=2,
@@ -40,7 +41,7 @@ def test_fused_model_compiles_without_graph_breaks(kind, call_fallback):
     sent_back = kernels.call_key("factorized_attention", "spatial",   # the tube encoder's [B, T, Nv, 3, H, dh]
                                  torch.empty(2, 4, 1, 3, 2, 16, device=dev, requires_grad=True))
     if call_fallback:
-        kernels.fall_back_call(sent_back, "slower")
+        kernels.fall_back_call(sent_back, "slower", impl=call_fallback)
     try:
         with kernels.recording_calls() as seen:
             model(clip, info, codes)
@@ -54,7 +55,8 @@ def test_fused_model_compiles_without_graph_breaks(kind, call_fallback):
     code = "\n".join(g.code for g in explanation.graphs)
     assert "mam2_fast" in code, "the fused custom ops are not in the graph"
     if kind == "tube":   # the reference attention (softmax) appears only where a call was sent back
-        assert ("softmax" in code) == call_fallback and "factorized_attention" in code
+        assert ("softmax" in code) == (call_fallback == "reference") and "factorized_attention" in code
+        assert ("_sdpa_kernel" in code) == (call_fallback == "sdpa:math")     # the forced backend, traced
     if kind == "random":
         assert "varlen" in code and "rgb_diff_mse_packed" in code
     else:

@@ -14,7 +14,9 @@ the run's shapes CUDA would refuse) back to its reference, and the other ops sta
 Per call, :func:`fall_back_call` does the same for one call site of an op, named by its
 :func:`call_key` (op, mode, shapes, dtype, with or without backward): ``kernels: auto`` times
 every call of a step and sends only the slower ones back (``autotune``), so the encoder's
-spatial attention can run torch's while its temporal attention stays fused.
+spatial attention can run torch's while its temporal attention stays fused. "Back" is the
+reference or, where torch has a faster built-in for the same computation (``builtin.py``:
+SDPA with one backend forced, for attention without validity masks), that built-in.
 ``meta`` tensors are accepted by ``"fused"``: the custom ops run their fake impls (dry runs).
 
 The fused modules are imported lazily (first fused call), so importing this package never
@@ -41,8 +43,9 @@ FUSED_OPS = ("factorized_attention", "varlen_attention", "gather_visible_add_pos
 # op -> why it runs the reference although the model asks for "fused" / "auto"
 _FALLBACKS: dict[str, str] = {}
 
-# call key -> why that one call site runs the reference (the per-call choice of kernels: auto)
-_CALL_FALLBACKS: dict[str, str] = {}
+# call key -> (what that one call site runs instead of the fused kernel: "reference" or a
+# torch built-in of builtin.py, why): the per-call choice of kernels: auto
+_CALL_FALLBACKS: dict[str, tuple[str, str]] = {}
 # the call keys of every dispatch while recording_calls() is active (any backend)
 _RECORDING: Optional[List[str]] = None
 
@@ -83,16 +86,19 @@ def call_key(op: str, mode: str, *shaped: Tensor) -> str:
     return f"{op} {mode} {shapes} {str(shaped[0].dtype).replace('torch.', '')} {'fwd+bwd' if grad else 'fwd'}"
 
 
-def fall_back_call(key: str, reason: str) -> None:
-    """Run the one call site named ``key`` (a :func:`call_key`) through its op's reference."""
+def fall_back_call(key: str, reason: str, impl: str = "reference") -> None:
+    """Run the one call site named ``key`` (a :func:`call_key`) through its op's reference,
+    or through the torch built-in ``impl`` (``builtin.candidates``, e.g. ``sdpa:cudnn``)."""
     op = key.split(" ", 1)[0]
     if op not in FUSED_OPS:
         raise ValueError(f"kernels: call key {key!r} names no fused op (choose from {FUSED_OPS})")
-    _CALL_FALLBACKS[key] = reason
+    if impl != "reference" and not (op == "factorized_attention" and impl.startswith("sdpa:")):
+        raise ValueError(f"kernels: no built-in {impl!r} for {op}")
+    _CALL_FALLBACKS[key] = (impl, reason)
 
 
-def call_fallbacks() -> dict[str, str]:
-    """``{call key: reason}`` of the call sites sent back by :func:`fall_back_call`."""
+def call_fallbacks() -> dict[str, tuple[str, str]]:
+    """``{call key: (impl, reason)}`` of the call sites sent away by :func:`fall_back_call`."""
     return dict(_CALL_FALLBACKS)
 
 
@@ -108,16 +114,22 @@ def recording_calls() -> Iterator[List[str]]:
         _RECORDING = outer
 
 
-def _use_fused(backend: str, *tensors: Optional[Tensor], op: str,
-               call: Optional[Callable[[], str]] = None) -> bool:
-    """Whether this call runs the fused kernel; ``call`` gives its :func:`call_key`, computed
-    only while there are per-call fallbacks or a recording (no cost otherwise)."""
+def _route(backend: str, *tensors: Optional[Tensor], op: str,
+           call: Optional[Callable[[], str]] = None) -> str:
+    """What this call runs: ``"fused"``, ``"reference"`` or a built-in (``builtin.py``) chosen
+    for it by :func:`fall_back_call`. ``call`` gives its :func:`call_key`, computed only while
+    there are per-call choices or a recording (no cost otherwise)."""
     if call is not None and (_CALL_FALLBACKS or _RECORDING is not None):
         key = call()
         if _RECORDING is not None:
             _RECORDING.append(key)
         if key in _CALL_FALLBACKS:
-            return False
+            return _CALL_FALLBACKS[key][0]
+    return "fused" if _use_fused(backend, *tensors, op=op) else "reference"
+
+
+def _use_fused(backend: str, *tensors: Optional[Tensor], op: str) -> bool:
+    """Whether ``backend`` sends this call of ``op`` to its fused kernel."""
     if backend == "reference":
         return False
     if backend not in BACKENDS:
@@ -146,6 +158,11 @@ def _attention():
     return attention
 
 
+def _builtin():
+    from mam2_fast.kernels import builtin
+    return builtin
+
+
 def _varlen():
     from mam2_fast.kernels import varlen
     return varlen
@@ -169,9 +186,12 @@ def _linear_ce():
 def factorized_attention(qkv: Tensor, mode: str, valid: Optional[Tensor] = None,
                          scale: Optional[float] = None, backend: str = "reference") -> Tensor:
     """qkv ``[B, T, S, 3, H, dh]`` -> ``[B, T, S, H*dh]``; see ``reference.factorized_attention_ref``."""
-    if _use_fused(backend, qkv, valid, op="factorized_attention",
-                  call=lambda: call_key("factorized_attention", mode if valid is None else f"{mode}+valid", qkv)):
+    how = _route(backend, qkv, valid, op="factorized_attention",
+                 call=lambda: call_key("factorized_attention", mode if valid is None else f"{mode}+valid", qkv))
+    if how == "fused":
         return _attention().factorized_attention_fused(qkv, mode, valid, scale)
+    if how != "reference":
+        return _builtin().run("factorized_attention", how, qkv, mode, valid, scale)
     return ref.factorized_attention_ref(qkv, mode, valid, scale)
 
 
@@ -179,8 +199,8 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index: Op
                      scale: Optional[float] = None, backend: str = "reference") -> Tensor:
     """Packed qkv ``[Ntok, 3, H, dh]``, segments ``cu_seqlens [G+1]`` int32, optional position ->
     row ``index [Ntok]`` -> ``[Ntok, H*dh]``; see ``reference.varlen_attention_ref``."""
-    if _use_fused(backend, qkv, cu_seqlens, index, op="varlen_attention",
-                  call=lambda: call_key("varlen_attention", "spatial" if index is None else "temporal", qkv, cu_seqlens)):
+    if _route(backend, qkv, cu_seqlens, index, op="varlen_attention",
+              call=lambda: call_key("varlen_attention", "spatial" if index is None else "temporal", qkv, cu_seqlens)) == "fused":
         return _varlen().varlen_attention_fused(qkv, cu_seqlens, max_seqlen, index, scale)
     return ref.varlen_attention_ref(qkv, cu_seqlens, max_seqlen, index, scale)
 
@@ -188,15 +208,15 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index: Op
 def gather_visible_add_pos(x: Tensor, pos_t: Tensor, pos_s: Tensor, idx: Tensor,
                            backend: str = "reference") -> Tensor:
     """x ``[B, T, N, D]`` + pos_t ``[T, D]`` + pos_s ``[N, D]`` at idx ``[B, Nv]`` -> ``[B, T, Nv, D]``."""
-    if _use_fused(backend, x, pos_t, pos_s, idx, op="gather_visible_add_pos",
-                  call=lambda: call_key("gather_visible_add_pos", "tube", x, idx, pos_t)):
+    if _route(backend, x, pos_t, pos_s, idx, op="gather_visible_add_pos",
+              call=lambda: call_key("gather_visible_add_pos", "tube", x, idx, pos_t)) == "fused":
         return _gather().gather_visible_add_pos_fused(x, pos_t, pos_s, idx)
     return ref.gather_visible_add_pos_ref(x, pos_t, pos_s, idx)
 
 
 def gather_tokens(x: Tensor, idx: Tensor, backend: str = "reference") -> Tensor:
     """x ``[B, T, N, D]`` at idx ``[B, K]`` (distinct per row) -> ``[B, T, K, D]``."""
-    if _use_fused(backend, x, idx, op="gather_tokens", call=lambda: call_key("gather_tokens", "tube", x, idx)):
+    if _route(backend, x, idx, op="gather_tokens", call=lambda: call_key("gather_tokens", "tube", x, idx)) == "fused":
         return _gather().gather_tokens_fused(x, idx)
     return ref.gather_tokens_ref(x, idx)
 
@@ -204,8 +224,8 @@ def gather_tokens(x: Tensor, idx: Tensor, backend: str = "reference") -> Tensor:
 def rgb_diff_mse_tube(clip: Tensor, pred: Tensor, mask_idx: Tensor, patch: int,
                       backend: str = "reference") -> Tensor:
     """Eq. 3 for tube masks; the clip is a constant (fused path: no clip gradient)."""
-    if _use_fused(backend, clip, pred, mask_idx, op="rgb_diff_mse_tube",
-                  call=lambda: call_key("rgb_diff_mse_tube", f"P{patch}", pred, clip, mask_idx)):
+    if _route(backend, clip, pred, mask_idx, op="rgb_diff_mse_tube",
+              call=lambda: call_key("rgb_diff_mse_tube", f"P{patch}", pred, clip, mask_idx)) == "fused":
         return _rgb_diff().rgb_diff_mse_tube_fused(clip, pred, mask_idx, patch)
     return ref.rgb_diff_mse_tube_ref(clip, pred, mask_idx, patch)
 
@@ -214,8 +234,8 @@ def rgb_diff_mse_packed(clip: Tensor, pred: Tensor, rows: Tensor, patch: int,
                         backend: str = "reference") -> Tensor:
     """Eq. 3 for packed masked tokens: pred ``[M, P*P*C]`` at flat rows ``[M]``
     (``b*T*N + t*N + n``); the clip is a constant (fused path: no clip gradient)."""
-    if _use_fused(backend, clip, pred, rows, op="rgb_diff_mse_packed",
-                  call=lambda: call_key("rgb_diff_mse_packed", f"P{patch}", pred, clip, rows)):
+    if _route(backend, clip, pred, rows, op="rgb_diff_mse_packed",
+              call=lambda: call_key("rgb_diff_mse_packed", f"P{patch}", pred, clip, rows)) == "fused":
         return _rgb_diff().rgb_diff_mse_packed_fused(clip, pred, rows, patch)
     return ref.rgb_diff_mse_packed_ref(clip, pred, rows, patch)
 
@@ -224,7 +244,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Optional[Tensor], targ
                          backend: str = "reference", *, ignore_index: int = -100) -> Tensor:
     """``F.cross_entropy(x @ W.T + b, target, ignore_index)``; the fused path never holds the
     full ``[M, K]`` logits."""
-    if _use_fused(backend, x, weight, bias, target, op="linear_cross_entropy",
-                  call=lambda: call_key("linear_cross_entropy", f"ignore{ignore_index}", x, weight)):
+    if _route(backend, x, weight, bias, target, op="linear_cross_entropy",
+              call=lambda: call_key("linear_cross_entropy", f"ignore{ignore_index}", x, weight)) == "fused":
         return _linear_ce().linear_cross_entropy_fused(x, weight, bias, target, ignore_index)
     return ref.linear_cross_entropy_ref(x, weight, bias, target, ignore_index)

@@ -5,14 +5,17 @@ distinct fused call that one training step makes (``call_cases``, following
 ``launch_plan.planned_calls``: the encoder's temporal and its spatial attention, the alignment
 target's forward-only passes, the decoders', the gathers, the appearance head, the motion loss)
 at the run's shapes, on the run's device and dtype, forward and backward where the step runs a
-backward, against the same call through its plain-torch reference (SDPA for attention,
-``F.cross_entropy`` on full logits, advanced indexing, ...), and keeps the faster **per call**.
+backward, against the same call through its plain-torch reference (matmul-softmax attention,
+``F.cross_entropy`` on full logits, advanced indexing, ...) and, where torch has a faster
+built-in for the same computation (``builtin.py``: SDPA with each backend forced, for attention
+without validity masks; each checked against the reference first), against those too, and
+keeps the fastest **per call**.
 The calls differ in kind, not just in size (the encoder's spatial attention over 49 visible
 tokens runs a single-tile kernel, the decoders' over 147 masked ones the flash-attention
 scheme; on the H200 of 2026-12-04 the fused temporal attention won 3-7x while the spatial
-forward lost to cuDNN), so one choice per op would keep a slower kernel somewhere. A slower
-call runs its reference for the whole run (``kernels.fall_back_call``, matched by
-``kernels.call_key``); an op slower at every call falls back whole
+forward lost to cuDNN's SDPA), so one choice per op would keep a slower kernel somewhere. A
+call with a faster alternative runs it for the whole run (``kernels.fall_back_call``, matched
+by ``kernels.call_key``); an op whose every call chose its reference falls back whole
 (``kernels.fall_back_to_reference``), so shapes the plan did not time (a last short batch)
 follow it. A user never gets a fused call that is slower than torch's at the run's shapes.
 
@@ -33,9 +36,14 @@ from typing import Callable, Dict, NamedTuple, Optional
 import torch
 
 from mam2_fast import kernels
+from mam2_fast.kernels import builtin
 from mam2_fast.masking import num_masked
 
 Timer = Callable[[Callable[[], None], torch.device], float]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def _run(out: torch.Tensor, backward: bool) -> None:
@@ -44,11 +52,15 @@ def _run(out: torch.Tensor, backward: bool) -> None:
 
 
 class CallCase(NamedTuple):
-    """One call site of a fused op in a step, ready to run both ways at the run's shapes."""
+    """One call site of a fused op in a step, ready to run every way at the run's shapes."""
     op: str                       # the dispatch name (kernels.FUSED_OPS)
     what: str                     # where the model makes the call
     fused: Callable[[], None]     # forward (+ backward when the step runs one) through the kernel
     reference: Callable[[], None]  # the same through the op's plain-torch reference
+    # torch built-ins for the same call (builtin.candidates: e.g. "sdpa:cudnn" -> its run)
+    builtins: Dict[str, Callable[[], None]] = {}
+    # impl -> relative error of its output (and input gradient) against the reference's
+    error: Optional[Callable[[str], float]] = None
 
 
 def call_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Dict[str, CallCase]:
@@ -79,24 +91,48 @@ def call_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Di
     amp = dtype in (torch.float16, torch.bfloat16)
     normed = torch.float32 if amp else dtype
 
-    def add(op: str, what: str, grad: bool, call: Callable[[str], torch.Tensor], key_of: Callable[[], str]):
-        """``call(backend)`` makes the op's call on fresh leaves; ``grad``: a backward follows."""
-        def both(backend: str) -> Callable[[], None]:
+    def add(op: str, what: str, grad: bool, call: Callable[[str], torch.Tensor], key_of: Callable[[], str],
+            builtin_call: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
+            leaf: Optional[Callable[[], torch.Tensor]] = None):
+        """``call(backend)`` makes the op's call on fresh leaves; ``grad``: a backward follows.
+        ``builtin_call(impl, x)``: the call through a torch built-in on the leaf ``x = leaf()``."""
+        def runner(make: Callable[[], torch.Tensor]) -> Callable[[], None]:
             def run():
                 with torch.set_grad_enabled(grad), accel.autocast(device, dtype, enabled=amp):
-                    _run(call(backend), grad)
+                    _run(make(), grad)
             return run
+
+        def outputs(impl: str):                          # output (+ the leaf's grad), detached
+            x = leaf()
+            with torch.set_grad_enabled(grad), accel.autocast(device, dtype, enabled=amp):
+                out = builtin_call(impl, x)
+                _run(out, grad)
+            return [out.detach().float()] + ([x.grad.float()] if grad else [])
+
+        def error(impl: str) -> float:
+            return max(_rel(a, b) for a, b in zip(outputs(impl), outputs("reference")))
+
         with torch.set_grad_enabled(grad), accel.autocast(device, dtype, enabled=amp):
             key = key_of()
-        cases.setdefault(key, CallCase(op, what, both("fused"), both("reference")))
+        builtins = {}
+        if builtin_call is not None:
+            for impl in builtin.candidates(op, device):
+                builtins[impl] = runner(lambda impl=impl: builtin_call(impl, leaf()))
+        cases.setdefault(key, CallCase(op, what, runner(lambda: call("fused")), runner(lambda: call("reference")),
+                                       builtins, error if builtin_call is not None else None))
 
     def attention(what: str, frames: int, S: int, width: int, heads: int, grad: bool):
         qkv0 = rnd(B, frames, S, 3, heads, width // heads)                   # [B, T, S, 3, H, dh]
+        leaf = lambda: qkv0.detach().requires_grad_(grad)                   # noqa: E731
         for mode in ("temporal", "spatial"):
-            leaf = lambda: qkv0.detach().requires_grad_(grad)               # noqa: E731
+            def through(impl: str, qkv: torch.Tensor, mode=mode) -> torch.Tensor:
+                if impl == "reference":
+                    return kernels.factorized_attention(qkv, mode, backend="reference")
+                return builtin.run("factorized_attention", impl, qkv, mode, None, None)
             add("factorized_attention", f"{what} {mode}", grad,
                 lambda backend, mode=mode: kernels.factorized_attention(leaf(), mode, backend=backend),
-                lambda mode=mode: kernels.call_key("factorized_attention", mode, leaf()))
+                lambda mode=mode: kernels.call_key("factorized_attention", mode, leaf()),
+                builtin_call=through, leaf=leaf)
 
     def gather_pos(what: str, k: int, grad: bool):
         x0, pt0, ps0, idx = rnd(B, T, N, D), rnd(T, D, dt=torch.float32), rnd(N, D, dt=torch.float32), slots(k)
@@ -239,8 +275,8 @@ def cache_path() -> Path:
 def cache_key(s, device: torch.device, dtype: torch.dtype) -> str:
     from mam2_fast.train import accel
 
-    # "per call": entries of the per-op choice (before 2026-12-07) are not reused
-    return f"{accel.device_name(device)} | {str(dtype).replace('torch.', '')} | device time, per call | {s}"
+    # "per call, built-ins": entries of the per-op choice (before 2026-12-07) are not reused
+    return f"{accel.device_name(device)} | {str(dtype).replace('torch.', '')} | device time, per call, built-ins | {s}"
 
 
 def agree_across_ranks(timings: Dict[str, dict]) -> Dict[str, dict]:
@@ -263,8 +299,10 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
     slower ones back to the reference: an op slower at every one of its calls falls back
     whole (``kernels.fall_back_to_reference``: other shapes, e.g. a last short batch, follow
     it), otherwise only its slower calls (``kernels.fall_back_call``). Every rank of a
-    multi-process run follows rank 0's choice. Returns ``{call key: {"op", "what", "fused_ms",
-    "reference_ms", "choice"}}``."""
+    multi-process run follows rank 0's choice. Where torch has a built-in for the call
+    (``builtin.candidates``: SDPA backends for attention without validity masks) each one is
+    checked against the reference and timed too, and the fastest of all runs. Returns
+    ``{call key: {"op", "what", "fused_ms", "reference_ms", "builtin_ms", "choice"}}``."""
     path = path or cache_path()
     key = cache_key(s, device, dtype)
     cache: dict = {}
@@ -278,14 +316,27 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
     if timings is None:
         from mam2_fast.kernels import device_time
 
+        from mam2_fast.kernels.selfcheck import TOLERANCE
+
         timer = timer or time_call
         timings, source = {}, "timed"
+        kernels._CALL_FALLBACKS.clear()           # this choice decides every call afresh
         for call, case in call_cases(s, device, dtype).items():
             if case.op in kernels.fallbacks():     # failed the start-of-run check: not a candidate
                 continue
-            tf, tr = timer(case.fused, device), timer(case.reference, device)
-            timings[call] = {"op": case.op, "what": case.what, "fused_ms": round(tf, 4),
-                             "reference_ms": round(tr, 4), "choice": "fused" if tf <= tr else "reference"}
+            t = {"op": case.op, "what": case.what, "fused_ms": round(timer(case.fused, device), 4),
+                 "reference_ms": round(timer(case.reference, device), 4)}
+            for impl, run in case.builtins.items():   # torch built-ins: parity first, then time
+                try:
+                    err = case.error(impl) if case.error is not None else 0.0
+                    if not err <= TOLERANCE.get(dtype, 3e-2):
+                        raise ValueError(f"relative error {err:.1e} against the reference")
+                    t.setdefault("builtin_ms", {})[impl] = round(timer(run, device), 4)
+                except Exception as e:  # noqa: BLE001 - a backend that cannot run this call
+                    t.setdefault("builtin_skipped", {})[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            ms = {"fused": t["fused_ms"], "reference": t["reference_ms"], **t.get("builtin_ms", {})}
+            t["choice"] = min(ms, key=lambda k: (ms[k], k != "fused"))     # ties keep the kernel
+            timings[call] = t
         device_time.release()                     # the L2-flush buffer
         cache[key] = timings
         try:
@@ -298,23 +349,28 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
     timings = agree_across_ranks(timings)
     apply_choice(timings)
     unit = "device ms" if device.type == "cuda" else "ms"
-    log(f"kernels: per-call choice at batch {s.batch} ({source}, fused vs torch, {unit}): " + ", ".join(
-        f"{t['op']} {t['what']}: {t['choice']} ({t['fused_ms']:.2f} vs {t['reference_ms']:.2f})"
-        for t in timings.values()))
+    log(f"kernels: per-call choice at batch {s.batch} ({source}, {unit}; fused / reference / "
+        f"built-ins): " + ", ".join(f"{t['op']} {t['what']}: {t['choice']} ({_times(t)})" for t in timings.values()))
     return timings
 
 
+def _times(t: dict) -> str:
+    built = "".join(f" / {impl} {ms:.2f}" for impl, ms in t.get("builtin_ms", {}).items())
+    return f"{t['fused_ms']:.2f} / {t['reference_ms']:.2f}{built}"
+
+
 def apply_choice(timings: Dict[str, dict]) -> None:
-    """Send the slower calls back: a whole op where none of its calls chose it, else per call."""
+    """Send each call that has a faster alternative to it: a whole op to its reference where
+    every one of its calls chose the reference, else call by call (reference or built-in)."""
     by_op: Dict[str, list] = {}
     for call, t in timings.items():
         by_op.setdefault(t["op"], []).append((call, t))
     for op, calls in by_op.items():
-        slower = [(call, t) for call, t in calls if t["choice"] == "reference"]
-        why = lambda t: (f"slower than its torch reference at the run's shapes "  # noqa: E731
-                         f"({t['fused_ms']:.3f} vs {t['reference_ms']:.3f} ms)")
-        if len(slower) == len(calls):
+        why = lambda t: (f"faster than the fused kernel at the run's shapes "  # noqa: E731
+                         f"(fused / reference / built-ins: {_times(t)} ms)")
+        if all(t["choice"] == "reference" for _, t in calls):
             kernels.fall_back_to_reference(op, "; ".join(f"{t['what']}: {why(t)}" for _, t in calls))
-        else:
-            for call, t in slower:
-                kernels.fall_back_call(call, why(t))
+            continue
+        for call, t in calls:
+            if t["choice"] != "fused":
+                kernels.fall_back_call(call, why(t), impl=t["choice"])

@@ -251,8 +251,8 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, lo
 
 
 def _keep_the_faster(requested: str, shapes, device: torch.device, dtype: torch.dtype, log) -> str:
-    """``auto`` at known shapes: each fused op slower than torch at them runs torch's
-    (``kernels/autotune.py``); returns ``"fused"``."""
+    """``auto`` at known shapes: each fused call slower than torch at them runs torch's
+    reference or faster built-in (``kernels/autotune.py``); returns ``"fused"``."""
     if requested == "auto" and shapes is not None:
         from mam2_fast.kernels.autotune import choose_ops
 
