@@ -328,3 +328,49 @@ def test_attention_cases_offer_the_sdpa_builtins_and_they_pass_parity():
             assert c.error(impl) < 1e-5, (c.what, impl)
             run()
     assert all(not c.builtins for c in cases.values() if c.op != "factorized_attention")
+
+
+def test_varlen_builtin_hands_torch_the_packed_views(monkeypatch):
+    """``varlen_attn`` is CUDA-only; on the CPU a stand-in with its signature (attention per
+    segment through the reference) checks what the built-in hands it: zero-copy q, k, v
+    ``[Ntok, H, dh]`` views of the packed qkv, the segments, the longest segment, the scale;
+    and that output and gradient come back as the reference's ``[Ntok, H*dh]``. Only segments in
+    row order (spatial) get it, and only on CUDA."""
+    import torch.nn.attention.varlen as tv
+
+    from mam2_fast.kernels import builtin
+    from mam2_fast.kernels.reference import attention_ref, varlen_attention_ref
+
+    seen = {}
+
+    def stand_in(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, **kw):
+        seen.update(shape=tuple(q.shape), views=q.data_ptr() != k.data_ptr() and not q.is_contiguous(),
+                    max=(max_q, max_k), scale=scale, same_cu=cu_q is cu_k)
+        out = torch.zeros_like(q)
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            if b > a:
+                qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))             # [H, L, dh]
+                out = out.index_copy(0, torch.arange(a, b), attention_ref(qs, ks, vs, None, scale).transpose(0, 1))
+        return out
+    monkeypatch.setattr(tv, "varlen_attn", stand_in)
+    cu = torch.tensor([0, 5, 5, 12, 13], dtype=torch.int32)         # an empty and a one-token segment
+    qkv = torch.randn(13, 3, 2, 8)
+    g = torch.randn(13, 16)
+    res = []
+    for fn in (lambda x: builtin.run("varlen_attention", "varlen_attn", x, cu, 7, None, 0.5),
+               lambda x: varlen_attention_ref(x, cu, 7, None, 0.5)):
+        x = qkv.clone().requires_grad_()
+        out = fn(x)
+        (out * g).sum().backward()
+        res.append((out.detach(), x.grad))
+    for a, b in zip(*res):
+        assert a.shape == b.shape and ((a - b).norm() / b.norm()).item() < 1e-5
+    assert seen == {"shape": (13, 2, 8), "views": True, "max": (7, 7), "scale": 0.5, "same_cu": True}
+    assert builtin.candidates("varlen_attention", torch.device("cuda")) == ["varlen_attn"]
+    assert builtin.candidates("varlen_attention", torch.device("cuda"), has_index=True) == []
+    assert builtin.candidates("varlen_attention", torch.device("cpu")) == []
+    with pytest.raises(ValueError, match="row order"):
+        builtin.run("varlen_attention", "varlen_attn", qkv, cu, 7, torch.arange(13, dtype=torch.int32), None)
+    kernels.fall_back_call("varlen_attention spatial [13, 3, 2, 8] [5] float32 fwd", "x", impl="varlen_attn")
+    with pytest.raises(ValueError, match="no built-in"):
+        kernels.fall_back_call("gather_tokens tube [1] [1] float32 fwd", "x", impl="varlen_attn")

@@ -16,7 +16,8 @@ Per call, :func:`fall_back_call` does the same for one call site of an op, named
 every call of a step and sends only the slower ones back (``autotune``), so the encoder's
 spatial attention can run torch's while its temporal attention stays fused. "Back" is the
 reference or, where torch has a faster built-in for the same computation (``builtin.py``:
-SDPA with one backend forced, for attention without validity masks), that built-in.
+SDPA with one backend forced for attention without validity masks, ``varlen_attn`` for packed
+segments in row order), that built-in.
 ``meta`` tensors are accepted by ``"fused"``: the custom ops run their fake impls (dry runs).
 
 The fused modules are imported lazily (first fused call), so importing this package never
@@ -92,7 +93,7 @@ def fall_back_call(key: str, reason: str, impl: str = "reference") -> None:
     op = key.split(" ", 1)[0]
     if op not in FUSED_OPS:
         raise ValueError(f"kernels: call key {key!r} names no fused op (choose from {FUSED_OPS})")
-    if impl != "reference" and not (op == "factorized_attention" and impl.startswith("sdpa:")):
+    if impl != "reference" and impl not in _builtin().BUILTINS.get(op, ()):
         raise ValueError(f"kernels: no built-in {impl!r} for {op}")
     _CALL_FALLBACKS[key] = (impl, reason)
 
@@ -199,9 +200,12 @@ def varlen_attention(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, index: Op
                      scale: Optional[float] = None, backend: str = "reference") -> Tensor:
     """Packed qkv ``[Ntok, 3, H, dh]``, segments ``cu_seqlens [G+1]`` int32, optional position ->
     row ``index [Ntok]`` -> ``[Ntok, H*dh]``; see ``reference.varlen_attention_ref``."""
-    if _route(backend, qkv, cu_seqlens, index, op="varlen_attention",
-              call=lambda: call_key("varlen_attention", "spatial" if index is None else "temporal", qkv, cu_seqlens)) == "fused":
+    how = _route(backend, qkv, cu_seqlens, index, op="varlen_attention",
+                 call=lambda: call_key("varlen_attention", "spatial" if index is None else "temporal", qkv, cu_seqlens))
+    if how == "fused":
         return _varlen().varlen_attention_fused(qkv, cu_seqlens, max_seqlen, index, scale)
+    if how != "reference":
+        return _builtin().run("varlen_attention", how, qkv, cu_seqlens, max_seqlen, index, scale)
     return ref.varlen_attention_ref(qkv, cu_seqlens, max_seqlen, index, scale)
 
 

@@ -7,8 +7,9 @@ target's forward-only passes, the decoders', the gathers, the appearance head, t
 at the run's shapes, on the run's device and dtype, forward and backward where the step runs a
 backward, against the same call through its plain-torch reference (matmul-softmax attention,
 ``F.cross_entropy`` on full logits, advanced indexing, ...) and, where torch has a faster
-built-in for the same computation (``builtin.py``: SDPA with each backend forced, for attention
-without validity masks; each checked against the reference first), against those too, and
+built-in for the same computation (``builtin.py``: SDPA with each backend forced for attention
+without validity masks, ``varlen_attn`` for packed segments in row order; each checked against
+the reference first), against those too, and
 keeps the fastest **per call**.
 The calls differ in kind, not just in size (the encoder's spatial attention over 49 visible
 tokens runs a single-tile kernel, the decoders' over 147 masked ones the flash-attention
@@ -93,9 +94,10 @@ def call_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Di
 
     def add(op: str, what: str, grad: bool, call: Callable[[str], torch.Tensor], key_of: Callable[[], str],
             builtin_call: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
-            leaf: Optional[Callable[[], torch.Tensor]] = None):
+            leaf: Optional[Callable[[], torch.Tensor]] = None, impls: tuple = ()):
         """``call(backend)`` makes the op's call on fresh leaves; ``grad``: a backward follows.
-        ``builtin_call(impl, x)``: the call through a torch built-in on the leaf ``x = leaf()``."""
+        ``builtin_call(impl, x)``: the call through the torch built-in ``impl`` (one of
+        ``impls``) or the reference, on the leaf ``x = leaf()``."""
         def runner(make: Callable[[], torch.Tensor]) -> Callable[[], None]:
             def run():
                 with torch.set_grad_enabled(grad), accel.autocast(device, dtype, enabled=amp):
@@ -114,12 +116,9 @@ def call_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Di
 
         with torch.set_grad_enabled(grad), accel.autocast(device, dtype, enabled=amp):
             key = key_of()
-        builtins = {}
-        if builtin_call is not None:
-            for impl in builtin.candidates(op, device):
-                builtins[impl] = runner(lambda impl=impl: builtin_call(impl, leaf()))
+        builtins = {impl: runner(lambda impl=impl: builtin_call(impl, leaf())) for impl in impls}
         cases.setdefault(key, CallCase(op, what, runner(lambda: call("fused")), runner(lambda: call("reference")),
-                                       builtins, error if builtin_call is not None else None))
+                                       builtins, error if impls else None))
 
     def attention(what: str, frames: int, S: int, width: int, heads: int, grad: bool):
         qkv0 = rnd(B, frames, S, 3, heads, width // heads)                   # [B, T, S, 3, H, dh]
@@ -132,7 +131,7 @@ def call_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Di
             add("factorized_attention", f"{what} {mode}", grad,
                 lambda backend, mode=mode: kernels.factorized_attention(leaf(), mode, backend=backend),
                 lambda mode=mode: kernels.call_key("factorized_attention", mode, leaf()),
-                builtin_call=through, leaf=leaf)
+                builtin_call=through, leaf=leaf, impls=tuple(builtin.candidates("factorized_attention", device)))
 
     def gather_pos(what: str, k: int, grad: bool):
         x0, pt0, ps0, idx = rnd(B, T, N, D), rnd(T, D, dt=torch.float32), rnd(N, D, dt=torch.float32), slots(k)
@@ -201,13 +200,19 @@ def call_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Di
         ntok = int(spatial_cu[-1])
         qkv0 = rnd(ntok, 3, heads, width // heads)                            # [Ntok, 3, H, dh]
         index = torch.arange(ntok, device=device, dtype=torch.int32)        # position -> row
+        leaf = lambda: qkv0.detach().requires_grad_(grad)                    # noqa: E731
         for mode, cu, lengths, idx in (("spatial", spatial_cu, frame_len, None),
                                        ("temporal", temporal_cu, slot_len, index)):
-            leaf = lambda: qkv0.detach().requires_grad_(grad)                # noqa: E731
+            def through(impl: str, qkv: torch.Tensor, cu=cu, longest=max(lengths), idx=idx) -> torch.Tensor:
+                if impl == "reference":
+                    return kernels.varlen_attention(qkv, cu, longest, idx, backend="reference")
+                return builtin.run("varlen_attention", impl, qkv, cu, longest, idx, None)
             add("varlen_attention", f"{what} {mode}", grad,
                 lambda backend, cu=cu, longest=max(lengths), idx=idx: kernels.varlen_attention(
                     leaf(), cu, longest, idx, backend=backend),
-                lambda mode=mode, cu=cu: kernels.call_key("varlen_attention", mode, leaf(), cu))
+                lambda mode=mode, cu=cu: kernels.call_key("varlen_attention", mode, leaf(), cu),
+                builtin_call=through, leaf=leaf,
+                impls=tuple(builtin.candidates("varlen_attention", device, has_index=idx is not None)))
 
     varlen(f"encoder, packed visible set ({visible} per clip)", False, D, H, train)
     if s.use_alignment:

@@ -13,6 +13,11 @@ kernel with torch's best and not only with its plainest:
   the batch (``[B, S*H, T, dh]`` views), since (B, S) and (S, H) do not merge in the engine's
   ``[B, T, S, 3, H, dh]`` layout.
 
+* ``varlen_attention`` over segments in row order (the spatial segments of random / frame
+  masks): ``torch.nn.attention.varlen.varlen_attn`` (``varlen_attn``, CUDA only) on zero-copy
+  ``[Ntok, H, dh]`` views. Segments reached through a position -> row index (the temporal
+  ones) have no zero-copy form and no built-in here.
+
 A backend that cannot run a shape or dtype raises; the autotuner then drops it for that call.
 Each candidate is also compared with the reference before it may be chosen.
 """
@@ -67,19 +72,41 @@ def factorized_attention_sdpa(qkv: Tensor, mode: str, scale: Optional[float], ba
     return attention_unlayout(o, qkv)
 
 
-def candidates(op: str, device: torch.device, has_valid: bool = False) -> List[str]:
+def varlen_attention_torch(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: Optional[float]) -> Tensor:
+    """:func:`reference.varlen_attention_ref` without a row index through torch's
+    ``varlen_attn``. Packed qkv ``[Ntok, 3, H, dh]`` -> ``[Ntok, H*dh]``."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = qkv.unbind(1)                                                   # [Ntok, H, dh] views
+    out = varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+    return out.reshape(qkv.shape[0], -1)
+
+
+# op -> the built-ins that may stand in for one of its calls
+BUILTINS = {"factorized_attention": tuple(f"sdpa:{n}" for n in SDPA_BACKENDS), "varlen_attention": ("varlen_attn",)}
+
+
+def candidates(op: str, device: torch.device, has_valid: bool = False, has_index: bool = False) -> List[str]:
     """The built-in implementations ``kernels: auto`` may time for one call of ``op``."""
     if op == "factorized_attention" and not has_valid:
         names = ("flash", "efficient", "cudnn") if device.type == "cuda" else ("flash", "math")
         return [f"sdpa:{n}" for n in names]
+    if op == "varlen_attention" and not has_index and device.type == "cuda":
+        return ["varlen_attn"]
     return []
 
 
 def run(op: str, impl: str, *args):
-    """Call ``op`` through the built-in ``impl`` (a name from :func:`candidates`)."""
-    if op == "factorized_attention" and impl.startswith("sdpa:"):
+    """Call ``op`` through the built-in ``impl`` (a name from :func:`candidates`) with the
+    dispatch function's arguments."""
+    if op == "factorized_attention" and impl in BUILTINS[op]:
         qkv, mode, valid, scale = args
         if valid is not None:
             raise ValueError("factorized_attention: the SDPA built-ins take no validity mask")
         return factorized_attention_sdpa(qkv, mode, scale, impl.split(":", 1)[1])
+    if op == "varlen_attention" and impl in BUILTINS[op]:
+        qkv, cu_seqlens, max_seqlen, index, scale = args
+        if index is not None:
+            raise ValueError("varlen_attention: torch's varlen_attn takes segments in row order (no index)")
+        return varlen_attention_torch(qkv, cu_seqlens, max_seqlen, scale)
     raise ValueError(f"kernels: no built-in {impl!r} for {op}")
