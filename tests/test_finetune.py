@@ -202,6 +202,19 @@ def test_train_checkpoint_and_resume(tmp_path):
         assert torch.allclose(v, resumed[k], atol=1e-6), k
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_train_under_half_precision_autocast(tmp_path, precision):
+    """train.precision bf16 / fp16 (what ``auto`` picks on sm_80+ / older GPUs; CPU autocast
+    here): the run trains with finite losses; fp16 keeps its loss scale in the checkpoint, as
+    pre-training does."""
+    torch.set_num_threads(1)
+    res = train(_tiny_cfg(tmp_path, precision=precision), data=LabeledSynthetic(), log=lambda s: None)
+    assert res["steps"] == 4
+    ckpt = torch.load(res["checkpoint"], weights_only=False)
+    assert ("loss_scale" in ckpt) == (precision == "fp16")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
 def test_demo_encoder_matches_pretraining_demo():
     from mam2_fast.ft.weights import arch_from_pretrain_config
     from mam2_fast.models.classifier import encoder_arch_dict

@@ -169,7 +169,7 @@ def validate(cfg: FinetuneConfig) -> None:
     _check(r.max_steps is None or r.max_steps >= 1, "train.max_steps", f"must be >= 1, got {r.max_steps}")
     _check(r.accum_steps >= 1, "train.accum_steps", f"must be >= 1, got {r.accum_steps}")
     _one_of(r.device, "train.device", ("auto", "cpu", "cuda"))
-    _one_of(r.precision, "train.precision", ("auto", "bf16", "fp32"))
+    _one_of(r.precision, "train.precision", ("auto", "bf16", "fp16", "fp32"))
     validate_train(r)
 
     d = cfg.data
