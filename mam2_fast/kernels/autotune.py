@@ -70,43 +70,101 @@ def call_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Di
     :func:`kernels.call_key` the model's own call computes (``tests/test_autotune.py`` records
     the model's calls and checks the two agree). Follows ``launch_plan.planned_calls``; each
     attention call is two cases (temporal, spatial: different kernels, different winners)."""
-    from mam2_fast.train import accel
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    c = _Cases(s, device, dtype, seed)
     B, T, N, D, H, train = s.batch, s.frames, s.patches, s.embed_dim, s.heads, s.train
     Dd, Hd = s.decoder_dim or D, s.decoder_heads or H
-    ppc = s.patch * s.patch * s.channels
-    side = int(round(N ** 0.5)) * s.patch
-    cases: Dict[str, CallCase] = {}
+    if s.mask_kind is None:                    # fine-tuning / evaluation: the encoder on every token
+        c.attention(f"encoder [B, T, N] = {[B, T, N]}", T, N, D, H, train)
+        return c.cases
+    decoders = s.appearance_target is not None or s.motion_target not in (None, "clip_order")
+    if s.mask_kind in ("tube", "cube"):
+        Nm = num_masked(s.mask_ratio, N)
+        Nv = N - Nm
+        c.gather_pos(f"visible tokens + positions, Nv {Nv}", Nv, train)
+        c.attention(f"encoder [B, T, Nv] = {[B, T, Nv]}", T, Nv, D, H, train)
+        if s.use_alignment:
+            c.gather_pos(f"alignment target: masked tokens, Nm {Nm}", Nm, False)
+            c.attention(f"alignment target encoder [B, T, Nm] = {[B, T, Nm]}", T, Nm, D, H, False)
+        dec_slots = Nm if s.use_regressor else N
+        if decoders:
+            c.attention(f"decoders [B, T, {dec_slots}]", T, dec_slots, Dd, Hd, train)
+        if s.motion_target == "clip_order":
+            c.attention(f"clip-order decoder [B, 1+T, Nm] = {[B, 1 + T, Nm]}", T + 1, Nm, Dd, Hd, train)
+        if not s.use_regressor:
+            c.gather_tokens("decoder output -> masked tokens", Dd, c.normed, train)   # after the decoders' norm
+        if s.appearance_target == "tokens" and s.vocab_size:
+            c.linear_ce(B * T * Nm)
+        elif s.appearance_target == "pixels":
+            c.gather_tokens("pixel target at the masked tokens", c.ppc, torch.float32, False)
+        if s.motion_target == "rgb_diff":
+            c.rgb_diff_tube(Nm)
+        elif s.motion_target == "flow":
+            c.gather_tokens("flow target at the masked tokens", s.patch * s.patch * 2, torch.float32, False)
+        return c.cases
+    # random / frame masks: packed token sets, varlen attention
+    visible = _visible(s)
+    masked = T * N - visible
+    c.varlen(f"encoder, packed visible set ({visible} per clip)", False, D, H, train)
+    if s.use_alignment:
+        c.varlen(f"alignment target encoder, packed masked set ({masked} per clip)", True, D, H, False)
+    if decoders:
+        if s.use_regressor:
+            c.varlen(f"decoders, packed masked set ({masked} per clip)", True, Dd, Hd, train)
+        else:
+            c.attention(f"decoders [B, T, N] = {[B, T, N]}", T, N, Dd, Hd, train)
+    if s.appearance_target == "tokens" and s.vocab_size:
+        c.linear_ce(B * masked)
+    if s.motion_target == "rgb_diff" and s.use_regressor:
+        c.rgb_diff_packed(B * masked)
+    return c.cases
 
-    def rnd(*shape, dt=dtype, grad=False):
-        t = torch.randn(*shape, generator=g).to(device=device, dtype=dt)
-        return t.requires_grad_(grad)
 
-    def slots(k: int) -> torch.Tensor:                                      # [B, k] sorted slots
-        return torch.stack([torch.randperm(N, generator=g)[:max(k, 1)].sort().values for _ in range(B)]).to(device)
+class _Cases:
+    """Builds the :class:`CallCase` of each call kind on random inputs at the run's shapes."""
 
-    # a half-precision run is fp32 weights under autocast: the calls see the autocast dtype
-    # where a linear / convolution made the tensor (qkv, patch embeddings, the motion head's
-    # prediction) and fp32 where a LayerNorm or a parameter did (the appearance head's input)
-    amp = dtype in (torch.float16, torch.bfloat16)
-    normed = torch.float32 if amp else dtype
+    def __init__(self, s, device: torch.device, dtype: torch.dtype, seed: int):
+        self.s, self.device, self.dtype = s, device, dtype
+        self.g = torch.Generator(device="cpu").manual_seed(seed)
+        self.cases: Dict[str, CallCase] = {}
+        self.ppc = s.patch * s.patch * s.channels
+        # a half-precision run is fp32 weights under autocast: the calls see the autocast dtype
+        # where a linear / convolution made the tensor (qkv, patch embeddings, the motion head's
+        # prediction) and fp32 where a LayerNorm or a parameter did (the appearance head's input)
+        self.amp = dtype in (torch.float16, torch.bfloat16)
+        self.normed = torch.float32 if self.amp else dtype
+        side = int(round(s.patches ** 0.5)) * s.patch
+        self.clip = self.rnd(s.batch, s.frames, s.channels, side, side, dt=torch.float32)   # motion clip: fp32
 
-    def add(op: str, what: str, grad: bool, call: Callable[[str], torch.Tensor], key_of: Callable[[], str],
+    def rnd(self, *shape, dt=None) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.g).to(device=self.device, dtype=dt or self.dtype)
+
+    def slots(self, k: int) -> torch.Tensor:                                 # [B, k] sorted slots
+        N = self.s.patches
+        return torch.stack([torch.randperm(N, generator=self.g)[:max(k, 1)].sort().values
+                            for _ in range(self.s.batch)]).to(self.device)
+
+    def _ctx(self, grad: bool):
+        from mam2_fast.train import accel
+
+        return torch.set_grad_enabled(grad), accel.autocast(self.device, self.dtype, enabled=self.amp)
+
+    def add(self, op: str, what: str, grad: bool, call: Callable[[str], torch.Tensor], key_of: Callable[[], str],
             builtin_call: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
-            leaf: Optional[Callable[[], torch.Tensor]] = None, impls: tuple = ()):
+            leaf: Optional[Callable[[], torch.Tensor]] = None, impls: tuple = ()) -> None:
         """``call(backend)`` makes the op's call on fresh leaves; ``grad``: a backward follows.
         ``builtin_call(impl, x)``: the call through the torch built-in ``impl`` (one of
         ``impls``) or the reference, on the leaf ``x = leaf()``."""
         def runner(make: Callable[[], torch.Tensor]) -> Callable[[], None]:
             def run():
-                with torch.set_grad_enabled(grad), accel.autocast(device, dtype, enabled=amp):
+                g_ctx, amp_ctx = self._ctx(grad)
+                with g_ctx, amp_ctx:
                     _run(make(), grad)
             return run
 
         def outputs(impl: str):                          # output (+ the leaf's grad), detached
             x = leaf()
-            with torch.set_grad_enabled(grad), accel.autocast(device, dtype, enabled=amp):
+            g_ctx, amp_ctx = self._ctx(grad)
+            with g_ctx, amp_ctx:
                 out = builtin_call(impl, x)
                 _run(out, grad)
             return [out.detach().float()] + ([x.grad.float()] if grad else [])
@@ -114,92 +172,35 @@ def call_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Di
         def error(impl: str) -> float:
             return max(_rel(a, b) for a, b in zip(outputs(impl), outputs("reference")))
 
-        with torch.set_grad_enabled(grad), accel.autocast(device, dtype, enabled=amp):
+        g_ctx, amp_ctx = self._ctx(grad)
+        with g_ctx, amp_ctx:
             key = key_of()
         builtins = {impl: runner(lambda impl=impl: builtin_call(impl, leaf())) for impl in impls}
-        cases.setdefault(key, CallCase(op, what, runner(lambda: call("fused")), runner(lambda: call("reference")),
-                                       builtins, error if impls else None))
+        self.cases.setdefault(key, CallCase(op, what, runner(lambda: call("fused")), runner(lambda: call("reference")),
+                                            builtins, error if impls else None))
 
-    def attention(what: str, frames: int, S: int, width: int, heads: int, grad: bool):
-        qkv0 = rnd(B, frames, S, 3, heads, width // heads)                   # [B, T, S, 3, H, dh]
+    def attention(self, what: str, frames: int, S: int, width: int, heads: int, grad: bool) -> None:
+        qkv0 = self.rnd(self.s.batch, frames, S, 3, heads, width // heads)   # [B, T, S, 3, H, dh]
         leaf = lambda: qkv0.detach().requires_grad_(grad)                   # noqa: E731
         for mode in ("temporal", "spatial"):
             def through(impl: str, qkv: torch.Tensor, mode=mode) -> torch.Tensor:
                 if impl == "reference":
                     return kernels.factorized_attention(qkv, mode, backend="reference")
                 return builtin.run("factorized_attention", impl, qkv, mode, None, None)
-            add("factorized_attention", f"{what} {mode}", grad,
-                lambda backend, mode=mode: kernels.factorized_attention(leaf(), mode, backend=backend),
-                lambda mode=mode: kernels.call_key("factorized_attention", mode, leaf()),
-                builtin_call=through, leaf=leaf, impls=tuple(builtin.candidates("factorized_attention", device)))
+            self.add("factorized_attention", f"{what} {mode}", grad,
+                     lambda backend, mode=mode: kernels.factorized_attention(leaf(), mode, backend=backend),
+                     lambda mode=mode: kernels.call_key("factorized_attention", mode, leaf()),
+                     builtin_call=through, leaf=leaf,
+                     impls=tuple(builtin.candidates("factorized_attention", self.device)))
 
-    def gather_pos(what: str, k: int, grad: bool):
-        x0, pt0, ps0, idx = rnd(B, T, N, D), rnd(T, D, dt=torch.float32), rnd(N, D, dt=torch.float32), slots(k)
-        leaves = lambda: (x0.detach().requires_grad_(grad), pt0.detach().requires_grad_(grad),  # noqa: E731
-                          ps0.detach().requires_grad_(grad))
-        add("gather_visible_add_pos", what, grad,
-            lambda backend: kernels.gather_visible_add_pos(*leaves(), idx, backend=backend),
-            lambda: kernels.call_key("gather_visible_add_pos", "tube", leaves()[0], idx, leaves()[1]))
-
-    def gather_tokens(what: str, width: int, dt: torch.dtype, grad: bool):
-        x0, idx = rnd(B, T, N, width, dt=dt), slots(N - _visible(s))
-        leaf = lambda: x0.detach().requires_grad_(grad)                     # noqa: E731
-        add("gather_tokens", what, grad, lambda backend: kernels.gather_tokens(leaf(), idx, backend=backend),
-            lambda: kernels.call_key("gather_tokens", "tube", leaf(), idx))
-
-    def linear_ce(M: int):
-        h0, w0 = rnd(M, Dd, dt=normed), rnd(s.vocab_size, Dd, dt=normed) * 0.02
-        target = torch.randint(0, s.vocab_size, (M,), generator=g).to(device)
-        leaves = lambda: (h0.detach().requires_grad_(train), w0.detach().requires_grad_(train))  # noqa: E731
-        add("linear_cross_entropy", f"appearance head, M {M}", train,
-            lambda backend: kernels.linear_cross_entropy(*leaves(), None, target, backend=backend),
-            lambda: kernels.call_key("linear_cross_entropy", "ignore-100", *leaves()))
-
-    clip = rnd(B, T, s.channels, side, side, dt=torch.float32)               # the motion clip: fp32
-    if s.mask_kind is None:                    # fine-tuning / evaluation: the encoder on every token
-        attention(f"encoder [B, T, N] = {[B, T, N]}", T, N, D, H, train)
-        return cases
-    decoders = s.appearance_target is not None or s.motion_target not in (None, "clip_order")
-    if s.mask_kind in ("tube", "cube"):
-        Nm = num_masked(s.mask_ratio, N)
-        Nv = N - Nm
-        gather_pos(f"visible tokens + positions, Nv {Nv}", Nv, train)
-        attention(f"encoder [B, T, Nv] = {[B, T, Nv]}", T, Nv, D, H, train)
-        if s.use_alignment:
-            gather_pos(f"alignment target: masked tokens, Nm {Nm}", Nm, False)
-            attention(f"alignment target encoder [B, T, Nm] = {[B, T, Nm]}", T, Nm, D, H, False)
-        dec_slots = Nm if s.use_regressor else N
-        if decoders:
-            attention(f"decoders [B, T, {dec_slots}]", T, dec_slots, Dd, Hd, train)
-        if s.motion_target == "clip_order":
-            attention(f"clip-order decoder [B, 1+T, Nm] = {[B, 1 + T, Nm]}", T + 1, Nm, Dd, Hd, train)
-        if not s.use_regressor:
-            gather_tokens("decoder output -> masked tokens", Dd, normed, train)   # after the decoders' norm
-        if s.appearance_target == "tokens" and s.vocab_size:
-            linear_ce(B * T * Nm)
-        elif s.appearance_target == "pixels":
-            gather_tokens("pixel target at the masked tokens", ppc, torch.float32, False)
-        if s.motion_target == "rgb_diff":
-            p0, idx = rnd(B, T, Nm, ppc), slots(Nm)
-            leaf = lambda: p0.detach().requires_grad_(train)                # noqa: E731
-            add("rgb_diff_mse_tube", "motion loss (Eq. 3)", train,
-                lambda backend: kernels.rgb_diff_mse_tube(clip, leaf(), idx, s.patch, backend=backend),
-                lambda: kernels.call_key("rgb_diff_mse_tube", f"P{s.patch}", leaf(), clip, idx))
-        elif s.motion_target == "flow":
-            gather_tokens("flow target at the masked tokens", s.patch * s.patch * 2, torch.float32, False)
-        return cases
-
-    # random / frame masks: packed token sets, varlen attention
-    visible = _visible(s)
-    masked = T * N - visible
-
-    def varlen(what: str, masked_set: bool, width: int, heads: int, grad: bool):
-        frame_len, slot_len = _segment_lengths(s, masked_set)                  # one clip's segments
-        spatial_cu = _cu_seqlens(frame_len * B, device)                       # per (b, t)
-        temporal_cu = _cu_seqlens(slot_len * B, device)                       # per (b, n)
+    def varlen(self, what: str, masked_set: bool, width: int, heads: int, grad: bool) -> None:
+        B = self.s.batch
+        frame_len, slot_len = _segment_lengths(self.s, masked_set)             # one clip's segments
+        spatial_cu = _cu_seqlens(frame_len * B, self.device)                  # per (b, t)
+        temporal_cu = _cu_seqlens(slot_len * B, self.device)                  # per (b, n)
         ntok = int(spatial_cu[-1])
-        qkv0 = rnd(ntok, 3, heads, width // heads)                            # [Ntok, 3, H, dh]
-        index = torch.arange(ntok, device=device, dtype=torch.int32)        # position -> row
+        qkv0 = self.rnd(ntok, 3, heads, width // heads)                       # [Ntok, 3, H, dh]
+        index = torch.arange(ntok, device=self.device, dtype=torch.int32)   # position -> row
         leaf = lambda: qkv0.detach().requires_grad_(grad)                    # noqa: E731
         for mode, cu, lengths, idx in (("spatial", spatial_cu, frame_len, None),
                                        ("temporal", temporal_cu, slot_len, index)):
@@ -207,31 +208,56 @@ def call_cases(s, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Di
                 if impl == "reference":
                     return kernels.varlen_attention(qkv, cu, longest, idx, backend="reference")
                 return builtin.run("varlen_attention", impl, qkv, cu, longest, idx, None)
-            add("varlen_attention", f"{what} {mode}", grad,
-                lambda backend, cu=cu, longest=max(lengths), idx=idx: kernels.varlen_attention(
-                    leaf(), cu, longest, idx, backend=backend),
-                lambda mode=mode, cu=cu: kernels.call_key("varlen_attention", mode, leaf(), cu),
-                builtin_call=through, leaf=leaf,
-                impls=tuple(builtin.candidates("varlen_attention", device, has_index=idx is not None)))
+            self.add("varlen_attention", f"{what} {mode}", grad,
+                     lambda backend, cu=cu, longest=max(lengths), idx=idx: kernels.varlen_attention(
+                         leaf(), cu, longest, idx, backend=backend),
+                     lambda mode=mode, cu=cu: kernels.call_key("varlen_attention", mode, leaf(), cu),
+                     builtin_call=through, leaf=leaf,
+                     impls=tuple(builtin.candidates("varlen_attention", self.device, has_index=idx is not None)))
 
-    varlen(f"encoder, packed visible set ({visible} per clip)", False, D, H, train)
-    if s.use_alignment:
-        varlen(f"alignment target encoder, packed masked set ({masked} per clip)", True, D, H, False)
-    if decoders:
-        if s.use_regressor:
-            varlen(f"decoders, packed masked set ({masked} per clip)", True, Dd, Hd, train)
-        else:
-            attention(f"decoders [B, T, N] = {[B, T, N]}", T, N, Dd, Hd, train)
-    if s.appearance_target == "tokens" and s.vocab_size:
-        linear_ce(B * masked)
-    if s.motion_target == "rgb_diff" and s.use_regressor:
-        rows = torch.randperm(B * T * N, generator=g)[:B * masked].sort().values.to(device)
-        p0 = rnd(rows.numel(), ppc)
+    def gather_pos(self, what: str, k: int, grad: bool) -> None:
+        B, T, N, D = self.s.batch, self.s.frames, self.s.patches, self.s.embed_dim
+        x0, pt0, ps0 = self.rnd(B, T, N, D), self.rnd(T, D, dt=torch.float32), self.rnd(N, D, dt=torch.float32)
+        idx = self.slots(k)
+        leaves = lambda: (x0.detach().requires_grad_(grad), pt0.detach().requires_grad_(grad),  # noqa: E731
+                          ps0.detach().requires_grad_(grad))
+        self.add("gather_visible_add_pos", what, grad,
+                 lambda backend: kernels.gather_visible_add_pos(*leaves(), idx, backend=backend),
+                 lambda: kernels.call_key("gather_visible_add_pos", "tube", leaves()[0], idx, leaves()[1]))
+
+    def gather_tokens(self, what: str, width: int, dt: torch.dtype, grad: bool) -> None:
+        s = self.s
+        x0, idx = self.rnd(s.batch, s.frames, s.patches, width, dt=dt), self.slots(s.patches - _visible(s))
+        leaf = lambda: x0.detach().requires_grad_(grad)                     # noqa: E731
+        self.add("gather_tokens", what, grad, lambda backend: kernels.gather_tokens(leaf(), idx, backend=backend),
+                 lambda: kernels.call_key("gather_tokens", "tube", leaf(), idx))
+
+    def linear_ce(self, M: int) -> None:
+        s, train = self.s, self.s.train
+        Dd = s.decoder_dim or s.embed_dim
+        h0, w0 = self.rnd(M, Dd, dt=self.normed), self.rnd(s.vocab_size, Dd, dt=self.normed) * 0.02
+        target = torch.randint(0, s.vocab_size, (M,), generator=self.g).to(self.device)
+        leaves = lambda: (h0.detach().requires_grad_(train), w0.detach().requires_grad_(train))  # noqa: E731
+        self.add("linear_cross_entropy", f"appearance head, M {M}", train,
+                 lambda backend: kernels.linear_cross_entropy(*leaves(), None, target, backend=backend),
+                 lambda: kernels.call_key("linear_cross_entropy", "ignore-100", *leaves()))
+
+    def rgb_diff_tube(self, Nm: int) -> None:
+        s, train, clip = self.s, self.s.train, self.clip
+        p0, idx = self.rnd(s.batch, s.frames, Nm, self.ppc), self.slots(Nm)
         leaf = lambda: p0.detach().requires_grad_(train)                    # noqa: E731
-        add("rgb_diff_mse_packed", "motion loss (Eq. 3), packed", train,
-            lambda backend: kernels.rgb_diff_mse_packed(clip, leaf(), rows, s.patch, backend=backend),
-            lambda: kernels.call_key("rgb_diff_mse_packed", f"P{s.patch}", leaf(), clip, rows))
-    return cases
+        self.add("rgb_diff_mse_tube", "motion loss (Eq. 3)", train,
+                 lambda backend: kernels.rgb_diff_mse_tube(clip, leaf(), idx, s.patch, backend=backend),
+                 lambda: kernels.call_key("rgb_diff_mse_tube", f"P{s.patch}", leaf(), clip, idx))
+
+    def rgb_diff_packed(self, M: int) -> None:
+        s, train, clip = self.s, self.s.train, self.clip
+        rows = torch.randperm(s.batch * s.frames * s.patches, generator=self.g)[:M].sort().values.to(self.device)
+        p0 = self.rnd(rows.numel(), self.ppc)
+        leaf = lambda: p0.detach().requires_grad_(train)                    # noqa: E731
+        self.add("rgb_diff_mse_packed", "motion loss (Eq. 3), packed", train,
+                 lambda backend: kernels.rgb_diff_mse_packed(clip, leaf(), rows, s.patch, backend=backend),
+                 lambda: kernels.call_key("rgb_diff_mse_packed", f"P{s.patch}", leaf(), clip, rows))
 
 
 def _visible(s) -> int:
