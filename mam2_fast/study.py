@@ -696,8 +696,9 @@ def _lock_study(study: Path):
 
 def run_study(out: str, budget: str = "smoke", variants: Optional[list] = None, seeds: Optional[int] = None,
               device: str = "auto", log=print, command: str = "", sizes: Optional[dict] = None,
-              extra: Optional[dict] = None) -> dict:
-    """Run (or continue) a study; returns {"results": path, "table": text}."""
+              extra: Optional[dict] = None, first_seed: int = 0) -> dict:
+    """Run (or continue) a study; returns {"results": path, "table": text}. ``first_seed``: the
+    seeds are ``first_seed .. first_seed + seeds - 1`` (to add seeds to a grid run elsewhere)."""
     if budget not in BUDGETS:
         raise SystemExit(f"study: unknown budget {budget!r} ({' | '.join(BUDGETS)})")
     b = {**BUDGETS[budget], **(sizes or {})}
@@ -705,7 +706,9 @@ def run_study(out: str, budget: str = "smoke", variants: Optional[list] = None, 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"study: unknown variant(s) {unknown} ({', '.join(VARIANTS)})")
-    seed_list = list(range(seeds if seeds is not None else b["seeds"]))
+    if first_seed < 0:
+        raise SystemExit(f"study: --first-seed must be >= 0, got {first_seed}")
+    seed_list = list(range(first_seed, first_seed + (seeds if seeds is not None else b["seeds"])))
     device = _device(device)
     study = Path(out).expanduser()
     study.mkdir(parents=True, exist_ok=True)
@@ -739,6 +742,8 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--out", default=None, help="study folder (default runs/study_<budget>)")
     ap.add_argument("--variants", default=None, help=f"comma list (default all: {','.join(VARIANTS)})")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the budget's, 3)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="number of the first seed (default 0): --first-seed 2 --seeds 1 runs seed 2 only")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--finetune-recipe", default="paper", choices=tuple(FINETUNE_RECIPES),
@@ -786,7 +791,7 @@ def main(argv: Optional[list] = None) -> int:
     sizes = sizes or None
     extra = {"finetune": FINETUNE_RECIPES[recipe]} if recipe != "paper" else None
     r = run_study(out, args.budget, args.variants.split(",") if args.variants else None, args.seeds, args.device,
-                  log, cmd, sizes=sizes, extra=extra)
+                  log, cmd, sizes=sizes, extra=extra, first_seed=args.first_seed)
     print(r["table"])
     return 0
 

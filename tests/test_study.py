@@ -154,3 +154,17 @@ def test_finetune_at_chance_note():
     agg["mam2"]["finetune_appearance"] = (32.0, 1.0, 3)             # one cell above the bound: informative
     assert study.finetune_at_chance(agg, identities=4, test_videos=192) is None
     assert study.finetune_at_chance({"mam2": {}}, identities=4, test_videos=192) is None   # nothing fine-tuned yet
+
+
+def test_first_seed_runs_only_the_seeds_asked_for(tmp_path, monkeypatch):
+    """``--first-seed 2 --seeds 1``: seed 2 of every variant and nothing else (adding a seed to a
+    grid whose other seeds ran elsewhere); the table counts that seed."""
+    ran, tables = [], []
+    monkeypatch.setattr(study, "build_data", lambda *a, **k: None)
+    monkeypatch.setattr(study, "run_cell", lambda res, st, b, v, seed, *a, **k: ran.append((v, seed)))
+    monkeypatch.setattr(study, "write_table", lambda res, st, variants, seeds, cmd: tables.append(seeds) or "")
+    assert study.main(["--budget", "micro", "--out", str(tmp_path / "s"), "--variants", "mam2,random",
+                       "--first-seed", "2", "--seeds", "1"]) == 0
+    assert ran == [("mam2", 2), ("random", 2)] and tables == [[2]]
+    with pytest.raises(SystemExit, match="first-seed"):
+        study.main(["--budget", "micro", "--out", str(tmp_path / "t"), "--first-seed", "-1"])
