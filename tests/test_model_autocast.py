@@ -9,7 +9,8 @@ and the w/o-regressor ablation (Table 2) with tube masks both scattered bf16 lat
 mask queries.
 
 ``kernels: auto`` on the CPU takes the fused model's code path (packed token sets, compact
-gathers) with every op through its reference, so both paths run without the interpreter.
+gathers) with every op through its reference, so both paths run without the interpreter. On a
+GPU the same test runs CUDA autocast, and ``auto`` runs the fused Triton kernels.
 """
 import pytest
 import torch
@@ -45,15 +46,16 @@ def test_every_switch_trains_under_half_autocast(kind, over, backend, dtype):
     cfg = ModelConfig(preset="tiny", img_size=32, num_frames=4, embed_dim=32, depth=1, num_heads=2,
                       decoder_dim=16, decoder_heads=2, regressor_depth=1, appearance_depth=1,
                       motion_depth=1, **over)
-    model = build_model(cfg, vocab_size=13)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(cfg, vocab_size=13).to(dev)
     model.set_kernel_backend(backend)
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
     B, T, N, P = 2, 4, 4, 16
-    info = MaskGenerator(kind, 0.5, T, (2, 2))(B, g)
-    clip = torch.rand(B, T, 3, 32, 32, generator=g)
-    codes = torch.randint(0, 13, (B, T, N), generator=g)
-    flow = torch.randn(B, T, N, P * P * 2, generator=g) if over.get("motion_target") == "flow" else None
-    with torch.autocast("cpu", dtype=dtype):
+    info = MaskGenerator(kind, 0.5, T, (2, 2))(B, g).to(dev)
+    clip = torch.rand(B, T, 3, 32, 32, generator=g).to(dev)
+    codes = torch.randint(0, 13, (B, T, N), generator=g).to(dev)
+    flow = torch.randn(B, T, N, P * P * 2, generator=g).to(dev) if over.get("motion_target") == "flow" else None
+    with torch.autocast(dev, dtype=dtype):
         out = model(clip, info, codes, motion_target=flow)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]), out["loss"]
