@@ -16,7 +16,7 @@
 # the stage ends, with a line in $OUT/summary.txt (the device call returns at most 8 files), so
 # a session cut short still returns everything finished before. GPU_SESSION_STAGES=a,b runs
 # only those, GPU_SESSION_PLAN="name:seconds ..." replaces the whole schedule; KERNELS_ARGS /
-# STEP_ARGS replace the benchmarks' default arguments.
+# STEP_ARGS replace the benchmarks' default arguments, CHOICE_ARGS adds config overrides.
 #   env       GPU, driver, Python / torch / CUDA / Triton versions; missing wheels installed
 #             offline from .whl/ (pip --no-index)
 #   parity    the kernel and model-level parity tests on the GPU, one pytest per file: real
@@ -30,6 +30,8 @@
 #             compile (the eager reference was measured on 2026-12-04)
 #   tokenizer bench_tokenizer.py: the VQGAN tokenizer alone: eager, fused GroupNorm + SiLU,
 #             torch.compile (TOKENIZER_VARIANTS replaces the list), and its top kernels
+#   choice    python -m mam2_fast.kernels.autotune: what kernels: auto runs for each fused call
+#             of a ViT-B step at B 32 (tube 0.75, bf16): fused, reference or an SDPA backend
 #   train     the real loop on CUDA: demo data, kernels auto, bf16, checkpoints
 #   videomae  bench_videomae.py: our VideoMAE baseline vs the official code (.gl/VideoMAE);
 #             not in the default schedule since 2026-12-05 (measured the day before)
@@ -108,6 +110,11 @@ stage_tokenizer() {  # the VQGAN tokenizer every step runs: eager (the default),
         --variants "${TOKENIZER_VARIANTS:-bf16 contiguous,bf16 contiguous fused-norm,bf16 contiguous compiled}"
 }
 
+stage_choice() {  # what kernels: auto picks per call at ViT-B, batch 32, tube 0.75, bf16: fused / reference / SDPA
+    # shellcheck disable=SC2086
+    run "$PY" -m mam2_fast.kernels.autotune --batch 32 ${CHOICE_ARGS:-}
+}
+
 stage_train() {  # the real loop on CUDA: demo data, kernels auto (parity + timing choice), bf16, checkpoint
     # MAM2_NO_EXT: the augmentation extension's first-use compile (a minute) belongs to the loader stage
     run env MAM2_NO_EXT=1 "$PY" -m mam2_fast.pretrain data.demo_dir=/tmp/mam2_demo train.output_dir=/tmp/mam2_run --overwrite \
@@ -134,13 +141,15 @@ stage_loader() {
     run "$PY" -c "from mam2_fast.data.augment import load_extension; e = load_extension(); print('augment extension:', 'cuda' if e is not None and e.has_cuda() else ('cpu only' if e is not None else 'none (torch fallback)'))"
     run "$PY" benchmarks/bench_loader.py --device cuda --workers 4,8,16 --batches 10 --batch 8 --datasets real,demo
 }
-export -f run pack stage_train stage_tokenizer stage_env stage_parity stage_kernels stage_step stage_videomae stage_loader
+export -f run pack stage_train stage_tokenizer stage_env stage_parity stage_kernels stage_step stage_videomae stage_loader \
+    stage_choice
 
 # -- the schedule -----------------------------------------------------------------------
 # (2026-12-05) the device-time kernel ratios first, then parity; the tokenizer and the step
 # stages get room for their torch.compile variants; videomae (measured 2026-12-04: 2.42x the
 # official code) runs only when asked (GPU_SESSION_STAGES / GPU_SESSION_PLAN)
-STAGES=(env:20 kernels:110 parity:100 tokenizer:110 step:110 train:45 loader:45)   # name:seconds (sum 540)
+# (2026-12-07) choice: the per-call choice of kernels: auto at ViT-B shapes (SDPA built-ins included)
+STAGES=(env:20 kernels:100 parity:100 tokenizer:100 step:100 choice:30 train:45 loader:45)   # name:seconds (sum 540)
 if [ -n "${GPU_SESSION_PLAN:-}" ]; then read -r -a STAGES <<< "$GPU_SESSION_PLAN"; fi   # e.g. "env:15 parity:100"
 start=$SECONDS
 planned=0

@@ -374,3 +374,19 @@ def test_varlen_builtin_hands_torch_the_packed_views(monkeypatch):
     kernels.fall_back_call("varlen_attention spatial [13, 3, 2, 8] [5] float32 fwd", "x", impl="varlen_attn")
     with pytest.raises(ValueError, match="no built-in"):
         kernels.fall_back_call("gather_tokens tube [1] [1] float32 fwd", "x", impl="varlen_attn")
+
+
+def test_cli_prints_the_choice_for_each_call(capsys):
+    """``python -m mam2_fast.kernels.autotune``: a tiny config on the CPU (interpreter), one
+    table row per distinct call with its three timings and the choice; nothing left cached."""
+    over = ["model.preset=tiny", "model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.num_frames=4",
+            "data.num_frames=4", "data.input_size=32", "model.img_size=32", "model.decoder_dim=16",
+            "model.decoder_heads=2", "model.regressor_depth=1", "model.appearance_depth=1", "model.motion_depth=1"]
+    assert autotune.main(["--device", "cpu", "--batch", "1", *over]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "**" in line]
+    assert len(rows) == 10, out                    # 2 gathers, 3 x 2 attention, head, motion loss
+    assert sum("factorized_attention" in r and "sdpa:flash" in r for r in rows) == 6
+    assert all(r.rstrip(" |").split("**")[-2] in ("fused", "reference", "sdpa:flash", "sdpa:math") for r in rows)
+    if not torch.cuda.is_available():                # a clear refusal, not a crash
+        assert autotune.main(["--device", "cuda"]) == 2 and "no CUDA device" in capsys.readouterr().err

@@ -31,7 +31,7 @@ def test_dry_run_plans_every_stage_within_the_budget(tmp_path):
     stages = re.findall(r"^== (\w+) \(limit (\d+)s", proc.stdout, re.M)
     names = [n for n, _ in stages]
     assert names[:3] == ["env", "kernels", "parity"], names          # device-time ratios first
-    assert {"tokenizer", "step", "train", "loader"} <= set(names)
+    assert {"tokenizer", "step", "choice", "train", "loader"} <= set(names)
     assert sum(int(s) for _, s in stages) <= 540                       # the script's own budget
     for f in re.findall(r"(tests/test_\w+\.py)", proc.stdout):          # every parity file exists
         assert (ROOT / f).is_file(), f
@@ -44,11 +44,12 @@ def test_benchmark_stages_pass_arguments_their_scripts_accept(tmp_path, monkeypa
     stub.write_text(f"#!{sys.executable}\nimport json, sys\n"
                     f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
-    proc = _session(tmp_path, {"PYTHON": str(stub), "GPU_SESSION_STAGES": "kernels,tokenizer,step"})
+    proc = _session(tmp_path, {"PYTHON": str(stub), "GPU_SESSION_STAGES": "kernels,tokenizer,step,choice"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     calls = [json.loads(line) for line in log.read_text().splitlines()]
-    by_script = {Path(c[0]).name: c[1:] for c in calls}
-    assert set(by_script) == {"bench_kernels.py", "bench_tokenizer.py", "bench_step.py"}, calls
+    by_script = {(c[1] if c[0] == "-m" else Path(c[0]).name): (c[2:] if c[0] == "-m" else c[1:]) for c in calls}
+    assert set(by_script) == {"bench_kernels.py", "bench_tokenizer.py", "bench_step.py",
+                              "mam2_fast.kernels.autotune"}, calls
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.setattr("mam2_fast.train.accel.cuda_available", lambda: False)
@@ -70,3 +71,5 @@ def test_benchmark_stages_pass_arguments_their_scripts_accept(tmp_path, monkeypa
     argv = by_script["bench_step.py"]
     assert all(v in bench_step.VARIANTS for v in argv[argv.index("--variants") + 1].split(","))
     assert "--device-time" in by_script["bench_kernels.py"]
+    from mam2_fast.kernels import autotune       # parses, loads the config; then: no CUDA here
+    assert autotune.main(by_script["mam2_fast.kernels.autotune"]) == 2

@@ -405,3 +405,65 @@ def apply_choice(timings: Dict[str, dict]) -> None:
         for call, t in calls:
             if t["choice"] != "fused":
                 kernels.fall_back_call(call, why(t), impl=t["choice"])
+
+
+def main(argv=None) -> int:
+    """``python -m mam2_fast.kernels.autotune [--config YAML] [--batch B] [key=value ...]``:
+    what ``kernels: auto`` chooses for each fused call of a pre-training step of that config on
+    this machine's GPU (times afresh; nothing cached), one line per call."""
+    import argparse
+    import sys
+
+    from mam2_fast.config import ConfigError
+    from mam2_fast.flops import config_without_data, tokenizer_vocab
+    from mam2_fast.kernels.launch_plan import RunShapes
+    from mam2_fast.models.mam2 import build_model
+    from mam2_fast.train.loop import amp_dtype
+
+    p = argparse.ArgumentParser(prog="python -m mam2_fast.kernels.autotune", description=main.__doc__)
+    p.add_argument("--config", "-c", help="YAML config; omitted: configs/pretrain_base.yaml (ViT-B)")
+    p.add_argument("--batch", type=int, help="clips per step on one device (default: train.batch_size)")
+    p.add_argument("--device", default="cuda", help="cuda (default) | cpu (wall time, the interpreter: tiny configs)")
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_intermixed_args(argv)
+    path = a.config or str(Path(__file__).resolve().parents[2] / "configs" / "pretrain_base.yaml")
+    try:
+        cfg = config_without_data(path, a.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(a.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("autotune: no CUDA device here (--device cpu times a tiny config under TRITON_INTERPRET=1)",
+              file=sys.stderr)
+        return 2
+    with torch.device("meta"):                 # shapes only: no memory for the weights
+        model = build_model(cfg.model, vocab_size=tokenizer_vocab(cfg.tokenizer))
+    batch = a.batch or cfg.train.batch_size
+    shapes = RunShapes.of_model(model, batch, cfg.mask.kind, cfg.mask.ratio)
+    dtype = amp_dtype(device, cfg.train.precision) or torch.float32
+    cache = Path(os.environ.get("TMPDIR", "/tmp")) / f"mam2_autotune_{os.getpid()}.json"
+    os.environ.update(MAM2_KERNEL_RETUNE="1", MAM2_KERNEL_CACHE=str(cache))   # time afresh, keep nothing
+    print(f"config: {path} {' '.join(a.overrides)}; batch {batch}, {cfg.mask.kind} {cfg.mask.ratio}, "
+          f"{str(dtype).replace('torch.', '')}, {'device' if device.type == 'cuda' else 'wall'} ms")
+    try:
+        if device.type == "cuda":              # as a run does it: the start-of-run check, then the timing
+            from mam2_fast.kernels.selfcheck import resolve_backend
+
+            resolve_backend("auto", device, dtype, lambda line: print(line) if "WARNING" in line else None, shapes)
+        else:
+            choose_ops(shapes, device, dtype, log=lambda line: None)
+        timings = json.loads(cache.read_text())[cache_key(shapes, device, dtype)] if cache.is_file() else {}
+    finally:
+        cache.unlink(missing_ok=True)
+    print("| op | call | fused | reference | built-ins | choice |\n|---|---|--:|--:|---|---|")
+    for t in timings.values():
+        built = ", ".join(f"{k} {v:.3f}" for k, v in t.get("builtin_ms", {}).items())
+        skipped = ", ".join(f"{k}: skipped ({v})" for k, v in t.get("builtin_skipped", {}).items())
+        print(f"| {t['op']} | {t['what']} | {t['fused_ms']:.3f} | {t['reference_ms']:.3f} | "
+              f"{'; '.join(x for x in (built, skipped) if x)} | **{t['choice']}** |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
