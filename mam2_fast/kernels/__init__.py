@@ -77,6 +77,11 @@ def clear_fallbacks() -> None:
     _CALL_FALLBACKS.clear()
 
 
+def clear_call_fallbacks() -> None:
+    """Forget the per-call choices only (the op fallbacks of the start-of-run check stay)."""
+    _CALL_FALLBACKS.clear()
+
+
 def call_key(op: str, mode: str, *shaped: Tensor) -> str:
     """The name of one call site of ``op`` in a step: its mode, the shapes of the tensors that
     decide its launches, the first one's dtype, and whether a backward follows (grad mode on

@@ -326,16 +326,18 @@ def agree_across_ranks(timings: Dict[str, dict]) -> Dict[str, dict]:
 
 def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Optional[Timer] = None,
                path: Optional[Path] = None) -> Dict[str, dict]:
-    """Time every fused call of a step at shapes ``s`` against its reference and send the
-    slower ones back to the reference: an op slower at every one of its calls falls back
-    whole (``kernels.fall_back_to_reference``: other shapes, e.g. a last short batch, follow
-    it), otherwise only its slower calls (``kernels.fall_back_call``). Every rank of a
-    multi-process run follows rank 0's choice. Where torch has a built-in for the call
-    (``builtin.candidates``: SDPA backends for attention without validity masks) each one is
-    checked against the reference and timed too, and the fastest of all runs. Returns
+    """Time every fused call of a step at shapes ``s`` against its reference and, where torch
+    has a built-in for the call (``builtin.candidates``: SDPA backends for attention without
+    validity masks, ``varlen_attn`` for packed segments in row order), against each built-in
+    that agrees with the reference; the fastest runs. A call whose fastest is not the kernel
+    runs its reference or built-in (``kernels.fall_back_call``); an op whose every call chose
+    its reference falls back whole (``kernels.fall_back_to_reference``: other shapes, e.g. a
+    last short batch, follow it). Every rank of a multi-process run follows rank 0's choice.
+    Returns
     ``{call key: {"op", "what", "fused_ms", "reference_ms", "builtin_ms", "choice"}}``."""
     path = path or cache_path()
     key = cache_key(s, device, dtype)
+    kernels.clear_call_fallbacks()                # this choice decides every call afresh
     cache: dict = {}
     if path.is_file():
         try:
@@ -351,7 +353,6 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
 
         timer = timer or time_call
         timings, source = {}, "timed"
-        kernels._CALL_FALLBACKS.clear()           # this choice decides every call afresh
         for call, case in call_cases(s, device, dtype).items():
             if case.op in kernels.fallbacks():     # failed the start-of-run check: not a candidate
                 continue
