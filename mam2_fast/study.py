@@ -132,10 +132,22 @@ class Results:
         self.data["cells"].setdefault(cell, {})[stage] = value
         self.save()
 
+    def drop(self, cell: str, stages) -> None:
+        """Forget ``stages`` of ``cell`` (they are run again)."""
+        for stage in stages:
+            self.data["cells"].get(cell, {}).pop(stage, None)
+        self.save()
+
     def save(self) -> None:
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(self.data, indent=1))
         os.replace(tmp, self.path)
+
+
+class StudyStopped(SystemExit):
+    """A pre-training or fine-tuning run of the study stopped before its end (SIGTERM: the run
+    wrote a checkpoint and returned). Nothing is recorded for that stage; the same command
+    resumes it. A SystemExit, so the per-stage error handling does not record it as a result."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -247,6 +259,9 @@ def run_pretrain(cfg, out_dir: Path) -> dict:
     t0 = time.time()
     resume = "auto" if out_dir.exists() and any(out_dir.glob("checkpoint-*.pt")) else None
     summary = train(cfg, resume=resume, log=_file_log(out_dir.parent / f"{out_dir.name}.log"))
+    if summary.get("interrupted"):
+        raise StudyStopped(f"study: pre-training in {out_dir} stopped at step {summary.get('steps')} (SIGTERM); "
+                           f"nothing recorded for it: run the same command again to resume it")
     ckpt = summary.get("checkpoint") or (str(find_latest(out_dir)) if find_latest(out_dir) else None)
     last = summary.get("last") or {}
     first = summary.get("first") or {}
@@ -305,6 +320,9 @@ def run_finetune(cfg, test_list: str, out_dir: Path) -> dict:
     t0 = time.time()
     resume = "auto" if out_dir.exists() and any(out_dir.glob("checkpoint-*.pt")) else None
     summary = train(cfg, test_list=test_list, resume=resume, log=_file_log(out_dir.parent / f"{out_dir.name}.log"))
+    if summary.get("interrupted"):
+        raise StudyStopped(f"study: fine-tuning in {out_dir} stopped at step {summary.get('steps')} (SIGTERM); "
+                           f"nothing recorded for it: run the same command again to resume it")
     report = json.loads((out_dir / "eval" / "eval.json").read_text())
     vids = report["videos"]
     lab = np.array([v["label"] for v in vids])
@@ -335,6 +353,13 @@ def run_cell(res: Results, study: Path, b: dict, variant: str, seed: int, lists:
         arch = arch_from_pretrain_config(pretrain_config(b, "mam2", seed, lists["train"], runs, device).to_dict())
     else:
         pre = res.get(cell, "pretrain")
+        if pre is not None and (pre.get("steps") or 0) < b["pretrain_steps"]:
+            # recorded by a study that did not know a stopped run (before 2026-12-07): its encoder
+            # is part-trained, so it and everything measured on it are redone (resumed)
+            log(f"{cell}: recorded pre-training stopped at step {pre.get('steps')} of {b['pretrain_steps']}; "
+                f"resuming it and redoing the cell's probes and fine-tuning")
+            res.drop(cell, ["pretrain", *PROBES, "finetune"])
+            pre = None
         if pre is None or not (pre.get("checkpoint") and Path(pre["checkpoint"]).is_file()):
             log(f"{cell}: pre-training {b['pretrain_steps']} steps")
             cfg = pretrain_config(b, variant, seed, lists["train"], runs / f"pretrain-seed{seed}", device,

@@ -168,3 +168,45 @@ def test_first_seed_runs_only_the_seeds_asked_for(tmp_path, monkeypatch):
     assert ran == [("mam2", 2), ("random", 2)] and tables == [[2]]
     with pytest.raises(SystemExit, match="first-seed"):
         study.main(["--budget", "micro", "--out", str(tmp_path / "t"), "--first-seed", "-1"])
+
+
+def test_a_stopped_pretraining_is_not_recorded_and_a_rerun_resumes_it(tmp_path, monkeypatch, capsys):
+    """SIGTERM stops a pre-training run with a checkpoint (``interrupted`` in its summary): the
+    study stops too, records nothing for that cell (it used to record the part-trained encoder
+    as the cell's and probe it), and the same command resumes the run. A folder that recorded
+    such a run before the fix has the cell's pre-training resumed and its measures redone."""
+    import mam2_fast.pretrain as pretrain
+
+    out = tmp_path / "s"
+    argv = ["--budget", "micro", "--out", str(out), "--variants", "mam2", "--threads", "1"]
+    monkeypatch.setattr(study, "run_probe", lambda *a, **k: {"motion": 50.0, "appearance": 50.0, "pool": "grid"})
+    monkeypatch.setattr(study, "run_finetune", lambda *a, **k: {"motion": 25.0, "appearance": 25.0, "seconds": 0})
+    monkeypatch.setattr("mam2_fast.probe.load_frozen_encoder", lambda *a, **k: (None, None))
+    real_train = pretrain.train
+    resumes = []
+
+    def stopped(cfg, resume=None, log=print, **kw):
+        resumes.append(resume)
+        cfg.train.max_steps = 2                          # the run stops half-way, as SIGTERM makes it
+        summary = real_train(cfg, resume=resume, log=log, **kw)
+        return {**summary, "interrupted": True}
+    monkeypatch.setattr(pretrain, "train", stopped)
+    with pytest.raises(SystemExit, match="stopped at step 2"):
+        study.main(argv)
+    assert json.loads((out / "results.json").read_text())["cells"] == {}
+    monkeypatch.setattr(pretrain, "train", lambda cfg, resume=None, log=print, **kw:
+                        resumes.append(resume) or real_train(cfg, resume=resume, log=log, **kw))
+    assert study.main(argv) == 0
+    assert resumes == [None, "auto"]                    # the second run resumed the first's checkpoint
+    cell = json.loads((out / "results.json").read_text())["cells"]["mam2/seed0"]
+    assert cell["pretrain"]["steps"] == study.BUDGETS["micro"]["pretrain_steps"]
+    # a folder recorded before the fix: a short pre-training and measures taken on it
+    res = json.loads((out / "results.json").read_text())
+    res["cells"]["mam2/seed0"]["pretrain"]["steps"] = 2
+    (out / "results.json").write_text(json.dumps(res))
+    capsys.readouterr()
+    assert study.main(argv) == 0
+    assert "recorded pre-training stopped at step 2" in capsys.readouterr().out
+    assert resumes[-1] == "auto"
+    cell = json.loads((out / "results.json").read_text())["cells"]["mam2/seed0"]
+    assert cell["pretrain"]["steps"] == study.BUDGETS["micro"]["pretrain_steps"] and "probe" in cell
