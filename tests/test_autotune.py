@@ -304,7 +304,9 @@ def test_a_faster_builtin_is_chosen_for_its_call_and_dispatched(tmp_path, monkey
     key = next(k for k in spatial if "fwd+bwd" in k)          # the encoder's
     shape = [int(v) for v in key.split("[", 1)[1].split("]", 1)[0].split(",")]
     kernels.factorized_attention(torch.randn(*shape, requires_grad=True), "spatial", backend="fused")
-    assert ran == ["sdpa:math"]
+    # a run whose backend is the reference (an older GPU: built-ins only) takes the choice too
+    kernels.factorized_attention(torch.randn(*shape, requires_grad=True), "spatial", backend="reference")
+    assert ran == ["sdpa:math", "sdpa:math"]
 
 
 def test_a_builtin_that_disagrees_with_the_reference_is_never_chosen(tmp_path, monkeypatch):
@@ -390,3 +392,47 @@ def test_cli_prints_the_choice_for_each_call(capsys):
     assert all(r.rstrip(" |").split("**")[-2] in ("fused", "reference", "sdpa:flash", "sdpa:math") for r in rows)
     if not torch.cuda.is_available():                # a clear refusal, not a crash
         assert autotune.main(["--device", "cuda"]) == 2 and "no CUDA device" in capsys.readouterr().err
+
+
+def test_without_fused_kernels_the_calls_still_get_torchs_fastest_builtin(tmp_path, monkeypatch):
+    """``fused=False`` (an older GPU, no triton): no kernel is timed or chosen; a call whose
+    built-in beats the reference runs it, the rest run their reference; no op-level decision is
+    taken from the timings (the op fallbacks stay the caller's)."""
+    _fake_cases(monkeypatch)
+    seen = []
+
+    def timer(fn, device):
+        side, op, what = fn()
+        seen.append(side)
+        return 0.2 if side == "sdpa:flash" else 1.0
+    t = autotune.choose_ops(TUBE, torch.device("cpu"), torch.float32, lambda s: None, timer=timer,
+                            path=tmp_path / "c.json", fused=False)
+    assert "f" not in seen and all("fused_ms" not in v for v in t.values())
+    attn = {k for k, v in t.items() if v["op"] == "factorized_attention"}
+    assert set(t) == attn                                     # only calls with a built-in are timed
+    assert {k: v[0] for k, v in kernels.call_fallbacks().items()} == {k: "sdpa:flash" for k in attn}
+    assert not kernels.fallbacks()
+    key = autotune.cache_key(TUBE, torch.device("cpu"), torch.float32)
+    assert list(json.loads((tmp_path / "c.json").read_text())) == [key + " | built-ins only"]
+
+
+def test_an_older_gpu_under_auto_gets_the_builtins_chosen_per_call(monkeypatch):
+    """A V100 (sm_70) under ``auto``: every op falls back to its reference, then the per-call
+    choice still runs, built-ins only (SDPA's efficient backend runs there)."""
+    from mam2_fast.kernels import selfcheck
+    from mam2_fast.train import accel
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    monkeypatch.setattr(accel, "device_name", lambda d: "Tesla V100")
+    monkeypatch.setattr(accel, "capability", lambda d: (7, 0))
+    monkeypatch.setattr(selfcheck, "check_fused_kernels", lambda d, t: pytest.fail("must not run on sm_70"))
+    calls = []
+    monkeypatch.setattr(autotune, "choose_ops", lambda *a, **k: calls.append(k.get("fused")) or {})
+    lines = []
+    assert selfcheck.resolve_backend("auto", torch.device("cuda"), torch.float16, lines.append, TUBE) == "reference"
+    assert calls == [False] and set(kernels.fallbacks()) == set(kernels.FUSED_OPS)
+    assert "faster torch built-in" in lines[0]
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)   # no triton on a new GPU: the same
+    monkeypatch.setattr(accel, "capability", lambda d: (9, 0))
+    assert selfcheck.resolve_backend("auto", torch.device("cuda"), torch.bfloat16, lines.append, TUBE) == "reference"
+    assert calls == [False, False]

@@ -325,7 +325,7 @@ def agree_across_ranks(timings: Dict[str, dict]) -> Dict[str, dict]:
 
 
 def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Optional[Timer] = None,
-               path: Optional[Path] = None) -> Dict[str, dict]:
+               path: Optional[Path] = None, fused: bool = True) -> Dict[str, dict]:
     """Time every fused call of a step at shapes ``s`` against its reference and, where torch
     has a built-in for the call (``builtin.candidates``: SDPA backends for attention without
     validity masks, ``varlen_attn`` for packed segments in row order), against each built-in
@@ -333,10 +333,11 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
     runs its reference or built-in (``kernels.fall_back_call``); an op whose every call chose
     its reference falls back whole (``kernels.fall_back_to_reference``: other shapes, e.g. a
     last short batch, follow it). Every rank of a multi-process run follows rank 0's choice.
-    Returns
-    ``{call key: {"op", "what", "fused_ms", "reference_ms", "builtin_ms", "choice"}}``."""
+    An op that failed the start-of-run check (or every op, ``fused=False``: no fused kernel
+    can run here) is timed without its kernel, reference against built-ins. Returns
+    ``{call key: {"op", "what", "fused_ms" (when timed), "reference_ms", "builtin_ms", "choice"}}``."""
     path = path or cache_path()
-    key = cache_key(s, device, dtype)
+    key = cache_key(s, device, dtype) + ("" if fused else " | built-ins only")
     kernels.clear_call_fallbacks()                # this choice decides every call afresh
     cache: dict = {}
     if path.is_file():
@@ -354,10 +355,13 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
         timer = timer or time_call
         timings, source = {}, "timed"
         for call, case in call_cases(s, device, dtype).items():
-            if case.op in kernels.fallbacks():     # failed the start-of-run check: not a candidate
+            with_kernel = fused and case.op not in kernels.fallbacks()   # failed the check: no kernel
+            if not (with_kernel or case.builtins):
                 continue
-            t = {"op": case.op, "what": case.what, "fused_ms": round(timer(case.fused, device), 4),
-                 "reference_ms": round(timer(case.reference, device), 4)}
+            t = {"op": case.op, "what": case.what}
+            if with_kernel:
+                t["fused_ms"] = round(timer(case.fused, device), 4)
+            t["reference_ms"] = round(timer(case.reference, device), 4)
             for impl, run in case.builtins.items():   # torch built-ins: parity first, then time
                 try:
                     err = case.error(impl) if case.error is not None else 0.0
@@ -366,7 +370,9 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
                     t.setdefault("builtin_ms", {})[impl] = round(timer(run, device), 4)
                 except Exception as e:  # noqa: BLE001 - a backend that cannot run this call
                     t.setdefault("builtin_skipped", {})[impl] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            ms = {"fused": t["fused_ms"], "reference": t["reference_ms"], **t.get("builtin_ms", {})}
+            ms = {"reference": t["reference_ms"], **t.get("builtin_ms", {})}
+            if with_kernel:
+                ms["fused"] = t["fused_ms"]
             t["choice"] = min(ms, key=lambda k: (ms[k], k != "fused"))     # ties keep the kernel
             timings[call] = t
         device_time.release()                     # the L2-flush buffer
@@ -388,7 +394,8 @@ def choose_ops(s, device: torch.device, dtype: torch.dtype, log=print, timer: Op
 
 def _times(t: dict) -> str:
     built = "".join(f" / {impl} {ms:.2f}" for impl, ms in t.get("builtin_ms", {}).items())
-    return f"{t['fused_ms']:.2f} / {t['reference_ms']:.2f}{built}"
+    fused = f"{t['fused_ms']:.2f}" if "fused_ms" in t else "-"
+    return f"{fused} / {t['reference_ms']:.2f}{built}"
 
 
 def apply_choice(timings: Dict[str, dict]) -> None:
@@ -400,7 +407,7 @@ def apply_choice(timings: Dict[str, dict]) -> None:
     for op, calls in by_op.items():
         why = lambda t: (f"faster than the fused kernel at the run's shapes "  # noqa: E731
                          f"(fused / reference / built-ins: {_times(t)} ms)")
-        if all(t["choice"] == "reference" for _, t in calls):
+        if all(t["choice"] == "reference" and "fused_ms" in t for _, t in calls):
             kernels.fall_back_to_reference(op, "; ".join(f"{t['what']}: {why(t)}" for _, t in calls))
             continue
         for call, t in calls:
@@ -461,7 +468,8 @@ def main(argv=None) -> int:
     for t in timings.values():
         built = ", ".join(f"{k} {v:.3f}" for k, v in t.get("builtin_ms", {}).items())
         skipped = ", ".join(f"{k}: skipped ({v})" for k, v in t.get("builtin_skipped", {}).items())
-        print(f"| {t['op']} | {t['what']} | {t['fused_ms']:.3f} | {t['reference_ms']:.3f} | "
+        fused = f"{t['fused_ms']:.3f}" if "fused_ms" in t else "-"
+        print(f"| {t['op']} | {t['what']} | {fused} | {t['reference_ms']:.3f} | "
               f"{'; '.join(x for x in (built, skipped) if x)} | **{t['choice']}** |")
     return 0
 

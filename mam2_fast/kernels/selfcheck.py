@@ -213,8 +213,11 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, lo
     kernels.clear_fallbacks()
     if requested == "reference":
         return "reference"
-    if requested == "auto" and (device.type != "cuda" or not kernels.triton_available()):
+    if requested == "auto" and device.type != "cuda":
         return "reference"
+    if requested == "auto" and not kernels.triton_available():
+        return _builtins_only("kernels: triton is not importable: the fused kernels cannot run", shapes,
+                              device, dtype, log)
     from mam2_fast.train import accel
 
     cap = accel.capability(device)
@@ -223,8 +226,7 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, lo
                f"(Ampere) or newer; {accel.device_name(device)} is {cap[0]}.{cap[1]}")
         if requested == "fused":
             raise RuntimeError(msg)
-        log(msg + ": every op runs its reference")
-        return "reference"
+        return _builtins_only(msg, shapes, device, dtype, log)
     problems: dict[str, str] = {}
     for case, why in check_fused_kernels(device, dtype).items():
         problems.setdefault(op_of_case(case), f"{case}: {why}")
@@ -246,8 +248,29 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype, lo
         log(f"kernels: WARNING fused op {op} failed the start-of-run check ({why}); it runs its "
             f"reference for this run")
     if set(problems) >= set(kernels.FUSED_OPS):
+        if requested == "auto" and shapes is not None:
+            from mam2_fast.kernels.autotune import choose_ops
+
+            choose_ops(shapes, device, dtype, log, fused=False)
         return "reference"
     return _keep_the_faster(requested, shapes, device, dtype, log)
+
+
+def _builtins_only(why: str, shapes, device: torch.device, dtype: torch.dtype, log) -> str:
+    """``auto`` where no fused kernel can run (an older GPU, no triton): every op runs its
+    reference, except the calls where a torch built-in is faster (SDPA for attention: a V100
+    or T4 still has its efficient-attention backend), chosen per call as usual; returns
+    ``"reference"``."""
+    for op in kernels.FUSED_OPS:
+        kernels.fall_back_to_reference(op, why)
+    if shapes is None:
+        log(why + ": every op runs its reference")
+        return "reference"
+    log(why + ": every op runs its reference, or a faster torch built-in where one is")
+    from mam2_fast.kernels.autotune import choose_ops
+
+    choose_ops(shapes, device, dtype, log, fused=False)
+    return "reference"
 
 
 def _keep_the_faster(requested: str, shapes, device: torch.device, dtype: torch.dtype, log) -> str:
